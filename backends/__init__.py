@@ -1,0 +1,1 @@
+"""Chunk store: layer-major hidden-state chunks in a file pool indexed by LMDB."""

@@ -1,0 +1,21 @@
+"""The ``sglang.srt.plugins`` entry point: runs in every SGLang process.
+
+SGLang calls ``load_plugins()`` in the launching process, the tokenizer/detokenizer
+and, most importantly, the spawned scheduler process, where the model, the KV pool
+and the radix tree live. Patches made only in the launcher never reach that process,
+so everything this package adds to SGLang is installed from here:
+
+1. ``platform.apply()``  -- CPU-only stand-ins and fixes (no-op on a GPU host);
+2. ``capture.register()`` -- scheduler-side hooks for the hidden-state side pool.
+
+Both are idempotent and cheap; a failure is logged by SGLang's plugin loader.
+"""
+
+from __future__ import annotations
+
+
+def load() -> None:
+    from hcache_sglang import capture, platform
+
+    platform.apply()
+    capture.register()

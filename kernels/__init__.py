@@ -1,0 +1,1 @@
+"""Restore kernels: hidden states -> paged KV (the layout FlashInfer reads)."""

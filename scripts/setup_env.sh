@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv and print its python.
+#
+# CPU route (default on a host without an NVIDIA driver): the lean install measured
+# in shared/reference/SGLANG.md -- CPU torch 2.13.0, the pinned pure-Python set from
+# requirements/cpu-lean.lock.txt with --no-deps, sglang==0.5.23 --no-deps.
+# GPU route (HCACHE_ROUTE=gpu, or a driver present): the full sglang==0.5.23 with
+# its CUDA stack (torch, flashinfer-python, sglang-kernel), then this package.
+#
+# The venv is rebuilt only when the lock file or pyproject.toml changed.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${HCACHE_VENV:-$ROOT/.venv}"
+LOCK="$ROOT/requirements/cpu-lean.lock.txt"
+
+if [[ -z "${HCACHE_ROUTE:-}" ]]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    HCACHE_ROUTE=gpu
+  else
+    HCACHE_ROUTE=cpu
+  fi
+fi
+if [[ "$HCACHE_ROUTE" == gpu ]] && ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+  echo "hcache-sglang: HCACHE_ROUTE=gpu needs an NVIDIA GPU and driver (nvidia-smi found none)." >&2
+  echo "               Unset HCACHE_ROUTE to use the CPU route on this machine." >&2
+  exit 2
+fi
+
+stamp_src="$HCACHE_ROUTE $(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+STAMP="$VENV/.hcache-setup-stamp"
+if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$stamp_src" ]]; then
+  echo "$VENV/bin/python"
+  exit 0
+fi
+
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+"$PY" -c 'import sys; assert sys.version_info[:2] >= (3, 10), sys.version' \
+  || { echo "hcache-sglang: needs Python >= 3.10 (found $("$PY" --version))" >&2; exit 2; }
+
+echo "hcache-sglang: setting up $VENV ($HCACHE_ROUTE route), a few minutes the first time..." >&2
+[[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
+{
+  if [[ "$HCACHE_ROUTE" == cpu ]]; then
+    # Never install torchvision here: it would swap the CPU torch for a CUDA build.
+    "${PIP[@]}" torch==2.13.0
+    "${PIP[@]}" --no-deps -r "$LOCK"
+    "${PIP[@]}" --no-deps sglang==0.5.23
+  else
+    "${PIP[@]}" sglang==0.5.23
+    "${PIP[@]}" lmdb pytest hypothesis
+  fi
+  "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+} 2>&1 | grep -v -E "^WARNING: Location .* is ignored" >&2 || true
+"$VENV/bin/python" -c "import torch, sglang, lmdb, hcache_sglang" \
+  || { echo "hcache-sglang: environment setup failed (see messages above)" >&2; exit 1; }
+echo "$stamp_src" > "$STAMP"
+echo "$VENV/bin/python"
