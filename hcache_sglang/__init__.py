@@ -1,2 +1,21 @@
-"""hcache-sglang: restore evicted SGLang prefix-cache state from saved hidden states."""
+"""hcache-sglang: restore evicted SGLang prefix-cache state from saved hidden states.
+
+Data flow (one module per step):
+  capture (hcache_sglang.capture)   every layer's input hidden state -> a side pool indexed by KV slot
+  spill   (hcache_sglang.linker)    tree write-through -> hcache_sglang.backends.ChunkStore.save
+  store   (hcache_sglang.backends)  layer-major 64-token chunks in a file pool, indexed by LMDB
+  restore (hcache_sglang.linker)    lookup -> read per layer -> hcache_sglang.kernels -> paged KV
+  plan    (hcache_sglang.planner)   which layers restore from hidden states, stored K/V or recompute
+"""
+
 __version__ = "0.1.0"
+
+__all__ = ["Engine", "__version__"]
+
+
+def __getattr__(name: str):
+    if name == "Engine":  # lazy: importing the package must not import sglang
+        from hcache_sglang.engine import Engine
+
+        return Engine
+    raise AttributeError(name)

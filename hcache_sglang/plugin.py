@@ -6,7 +6,9 @@ and the radix tree live. Patches made only in the launcher never reach that proc
 so everything this package adds to SGLang is installed from here:
 
 1. ``platform.apply()``  -- CPU-only stand-ins and fixes (no-op on a GPU host);
-2. ``capture.register()`` -- scheduler-side hooks for the hidden-state side pool.
+2. ``capture.register()`` -- scheduler-side RPCs for the hidden-state side pool (tests, tools);
+3. ``sglang_hooks.register()`` -- the few SGLang hooks the HCache linker needs (model handle,
+   side-pool memory accounting, per-request cached-token details).
 
 Both are idempotent and cheap; a failure is logged by SGLang's plugin loader.
 """
@@ -15,7 +17,8 @@ from __future__ import annotations
 
 
 def load() -> None:
-    from hcache_sglang import capture, platform
+    from hcache_sglang import capture, platform, sglang_hooks
 
     platform.apply()
     capture.register()
+    sglang_hooks.register()

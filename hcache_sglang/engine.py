@@ -1,0 +1,51 @@
+"""``hcache_sglang.Engine``: ``sgl.Engine`` with ``--hierarchical-cache`` and the ``hcache_*`` options.
+
+    engine = hcache_sglang.Engine(model_path=M, hierarchical_cache="hcache", hcache_dir=D,
+                                  hcache_capacity="8G", max_total_tokens=4096)
+    engine.generate("...", {"max_new_tokens": 16})
+
+Every other keyword is SGLang's own (``sgl.Engine(**kwargs)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import sglang
+
+from hcache_sglang.config import HCacheConfig, HierarchicalCache
+from hcache_sglang.launch import sglang_kwargs
+
+_HCACHE_KEYS = {
+    "hcache_dir": "directory",
+    "hcache_capacity": "capacity",
+    "hcache_objective": "objective",
+    "hcache_layer_plan": "layer_plan",
+    "hcache_load_check": "load_check",
+    "hcache_staging": "staging",
+    "hcache_read_bandwidth": "read_bandwidth_limit",
+    "hcache_o_direct": "o_direct",
+    "hcache_refresh_profile": "refresh_profile",
+}
+
+
+def resolve_engine_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], HierarchicalCache, Optional[HCacheConfig]]:
+    kwargs = dict(kwargs)
+    mode = HierarchicalCache(kwargs.pop("hierarchical_cache", HierarchicalCache.HCACHE.value))
+    ours = {_HCACHE_KEYS[k]: kwargs.pop(k) for k in list(kwargs) if k in _HCACHE_KEYS}
+    if ours.get("read_bandwidth_limit") is not None:
+        from hcache_sglang.config import parse_size
+
+        ours["read_bandwidth_limit"] = float(parse_size(ours["read_bandwidth_limit"]))
+    if mode is not HierarchicalCache.HCACHE and ours:
+        raise ValueError(f"hcache_* options {sorted(ours)} need hierarchical_cache='hcache', got {mode.value!r}")
+    hcache = HCacheConfig.create(**ours) if mode is HierarchicalCache.HCACHE else None
+    return sglang_kwargs(mode, kwargs, hcache), mode, hcache
+
+
+class Engine(sglang.Engine):
+    """SGLang's offline engine with the hierarchical cache chosen by ``hierarchical_cache``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        resolved, self.hierarchical_cache, self.hcache_config = resolve_engine_kwargs(kwargs)
+        super().__init__(**resolved)

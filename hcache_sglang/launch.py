@@ -1,0 +1,203 @@
+"""From ``--hierarchical-cache {off,hicache,hcache}`` and ``--hcache-*`` flags to SGLang arguments.
+
+One function, :func:`sglang_kwargs`, decides what each system means in SGLang 0.5.23 terms; the CLI
+(``hcache-sglang serve``, ``python -m hcache_sglang.launch_server``) and the Python API
+(:class:`hcache_sglang.Engine`) both go through it, so the three systems stay one flag apart:
+
+- ``off``:     SGLang's radix cache alone; an evicted prefix is recomputed.
+- ``hicache``: SGLang's HiCache, host tier plus its file storage backend (the KV-offload peer).
+- ``hcache``:  the external cache linker :class:`hcache_sglang.linker.HCacheLinker`, configured by an
+               :class:`~hcache_sglang.config.HCacheConfig` serialised into the linker config.
+
+On a host without CUDA the CPU defaults are filled in (``device=cpu``, the ``torch_native`` attention
+backend, no CUDA graphs) unless the user chose otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import Any, Optional, Sequence
+
+from hcache_sglang.config import HCacheConfig, HierarchicalCache, LoadCheck, Objective, default_cache_root
+
+logger = logging.getLogger(__name__)
+
+LINKER_MODULE = "hcache_sglang.linker"
+LINKER_CLASS = "HCacheLinker"
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - a broken torch install means "no CUDA" here
+        return False
+
+
+def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("hcache-sglang")
+    group.add_argument(
+        "--hierarchical-cache",
+        choices=[m.value for m in HierarchicalCache],
+        default=HierarchicalCache.HCACHE.value,
+        help="off: radix cache only; hicache: SGLang's KV offload; hcache: hidden-state restore",
+    )
+    group.add_argument("--hcache-dir", default=None, help="chunk pool + LMDB index directory")
+    group.add_argument("--hcache-capacity", default=None, help="pool size, e.g. 64G (default: fits the free disk)")
+    group.add_argument(
+        "--hcache-objective", choices=[o.value for o in Objective], default=Objective.BALANCED.value
+    )
+    group.add_argument(
+        "--hcache-layer-plan", default=None, help="force a plan: hidden | kv | one letter per layer (H/K/R)"
+    )
+    group.add_argument("--hcache-load-check", choices=[c.value for c in LoadCheck], default=LoadCheck.EAGER.value)
+    group.add_argument("--hcache-staging", default="256M", help="host staging area for two-stage saving")
+    group.add_argument(
+        "--hcache-read-bandwidth", default=None, help="cap store reads (bytes/s, e.g. 2G) to emulate a slower disk"
+    )
+    group.add_argument("--hcache-o-direct", action="store_true", help="bypass the page cache for pool IO")
+    group.add_argument("--hcache-refresh-profile", action="store_true", help="re-measure restore costs")
+
+
+def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
+    from hcache_sglang.config import parse_size
+
+    return HCacheConfig.create(
+        directory=args.hcache_dir,
+        capacity=args.hcache_capacity,
+        objective=args.hcache_objective,
+        layer_plan=args.hcache_layer_plan,
+        load_check=args.hcache_load_check,
+        staging=args.hcache_staging,
+        read_bandwidth_limit=float(parse_size(args.hcache_read_bandwidth)) if args.hcache_read_bandwidth else None,
+        o_direct=args.hcache_o_direct,
+        refresh_profile=args.hcache_refresh_profile,
+    )
+
+
+def sglang_kwargs(
+    mode: HierarchicalCache | str,
+    kwargs: dict[str, Any],
+    hcache: Optional[HCacheConfig] = None,
+) -> dict[str, Any]:
+    """SGLang ``ServerArgs`` keyword arguments for ``mode`` on top of the user's ``kwargs``.
+
+    The user's own settings win where they do not contradict the chosen mode; contradictions (for
+    example ``hcache`` together with ``enable_hierarchical_cache``) raise ``ValueError``.
+    """
+    mode = HierarchicalCache(mode)
+    out = dict(kwargs)
+    _apply_device_defaults(out)
+
+    if mode is HierarchicalCache.OFF:
+        _refuse(out, mode, "enable_hierarchical_cache", "enable_unified_cache_external_linker")
+    elif mode is HierarchicalCache.HICACHE:
+        _refuse(out, mode, "enable_unified_cache_external_linker", "disable_radix_cache")
+        out["enable_hierarchical_cache"] = True
+        if out.get("device") == "cpu":
+            # Measured on CPU: the direct IO backend and a layer-first host layout are what work.
+            out.setdefault("hicache_io_backend", "direct")
+            out.setdefault("hicache_mem_layout", "layer_first")
+        out.setdefault("hicache_storage_backend", "file")
+        out.setdefault("hicache_storage_prefetch_policy", "wait_complete")
+        if out["hicache_storage_backend"] == "file":
+            # SGLang's file backend reads its directory from the environment (inherited by the
+            # spawned scheduler); default it beside the HCache pool so both peers use the same disk.
+            file_dir = os.environ.setdefault(
+                "SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR", str(default_cache_root() / "hicache-file")
+            )
+            os.makedirs(file_dir, exist_ok=True)
+    else:
+        _refuse(out, mode, "enable_hierarchical_cache", "disable_radix_cache")
+        hcache = hcache or HCacheConfig.create()
+        out["enable_unified_cache_external_linker"] = True
+        out["unified_cache_external_linker_backend"] = "dynamic"
+        out["unified_cache_external_linker_config"] = {
+            "linker": LINKER_CLASS,
+            "linker_module_path": LINKER_MODULE,
+            "linker_extra_config": hcache.to_dict(),
+        }
+        # Per-request device / hcache / computed token counts.
+        out.setdefault("enable_cache_report", True)
+    return out
+
+
+def _apply_device_defaults(out: dict[str, Any]) -> None:
+    device = out.get("device")
+    has_cuda = cuda_available()
+    if device in (None, "auto"):
+        device = "cuda" if has_cuda else "cpu"
+        out["device"] = device
+    if device == "cuda" and not has_cuda:
+        raise RuntimeError(
+            "hcache-sglang: --device cuda was requested but no CUDA GPU is visible on this host; "
+            "use --device cpu (the CPU route) or run on a machine with an NVIDIA GPU"
+        )
+    if device == "cpu":
+        os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+        out.setdefault("attention_backend", "torch_native")
+        out.setdefault("disable_cuda_graph", True)
+
+
+def _refuse(out: dict[str, Any], mode: HierarchicalCache, *flags: str) -> None:
+    for flag in flags:
+        if out.get(flag):
+            raise ValueError(
+                f"--hierarchical-cache {mode.value} cannot be combined with --{flag.replace('_', '-')}; "
+                "pick one system with --hierarchical-cache"
+            )
+
+
+def kwargs_to_argv(kwargs: dict[str, Any]) -> list[str]:
+    """ServerArgs kwargs -> command-line flags for SGLang's own parser."""
+    argv: list[str] = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (dict, list)):
+            argv += [flag, json.dumps(value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def split_argv(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Separate our flags from SGLang's. Returns (our namespace, SGLang argv)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_hcache_arguments(parser)
+    return parser.parse_known_args(list(argv))
+
+
+def _option_names(argv: Sequence[str]) -> set[str]:
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def _option_value(argv: Sequence[str], flag: str) -> Optional[str]:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def build_server_argv(argv: Sequence[str]) -> tuple[list[str], HierarchicalCache, Optional[HCacheConfig]]:
+    """Full SGLang argv for ``hcache-sglang serve ARGV``."""
+    ours, rest = split_argv(argv)
+    mode = HierarchicalCache(ours.hierarchical_cache)
+    hcache = hcache_config_from_args(ours) if mode is HierarchicalCache.HCACHE else None
+    given = _option_names(rest)
+    # Only the keys SGLang has not been given on the command line are added.
+    implied: dict[str, Any] = {k: True for k in given}
+    if "device" in given:
+        implied["device"] = _option_value(rest, "--device")
+    extra = sglang_kwargs(mode, implied, hcache)
+    added = {k: v for k, v in extra.items() if k not in given}
+    return list(rest) + kwargs_to_argv(added), mode, hcache

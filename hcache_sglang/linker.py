@@ -1,0 +1,350 @@
+"""``HCacheLinker``: SGLang's external cache linker, backed by hidden states on SSD.
+
+SGLang 0.5.23's ``UnifiedRadixCache`` drives a linker through the calls below (scheduler thread),
+in this order for a context that leaves and comes back:
+
+1. ``offload(transfers)``        write-through of every node inserted into the tree (ancestors first,
+                                 full pages only). We queue it; a spill thread gathers the pages' rows
+                                 from the capture side pool (HIDDEN layers) and the KV pool (KV layers)
+                                 into the store's staging area (two-stage saving: the store writes
+                                 chunks to disk in the background). ``pop_completed_offload`` releases
+                                 the node's lock once the rows are copied.
+2. ``lookup(rid, transfers)``    how many leading pages of the device-uncached tail the store holds.
+3. ``load(rid, transfers)``      queue a restore into fresh request-private slots. With the EAGER load
+                                 check, the chunks are read and verified here: a miss or a corrupt
+                                 chunk refuses the load and SGLang recomputes (never a wrong answer).
+4. ``start_layer_wise_loading``  start the batch's restores; a restore thread handles layer 0, 1, ...:
+                                 K/V re-projected from hidden states (``hcache_sglang.kernels``) or
+                                 copied from stored K/V, then ``layer_done_counter.complete(layer)``.
+                                 The forward's attention on layer l waits for layer l only.
+5. ``finish_layer_wise_loading`` wait for the batch; False fails its requests (SGLang aborts them).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
+from sglang.srt.mem_cache.unified_cache.unified_cache_linker import LayerWiseLoadCounter, UnifiedCacheLinker
+
+from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
+from hcache_sglang.capture import HiddenStateCapture, kv_projections
+from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
+from hcache_sglang.fingerprint import model_fingerprint
+from hcache_sglang.kernels import copy_kv_into_cache, project_kv_into_cache
+from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
+from hcache_sglang.planner import LayerPlan, Method, model_dims, static_plan
+from hcache_sglang.sglang_hooks import current_model_runner
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Restore:
+    """One request's restore: host buffers filled by the store, written into ``slots``."""
+
+    rid: str
+    slots: torch.Tensor  # [n] int64, device KV slots private to the request
+    layers: list[torch.Tensor]  # per layer: [n, hidden] (HIDDEN) or [n, 2, kv_heads, head_dim] (KV)
+    kinds: tuple[LayerKind, ...]
+    positions: torch.Tensor  # [n] int64
+    token_ids: torch.Tensor  # [n] int32
+    read: Any  # the store's ReadHandle
+
+
+class HCacheLinker(UnifiedCacheLinker):
+    def __init__(self, server_args, params, *, components, extra_config=None, forward_stream=None):
+        self.config = HCacheConfig.from_dict(extra_config or {})
+        self.forward_stream = forward_stream
+        self.page_size = params.page_size
+        self.kvcache = params.token_to_kv_pool_allocator.get_kvcache()
+        if not (hasattr(self.kvcache, "k_buffer") and hasattr(self.kvcache, "v_buffer")):
+            raise ValueError(
+                f"hcache: supports MHA/GQA/MQA models with SGLang's MHATokenToKVPool; this model uses "
+                f"{type(self.kvcache).__name__} (MLA, hybrid and sliding-window pools are not supported)"
+            )
+        self.pools = {PoolName.KV: self.kvcache}
+        self.device = self.kvcache.device
+        self.num_layers = self.kvcache.layer_num
+        self.layer_done_counter = LayerWiseLoadCounter(self.num_layers)
+
+        runner = current_model_runner()
+        hf_config = runner.model_config.hf_config
+        if getattr(runner.model_config, "is_multimodal", False) or "mrope" in str(
+            getattr(hf_config, "rope_scaling", None) or ""
+        ):
+            raise ValueError("hcache: multimodal / mrope models are not supported (positions are 3-D)")
+        total_layers, hidden_size, _ = model_dims(hf_config)
+        self.projections = kv_projections(runner.model)
+        head = self.projections[0]
+        self.plan: LayerPlan = static_plan(
+            self.num_layers, hidden_size, head.num_kv_heads * head.head_dim, self.config
+        )
+        self.kinds = tuple(LayerKind.HIDDEN if m is Method.HIDDEN else LayerKind.KV for m in self.plan.methods)
+        dtype = self.kvcache.dtype
+        self.capture = HiddenStateCapture(
+            runner.model,
+            num_slots=self.kvcache.size + self.page_size,
+            dtype=dtype,
+            device=self.device,
+            layers=self.plan.hidden_layers,
+        )
+        self.capture.attach()
+
+        tp_rank, tp_size = getattr(runner, "tp_rank", 0), getattr(runner, "tp_size", 1)
+        self.namespace = Namespace(
+            model_fingerprint=model_fingerprint(server_args.model_path, str(dtype), tp_rank, tp_size),
+            num_layers=self.num_layers,
+            hidden_size=hidden_size,
+            num_kv_heads=head.num_kv_heads,
+            head_dim=head.head_dim,
+            dtype=str(dtype).removeprefix("torch."),
+            page_size=self.page_size,
+        )
+        directory = self.config.directory if tp_size == 1 else f"{self.config.directory}/tp{tp_rank}"
+        self.store = ChunkStore(
+            StoreConfig(
+                directory=directory,
+                capacity_bytes=self.config.capacity_bytes,
+                staging_bytes=self.config.staging_bytes,
+                o_direct=self.config.o_direct,
+                read_bandwidth_limit=self.config.read_bandwidth_limit,
+            )
+        )
+        self.restore_stats = RestoreStats()
+        side_bytes = self.capture.nbytes()
+        logger.info(
+            "hcache: restore plan %s [%s]; pool %s, capacity %s; side pool %s on %s for %d slots; "
+            "load check %s%s",
+            self.plan.describe(), self.plan, directory, format_size(self.config.capacity_bytes),
+            format_size(side_bytes), self.device, self.kvcache.size, self.config.load_check.value,
+            f"; READS THROTTLED to {format_size(self.config.read_bandwidth_limit)}/s"
+            if self.config.read_bandwidth_limit else "",
+        )
+
+        self._pending: dict[str, _Restore] = {}
+        self._spill_queue: queue.Queue = queue.Queue()
+        self._spill_done: queue.Queue = queue.Queue()
+        self._restore_queue: queue.Queue = queue.Queue()
+        self._threads = [
+            threading.Thread(target=self._spill_loop, name="hcache-spill", daemon=True),
+            threading.Thread(target=self._restore_loop, name="hcache-restore", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._metrics = (
+            start_metrics_exporter(self.store, self.restore_stats) if server_args.enable_metrics else None
+        )
+
+    # ---- lookup / load ---------------------------------------------------------------------
+
+    def lookup(self, rid: str, transfers: list[PoolTransfer]) -> list[int]:
+        kv = _kv_transfer(transfers)
+        if kv is None or not kv.keys:
+            return []
+        hit = self.store.lookup(self.namespace, kv.keys)
+        self.restore_stats.record_lookup(len(kv.keys), hit.num_pages)
+        return list(range(1, hit.num_pages + 1))
+
+    def load(self, rid: str, transfers: list[PoolTransfer]) -> bool:
+        kv = _kv_transfer(transfers)
+        if kv is None or kv.device_indices is None or not kv.keys:
+            return False
+        hit = self.store.lookup(self.namespace, kv.keys)
+        if hit.num_pages < len(kv.keys):  # evicted since lookup
+            return False
+        num_tokens = len(kv.keys) * self.page_size
+        pin = self.device.type == "cuda" if isinstance(self.device, torch.device) else "cuda" in str(self.device)
+        layers = [self._host_buffer(kind, num_tokens, pin) for kind in hit.layer_kinds]
+        positions = torch.empty(num_tokens, dtype=torch.int64, pin_memory=pin)
+        token_ids = torch.empty(num_tokens, dtype=torch.int32, pin_memory=pin)
+        read = self.store.read(self.namespace, kv.keys, layers, positions, token_ids)
+        restore = _Restore(rid, kv.device_indices, layers, tuple(hit.layer_kinds), positions, token_ids, read)
+        if self.config.load_check is LoadCheck.EAGER and not self._verified(restore):
+            self.restore_stats.record_refused(num_tokens)
+            return False
+        self._pending[rid] = restore
+        return True
+
+    def _verified(self, restore: _Restore) -> bool:
+        """Every chunk read and checksummed, positions consecutive: safe to promise the restore."""
+        try:
+            if not restore.read.wait():
+                return False
+        except Exception as exc:  # noqa: BLE001 - a failed read is a miss, never a crash
+            logger.warning("hcache: restore of %s refused: %s", restore.rid, exc)
+            return False
+        pos = restore.positions
+        if pos.numel() > 1 and not bool((pos[1:] == pos[:-1] + 1).all()):
+            logger.warning("hcache: restore of %s refused: stored positions are not consecutive", restore.rid)
+            return False
+        return True
+
+    def _host_buffer(self, kind: LayerKind, num_tokens: int, pin: bool) -> torch.Tensor:
+        ns = self.namespace
+        shape = (num_tokens, ns.hidden_size) if kind is LayerKind.HIDDEN else (
+            num_tokens, 2, ns.num_kv_heads, ns.head_dim)
+        return torch.empty(shape, dtype=self.kvcache.dtype, pin_memory=pin)
+
+    def cancel_queued_load(self, rid: str) -> bool:
+        return self._pending.pop(rid, None) is not None
+
+    def start_layer_wise_loading(self) -> int:
+        if not self._pending:
+            return -1
+        batch, self._pending = list(self._pending.values()), {}
+        index = self.layer_done_counter.update_producer()
+        self._restore_queue.put((index, batch, time.perf_counter()))
+        return index
+
+    def finish_layer_wise_loading(self, counter_index: int) -> bool:
+        return self.layer_done_counter.finish(counter_index)
+
+    # ---- restore thread ----------------------------------------------------------------------
+
+    def _restore_loop(self) -> None:
+        while True:
+            task = self._restore_queue.get()
+            try:
+                if task is None:
+                    return
+                index, batch, started = task
+                try:
+                    self._restore_batch(index, batch)
+                    tokens = sum(r.slots.numel() for r in batch)
+                    self.restore_stats.record_restore(tokens, time.perf_counter() - started)
+                except BaseException as exc:  # noqa: BLE001 - reported through the counter
+                    logger.error("hcache: restore failed, %d request(s) will be aborted: %r", len(batch), exc)
+                    self.restore_stats.record_failure()
+                    self.layer_done_counter.fail(index, exc)
+            finally:
+                self._restore_queue.task_done()
+
+    @torch.inference_mode()
+    def _restore_batch(self, index: int, batch: list[_Restore]) -> None:
+        stream = torch.cuda.Stream(device=self.device) if _is_cuda(self.device) else None
+        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+            slots = torch.cat([r.slots for r in batch]).to(self.device, non_blocking=True)
+            positions = torch.cat([r.positions for r in batch])
+            self.capture.write_positions(slots, positions.to(self.device), torch.cat([r.token_ids for r in batch]).to(self.device))
+            for layer in range(self.num_layers):
+                for restore in batch:
+                    restore.read.layer(layer).result()  # EAGER: already done; PIPELINED: waits/raises
+                self._restore_layer(layer, batch, slots, positions)
+                if stream is not None:
+                    stream.synchronize()  # complete a layer only after its device writes finish
+                self.layer_done_counter.complete(index, layer)
+
+    def _restore_layer(self, layer: int, batch: list[_Restore], slots: torch.Tensor, positions: torch.Tensor) -> None:
+        k_cache, v_cache = self.kvcache.k_buffer[layer], self.kvcache.v_buffer[layer]
+        kinds = {r.kinds[layer] for r in batch}
+        for kind in kinds:
+            members = [r for r in batch if r.kinds[layer] is kind] if len(kinds) > 1 else batch
+            rows = slots if len(kinds) == 1 else torch.cat([r.slots for r in members]).to(self.device)
+            data = torch.cat([r.layers[layer] for r in members]).to(self.device, non_blocking=True)
+            if kind is LayerKind.HIDDEN:
+                pos = positions if len(kinds) == 1 else torch.cat([r.positions for r in members])
+                project_kv_into_cache(
+                    data, pos.to(self.device), self.projections[layer], k_cache, v_cache, rows
+                )
+                self.capture.write_hidden(layer, rows, data)
+            else:
+                copy_kv_into_cache(data, k_cache, v_cache, rows)
+                self.capture.invalidate(layer, rows)
+
+    # ---- spill (offload) ---------------------------------------------------------------------
+
+    def offload(self, transfers: list[PoolTransfer], session_id: Optional[str] = None) -> bool:
+        kv = _kv_transfer(transfers)
+        if kv is None or kv.device_indices is None or not kv.keys:
+            return False
+        events = self.record_offload_ready()
+        self._spill_queue.put((list(kv.keys), kv.device_indices, events))
+        return True
+
+    def _spill_loop(self) -> None:
+        while True:
+            task = self._spill_queue.get()
+            try:
+                if task is None:
+                    return
+                keys, slots, events = task
+                ok = False
+                try:
+                    for event in events:
+                        event.synchronize()
+                    ok = self._spill(keys, slots)
+                except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an error
+                    logger.warning("hcache: spill of %d pages failed: %r", len(keys), exc)
+                self._spill_done.put(ok)
+            finally:
+                self._spill_queue.task_done()
+
+    def _spill(self, keys: list[str], slots: torch.Tensor) -> bool:
+        if not self.capture.valid(slots):
+            # Some slot holds no captured hidden state for a HIDDEN layer (restored from a chunk saved
+            # under another plan): saving it would store garbage. The pages stay on the device.
+            return False
+        layers = [
+            self.capture.hidden[l] if kind is LayerKind.HIDDEN else (self.kvcache.k_buffer[l], self.kvcache.v_buffer[l])
+            for l, kind in enumerate(self.kinds)
+        ]
+        return self.store.save(
+            self.namespace,
+            keys,
+            positions=self.capture.positions[slots],
+            token_ids=self.capture.token_ids[slots],
+            layers=layers,
+            layer_kinds=self.kinds,
+            rows=slots,
+        )
+
+    def num_completed_offloads(self) -> int:
+        return self._spill_done.qsize()
+
+    def pop_completed_offload(self) -> bool:
+        return self._spill_done.get_nowait()
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self._pending.clear()
+        self._restore_queue.join()
+        self._spill_queue.join()
+        while not self._spill_done.empty():
+            self._spill_done.get_nowait()
+        self.layer_done_counter.reset()
+
+    def close(self) -> None:
+        self.reset()
+        self._restore_queue.put(None)
+        self._spill_queue.put(None)
+        for thread in self._threads:
+            thread.join(timeout=30)
+        if self._metrics is not None:
+            self._metrics.stop()
+        self.store.close()
+        self.capture.detach()
+
+
+def _kv_transfer(transfers: list[PoolTransfer]) -> Optional[PoolTransfer]:
+    return next((t for t in transfers if t.name == PoolName.KV), None)
+
+
+def _is_cuda(device: Any) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

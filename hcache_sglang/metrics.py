@@ -1,0 +1,118 @@
+"""Restore counters and their export on SGLang's Prometheus ``/metrics`` (``--enable-metrics``).
+
+The scheduler process writes into prometheus_client's multiprocess directory (set by SGLang before
+this runs), and SGLang's HTTP server collects it, so the gauges below appear beside SGLang's own:
+
+    hcache_store_<field>          every numeric field of the chunk store's ``StoreStats``
+    hcache_restore_<field>        every field of :class:`RestoreStats`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestoreSnapshot:
+    lookup_pages: int = 0  # pages asked for beyond the device prefix
+    lookup_hit_pages: int = 0  # of those, found in the store
+    restores: int = 0  # restore batches completed
+    restored_tokens: int = 0
+    refused_loads: int = 0  # loads refused after a failed read / checksum (recomputed instead)
+    failed_restores: int = 0  # pipelined restores that failed mid-flight (requests aborted)
+    restore_seconds_total: float = 0.0
+    restore_ms_per_1k_tokens_p50: float = 0.0
+    restore_ms_per_1k_tokens_p90: float = 0.0
+
+
+class RestoreStats:
+    """Thread-safe counters of the linker's restore path."""
+
+    def __init__(self, window: int = 1024) -> None:
+        self._lock = threading.Lock()
+        self._counts = dataclasses.asdict(RestoreSnapshot())
+        self._ms_per_1k: list[float] = []
+        self._window = window
+
+    def record_lookup(self, asked_pages: int, hit_pages: int) -> None:
+        with self._lock:
+            self._counts["lookup_pages"] += asked_pages
+            self._counts["lookup_hit_pages"] += hit_pages
+
+    def record_restore(self, tokens: int, seconds: float) -> None:
+        with self._lock:
+            self._counts["restores"] += 1
+            self._counts["restored_tokens"] += tokens
+            self._counts["restore_seconds_total"] += seconds
+            if tokens:
+                self._ms_per_1k.append(seconds * 1e3 * 1000 / tokens)
+                del self._ms_per_1k[: -self._window]
+
+    def record_refused(self, tokens: int) -> None:
+        with self._lock:
+            self._counts["refused_loads"] += 1
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._counts["failed_restores"] += 1
+
+    def snapshot(self) -> RestoreSnapshot:
+        with self._lock:
+            counts = dict(self._counts)
+            samples = sorted(self._ms_per_1k)
+        if samples:
+            counts["restore_ms_per_1k_tokens_p50"] = samples[len(samples) // 2]
+            counts["restore_ms_per_1k_tokens_p90"] = samples[min(len(samples) - 1, int(len(samples) * 0.9))]
+        return RestoreSnapshot(**counts)
+
+
+class _Exporter:
+    def __init__(self, store: Any, restore_stats: RestoreStats, interval_s: float) -> None:
+        from prometheus_client import Gauge
+
+        self._store, self._restore = store, restore_stats
+        self._gauges: dict[str, Any] = {}
+        self._gauge_cls = Gauge
+        self._stop = threading.Event()
+        self._interval = interval_s
+        self._thread = threading.Thread(target=self._run, name="hcache-metrics", daemon=True)
+        self._thread.start()
+
+    def _set(self, name: str, value: float) -> None:
+        gauge = self._gauges.get(name)
+        if gauge is None:
+            gauge = self._gauge_cls(name, f"hcache-sglang {name}", multiprocess_mode="mostrecent")
+            self._gauges[name] = gauge
+        gauge.set(value)
+
+    def _numeric_fields(self, obj: Any) -> dict[str, float]:
+        data = dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else dict(vars(obj))
+        return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def update(self) -> None:
+        for key, value in self._numeric_fields(self._store.stats()).items():
+            self._set(f"hcache_store_{key}", value)
+        for key, value in self._numeric_fields(self._restore.snapshot()).items():
+            self._set(f"hcache_restore_{key}", value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.update()
+            except Exception:  # noqa: BLE001 - metrics must never take the server down
+                logger.exception("hcache: metrics export failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def start_metrics_exporter(store: Any, restore_stats: RestoreStats, interval_s: float = 1.0) -> _Exporter:
+    exporter = _Exporter(store, restore_stats, interval_s)
+    exporter.update()
+    return exporter

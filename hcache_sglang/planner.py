@@ -1,0 +1,248 @@
+"""Restore plan: for each layer, where its K/V come from on a restore.
+
+- HIDDEN (H):     the layer's saved input hidden state, re-projected (two GEMMs + RoPE + scatter);
+- KV (K):         the layer's saved K and V, copied into the pool;
+- RECOMPUTE (R):  leading layers only, recomputed from the tokens (nothing stored).
+
+The planner picks the plan that minimises the predicted restore time of a two-resource pipeline (IO
+reads layer after layer; compute projects / copies / recomputes layer after layer, starting a layer
+once its bytes are in) under a storage objective:
+
+- SPEED:    fastest plan, whatever it stores;
+- SPACE:    each stored layer in its smaller form (hidden for MHA, K/V for GQA where hidden > K+V),
+            recomputed leading layers only where they make the restore faster;
+- BALANCED: fastest plan storing at most ``BALANCED_SLACK`` more bytes per token than SPACE's.
+
+A plan is fixed when the server starts, because the capture side pool (device memory) holds only the
+HIDDEN layers. It is recorded with every chunk, so chunks saved under another plan are still read
+correctly (each layer by the kind it was stored as).
+"""
+
+from __future__ import annotations
+
+import enum
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+from hcache_sglang.config import HCacheConfig, Objective
+
+BALANCED_SLACK = 0.25
+
+
+class Method(str, enum.Enum):
+    HIDDEN = "H"
+    KV = "K"
+    RECOMPUTE = "R"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    methods: tuple[Method, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "LayerPlan":
+        return cls(tuple(Method(c) for c in text))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.methods)
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return tuple(i for i, m in enumerate(self.methods) if m is Method.HIDDEN)
+
+    def count(self, method: Method) -> int:
+        return sum(m is method for m in self.methods)
+
+    def describe(self) -> str:
+        """``"32 layers: 0-30 hidden states, 31 stored K/V"``."""
+        names = {Method.HIDDEN: "hidden states", Method.KV: "stored K/V", Method.RECOMPUTE: "recompute"}
+        runs: list[str] = []
+        start = 0
+        for i in range(1, self.num_layers + 1):
+            if i == self.num_layers or self.methods[i] != self.methods[start]:
+                span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+                runs.append(f"{span} {names[self.methods[start]]}")
+                start = i
+        return f"{self.num_layers} layers: " + ", ".join(runs)
+
+    def __str__(self) -> str:
+        return "".join(m.value for m in self.methods)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    num_layers: int
+    hidden_size: int
+    kv_dim: int  # num_kv_heads * head_dim (this rank's)
+    element_size: int = 2
+    intermediate_size: Optional[int] = None
+    num_heads: Optional[int] = None
+
+    @property
+    def hidden_bytes(self) -> int:
+        return self.hidden_size * self.element_size
+
+    @property
+    def kv_bytes(self) -> int:
+        return 2 * self.kv_dim * self.element_size
+
+    @property
+    def projection_flops(self) -> int:
+        """Per token per layer: K and V GEMMs."""
+        return 2 * self.hidden_size * 2 * self.kv_dim
+
+    def layer_flops(self, context_tokens: int) -> int:
+        """Per token per layer of a full forward (linear layers + attention at this context)."""
+        d, i = self.hidden_size, self.intermediate_size or int(8 * self.hidden_size / 3)
+        q_dim = d
+        linear = 2 * d * (q_dim + 2 * self.kv_dim) + 2 * q_dim * d + 2 * 3 * d * i
+        attention = 2 * 2 * q_dim * context_tokens // 2  # QK^T and PV over half the context on average
+        return linear + attention
+
+
+@dataclass(frozen=True)
+class CostProfile:
+    """Costs per token per layer (seconds) and the store's read bandwidth (bytes/s)."""
+
+    read_bandwidth: float
+    project_s: float
+    copy_s: float
+    recompute_s: float
+    label: str = "measured"
+
+    @classmethod
+    def from_hardware(
+        cls, geometry: Geometry, *, tflops: float, read_gbps: float, copy_gbps: float,
+        context_tokens: int = 2048, efficiency: float = 1.0, label: str = "described",
+    ) -> "CostProfile":
+        """A described machine: achieved GEMM TFLOP/s, store->host read GB/s, K/V copy GB/s."""
+        flops = tflops * 1e12 * efficiency
+        return cls(
+            read_bandwidth=read_gbps * 1e9,
+            project_s=geometry.projection_flops / flops,
+            copy_s=geometry.kv_bytes / (copy_gbps * 1e9),
+            recompute_s=geometry.layer_flops(context_tokens) / flops,
+            label=label,
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    plan: LayerPlan
+    seconds_per_1k_tokens: float
+    io_seconds_per_1k: float
+    compute_seconds_per_1k: float
+    bytes_per_token: int
+
+
+def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: int = 1000) -> Prediction:
+    """Simulate the restore pipeline for ``tokens`` tokens: reads in layer order on one resource,
+    recompute / projection / copy in layer order on the other; a stored layer's compute starts when
+    its bytes are in and the previous layer's compute is done."""
+    io_end = compute_end = io_total = compute_total = 0.0
+    stored = 0
+    for method in plan.methods:
+        if method is Method.RECOMPUTE:
+            cost = profile.recompute_s * tokens
+            compute_end += cost
+            compute_total += cost
+            continue
+        size = geometry.hidden_bytes if method is Method.HIDDEN else geometry.kv_bytes
+        stored += size
+        io = size * tokens / profile.read_bandwidth
+        io_end += io
+        io_total += io
+        cost = (profile.project_s if method is Method.HIDDEN else profile.copy_s) * tokens
+        compute_end = max(compute_end, io_end) + cost
+        compute_total += cost
+    scale = 1000 / tokens
+    return Prediction(plan, compute_end * scale, io_total * scale, compute_total * scale, stored)
+
+
+def candidate_plans(num_layers: int) -> Iterable[LayerPlan]:
+    """R layers lead; among the stored layers, the K layers sit first, last, or spread evenly."""
+    for n_r in range(num_layers + 1):
+        stored = num_layers - n_r
+        for n_k in range(stored + 1):
+            layouts = {_first(stored, n_k), _last(stored, n_k), _spread(stored, n_k)}
+            for layout in layouts:
+                yield LayerPlan((Method.RECOMPUTE,) * n_r + layout)
+
+
+def _first(n: int, k: int) -> tuple[Method, ...]:
+    return (Method.KV,) * k + (Method.HIDDEN,) * (n - k)
+
+
+def _last(n: int, k: int) -> tuple[Method, ...]:
+    return (Method.HIDDEN,) * (n - k) + (Method.KV,) * k
+
+
+def _spread(n: int, k: int) -> tuple[Method, ...]:
+    picks = {int((j + 0.5) * n / k) for j in range(k)} if k else set()
+    return tuple(Method.KV if i in picks else Method.HIDDEN for i in range(n))
+
+
+def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective) -> Prediction:
+    """The fastest predicted plan allowed by ``objective``."""
+    smaller = Method.HIDDEN if geometry.hidden_bytes <= geometry.kv_bytes else Method.KV
+    space_bytes = geometry.num_layers * min(geometry.hidden_bytes, geometry.kv_bytes)
+    best: Optional[Prediction] = None
+    for plan in candidate_plans(geometry.num_layers):
+        if plan.count(Method.RECOMPUTE) == geometry.num_layers:
+            continue  # that is not a restore
+        pred = predict(plan, geometry, profile)
+        if objective is Objective.SPACE and any(
+            m not in (smaller, Method.RECOMPUTE) for m in plan.methods
+        ):
+            continue
+        if objective is Objective.BALANCED and pred.bytes_per_token > space_bytes * (1 + BALANCED_SLACK):
+            continue
+        key = (round(pred.seconds_per_1k_tokens, 12), pred.bytes_per_token, plan.count(Method.RECOMPUTE))
+        if best is None or key < (round(best.seconds_per_1k_tokens, 12), best.bytes_per_token,
+                                   best.plan.count(Method.RECOMPUTE)):
+            best = pred
+    assert best is not None
+    return best
+
+
+def static_plan(num_layers: int, hidden_size: int, kv_dim: int, config: HCacheConfig) -> LayerPlan:
+    """The plan without a cost profile: a forced ``layer_plan``, or the smaller payload per layer."""
+    forced = (config.layer_plan or "").strip()
+    if forced.lower() == "hidden":
+        return LayerPlan((Method.HIDDEN,) * num_layers)
+    if forced.lower() == "kv":
+        return LayerPlan((Method.KV,) * num_layers)
+    if forced:
+        if len(forced) != num_layers:
+            raise ValueError(
+                f"hcache: layer plan {forced!r} has {len(forced)} letters; the model has {num_layers} layers"
+            )
+        return LayerPlan.parse(forced)
+    method = Method.HIDDEN if hidden_size < 2 * kv_dim else Method.KV
+    return LayerPlan((method,) * num_layers)
+
+
+def model_dims(hf_config: Any) -> tuple[int, int, int]:
+    """(num_layers, hidden_size, kv_dim = num_kv_heads * head_dim) of a HF config (text part)."""
+    cfg = getattr(hf_config, "text_config", None) or hf_config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, cfg.hidden_size, kv_heads * head_dim
+
+
+def side_pool_bytes_per_token(hf_config: Any, dtype: Any, num_layers: int, config: HCacheConfig) -> int:
+    """Device bytes per KV slot of the capture side pool (HIDDEN layers of this rank's stage only)."""
+    import torch
+
+    total_layers, hidden, kv_dim = model_dims(hf_config)
+    plan = static_plan(total_layers, hidden, kv_dim, config)
+    fraction = len(plan.hidden_layers) / max(total_layers, 1)
+    element = torch._utils._element_size(dtype)
+    # + 8 bytes for the position (int64) and 4 for the token id (int32) of every slot.
+    return int(round(num_layers * fraction)) * hidden * element + 12
+
+
+

@@ -1,0 +1,123 @@
+"""The few SGLang hooks HCache needs, registered through SGLang's plugin ``HookRegistry``.
+
+Installed by :mod:`hcache_sglang.plugin` in every SGLang process; each hook checks at call time
+whether the HCache linker is the configured external linker and does nothing otherwise.
+
+1. ``ModelRunner.__init__`` (after): remember the target model runner of this process, so the linker
+   (constructed by SGLang with no handle to the model) can reach the model's layers.
+2. ``DefaultPoolConfigurator._compute_cell_size`` (around): account for the hidden-state side pool
+   in the per-token memory cost, so an auto-sized KV pool shrinks by what the side pool takes and the
+   process does not run out of memory. An explicit ``--max-total-tokens`` is honoured as asked; the
+   side pool then comes on top and the linker logs its size.
+3. ``OutputStreamer.get_cached_tokens_details`` (after): report prompt tokens as
+   ``{"device": ..., "hcache": ..., "computed": ...}`` instead of SGLang's generic ``host`` key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+from hcache_sglang.config import HCacheConfig
+
+logger = logging.getLogger(__name__)
+
+_model_runners: list[Any] = []
+_registered = False
+
+
+def current_model_runner() -> Any:
+    """The target (non-draft) ModelRunner of this scheduler process."""
+    if not _model_runners:
+        raise RuntimeError(
+            "hcache: no SGLang ModelRunner was registered in this process; is the hcache_sglang plugin "
+            "installed (entry point sglang.srt.plugins) and SGLANG_PLUGINS not excluding it?"
+        )
+    return _model_runners[-1]
+
+
+def hcache_config_from_server_args(server_args: Any) -> Optional[HCacheConfig]:
+    """The HCache config when SGLang runs our linker, else None."""
+    if not getattr(server_args, "enable_unified_cache_external_linker", False):
+        return None
+    config = getattr(server_args, "unified_cache_external_linker_config", None)
+    if isinstance(config, str):
+        config = json.loads(config)
+    if not isinstance(config, dict):
+        return None
+    from hcache_sglang.launch import LINKER_MODULE
+
+    if config.get("linker_module_path") != LINKER_MODULE:
+        return None
+    return HCacheConfig.from_dict(config.get("linker_extra_config") or {})
+
+
+def _after_model_runner_init(result: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
+    if not getattr(runner, "is_draft_worker", False):
+        _model_runners.append(runner)
+    return result
+
+
+def _around_cell_size(original: Any, configurator: Any, kvc: Any, num_layers: int, *a: Any, **k: Any) -> int:
+    cell_size = original(configurator, kvc, num_layers, *a, **k)
+    try:
+        config = hcache_config_from_server_args(kvc.server_args)
+    except Exception:  # noqa: BLE001 - a bad config is reported by the linker itself
+        return cell_size
+    if config is None or not cell_size:
+        return cell_size
+    from hcache_sglang.planner import side_pool_bytes_per_token
+
+    extra = side_pool_bytes_per_token(kvc.model_config.hf_config, kvc.kv_cache_dtype, num_layers, config)
+    logger.info(
+        "hcache: hidden-state side pool adds %d bytes per token to the KV pool's %d (device memory is "
+        "shared between them)", extra, cell_size,
+    )
+    return cell_size + extra
+
+
+def _after_cached_tokens_details(result: Any, streamer: Any, req: Any, *a: Any, **k: Any) -> Any:
+    if not isinstance(result, dict) or not _is_hcache(streamer):
+        return result
+    device = int(result.get("device", 0))
+    restored = int(result.get("host", 0))
+    prompt = len(getattr(req, "origin_input_ids", ()) or ())
+    return {"device": device, "hcache": restored, "computed": max(prompt - device - restored, 0)}
+
+
+def _is_hcache(streamer: Any) -> bool:
+    cached = getattr(streamer, "_hcache_active", None)
+    if cached is None:
+        try:
+            cached = hcache_config_from_server_args(streamer.server_args) is not None
+        except Exception:  # noqa: BLE001
+            cached = False
+        try:
+            streamer._hcache_active = cached
+        except AttributeError:
+            pass
+    return cached
+
+
+def register() -> None:
+    """Register the hooks (idempotent). SGLang applies them right after its plugins load."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(
+        "sglang.srt.model_executor.model_runner.ModelRunner.__init__", _after_model_runner_init, HookType.AFTER
+    )
+    HookRegistry.register(
+        "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
+        _around_cell_size,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.output_streamer.OutputStreamer.get_cached_tokens_details",
+        _after_cached_tokens_details,
+        HookType.AFTER,
+    )

@@ -1,0 +1,85 @@
+"""The launcher: three systems one flag apart, embedded defaults, clear errors."""
+
+import json
+
+import pytest
+
+from hcache_sglang.config import HCacheConfig, LoadCheck, Objective, parse_size
+from hcache_sglang.launch import LINKER_MODULE, build_server_argv, sglang_kwargs
+
+
+def _flag_value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_hcache_mode_configures_the_external_linker(tmp_path):
+    argv, mode, cfg = build_server_argv(
+        ["--model-path", "/m", "--hierarchical-cache", "hcache", "--hcache-dir", str(tmp_path),
+         "--hcache-capacity", "2G", "--hcache-objective", "space", "--page-size", "16"]
+    )
+    assert mode.value == "hcache"
+    assert "--enable-unified-cache-external-linker" in argv
+    assert _flag_value(argv, "--unified-cache-external-linker-backend") == "dynamic"
+    linker = json.loads(_flag_value(argv, "--unified-cache-external-linker-config"))
+    assert linker["linker_module_path"] == LINKER_MODULE
+    restored = HCacheConfig.from_dict(linker["linker_extra_config"])
+    assert restored == cfg
+    assert restored.capacity_bytes == 2 << 30 and restored.objective is Objective.SPACE
+    assert restored.directory == str(tmp_path.resolve())
+    # SGLang's own flags pass through untouched, and the CPU defaults are added on this host.
+    assert _flag_value(argv, "--page-size") == "16"
+    assert _flag_value(argv, "--device") == "cpu"
+    assert _flag_value(argv, "--attention-backend") == "torch_native"
+
+
+def test_the_three_systems_are_one_flag_apart():
+    off = sglang_kwargs("off", {"model_path": "/m"})
+    hicache = sglang_kwargs("hicache", {"model_path": "/m"})
+    assert "enable_hierarchical_cache" not in off and "enable_unified_cache_external_linker" not in off
+    assert hicache["enable_hierarchical_cache"] is True
+    assert hicache["hicache_storage_backend"] == "file"
+    assert hicache["hicache_io_backend"] == "direct"  # the CPU route
+
+
+def test_user_choices_win_over_cpu_defaults():
+    out = sglang_kwargs("off", {"attention_backend": "triton", "device": "cpu"})
+    assert out["attention_backend"] == "triton"
+
+
+@pytest.mark.parametrize("flag", ["--enable-hierarchical-cache", "--disable-radix-cache"])
+def test_contradictory_flags_are_refused(flag):
+    with pytest.raises(ValueError, match="cannot be combined"):
+        build_server_argv(["--model-path", "/m", "--hierarchical-cache", "hcache", flag])
+
+
+def test_gpu_requested_without_gpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        sglang_kwargs("off", {"device": "cuda"})
+
+
+def test_defaults_are_embedded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HCACHE_CACHE_DIR", str(tmp_path))
+    cfg = HCacheConfig.create()
+    assert cfg.directory.startswith(str(tmp_path))
+    assert cfg.capacity_bytes >= 256 << 20
+    assert cfg.load_check is LoadCheck.EAGER
+
+
+@pytest.mark.parametrize("text,expected", [("4096", 4096), ("2K", 2048), ("1.5G", 3 << 29), ("512MiB", 512 << 20)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["lots", "-1G", "0"])
+def test_parse_size_rejects_garbage(bad):
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+def test_bad_config_values_name_what_was_expected():
+    with pytest.raises(ValueError, match="one of speed, space, balanced"):
+        HCacheConfig.create(directory="/tmp/x", capacity="1G", objective="fastest")
+    with pytest.raises(ValueError, match="layer plan"):
+        HCacheConfig.create(directory="/tmp/x", capacity="1G", layer_plan="XYZ")
+    with pytest.raises(ValueError, match="unknown fields"):
+        HCacheConfig.from_dict({"directory": "/tmp/x", "capacity_bytes": 1 << 30, "colour": "red"})

@@ -1,0 +1,79 @@
+"""The restore planner: reproduces the paper's splits, goes past it for GQA, honours objectives."""
+
+import pytest
+
+from hcache_sglang.config import HCacheConfig, Objective
+from hcache_sglang.planner import (
+    CostProfile, Geometry, LayerPlan, Method, choose_plan, predict, static_plan,
+)
+from hcache_sglang.simulate import HARDWARE, MODELS, main as simulate_main
+
+
+def _profile(model, hardware="a100-4nvme"):
+    return CostProfile.from_hardware(MODELS[model], **HARDWARE[hardware])
+
+
+def test_reproduces_the_papers_llama2_7b_split():
+    # EuroSys'25 HCache, A100 + 4 NVMe SSDs: Llama-2-7B restores 31 layers from hidden states + 1 from K/V.
+    plan = choose_plan(MODELS["llama-2-7b"], _profile("llama-2-7b"), Objective.BALANCED).plan
+    assert (plan.count(Method.HIDDEN), plan.count(Method.KV), plan.count(Method.RECOMPUTE)) == (31, 1, 0)
+
+
+def test_reproduces_the_papers_llama2_13b_split_approximately():
+    # The paper reports about 36 hidden + 4 K/V layers for 13B on the same machine.
+    plan = choose_plan(MODELS["llama-2-13b"], _profile("llama-2-13b"), Objective.BALANCED).plan
+    assert plan.count(Method.RECOMPUTE) == 0
+    assert 3 <= plan.count(Method.KV) <= 5 and plan.count(Method.HIDDEN) == 40 - plan.count(Method.KV)
+
+
+@pytest.mark.parametrize("hardware", sorted(HARDWARE))
+def test_gqa_prefers_kv_or_recompute_over_hidden_states(hardware):
+    # Llama-3-8B: a hidden state (8 KiB) is twice K+V (4 KiB) per layer and token; re-projecting it
+    # costs compute too, so hidden states never win.
+    geometry = MODELS["llama-3-8b"]
+    best = choose_plan(geometry, _profile("llama-3-8b", hardware), Objective.SPEED)
+    assert best.plan.count(Method.HIDDEN) == 0
+    all_hidden = predict(LayerPlan((Method.HIDDEN,) * 32), geometry, _profile("llama-3-8b", hardware))
+    assert best.seconds_per_1k_tokens < all_hidden.seconds_per_1k_tokens
+
+
+def test_io_bound_machine_recomputes_leading_layers():
+    geometry = MODELS["llama-2-7b"]
+    slow_disk = CostProfile.from_hardware(geometry, tflops=700, read_gbps=3, copy_gbps=3000)
+    plan = choose_plan(geometry, slow_disk, Objective.SPEED).plan
+    n_r = plan.count(Method.RECOMPUTE)
+    assert n_r > 0 and all(m is Method.RECOMPUTE for m in plan.methods[:n_r])
+
+
+def test_objectives_trade_time_for_space():
+    geometry, profile = MODELS["llama-2-7b"], _profile("llama-2-7b")
+    speed = choose_plan(geometry, profile, Objective.SPEED)
+    space = choose_plan(geometry, profile, Objective.SPACE)
+    balanced = choose_plan(geometry, profile, Objective.BALANCED)
+    assert speed.seconds_per_1k_tokens <= balanced.seconds_per_1k_tokens <= space.seconds_per_1k_tokens
+    assert space.bytes_per_token <= balanced.bytes_per_token
+    assert space.bytes_per_token <= 32 * geometry.hidden_bytes  # hidden states (or nothing) only
+    assert Method.KV not in space.plan.methods
+
+
+def test_pipeline_prediction_is_bounded_by_its_resources():
+    geometry, profile = MODELS["llama-2-7b"], _profile("llama-2-7b")
+    pred = predict(LayerPlan.parse("H" * 16 + "K" * 16), geometry, profile)
+    assert pred.seconds_per_1k_tokens >= max(pred.io_seconds_per_1k, pred.compute_seconds_per_1k)
+    assert pred.seconds_per_1k_tokens <= pred.io_seconds_per_1k + pred.compute_seconds_per_1k + 1e-12
+
+
+def test_static_plan_and_forced_plans():
+    cfg = HCacheConfig.create(directory="/tmp/hc", capacity="1G")
+    assert static_plan(4, 256, 256, cfg) == LayerPlan((Method.HIDDEN,) * 4)  # MHA: hidden is smaller
+    assert static_plan(4, 256, 64, cfg) == LayerPlan((Method.KV,) * 4)  # GQA 4:1: K+V is smaller
+    forced = HCacheConfig.create(directory="/tmp/hc", capacity="1G", layer_plan="HHKK")
+    assert str(static_plan(4, 256, 256, forced)) == "HHKK"
+    with pytest.raises(ValueError, match="has 4 letters; the model has 6"):
+        static_plan(6, 256, 256, forced)
+
+
+def test_simulation_mode_prints_a_plan(capsys):
+    assert simulate_main(["--model", "llama-2-7b", "--hardware", "a100-4nvme"]) == 0
+    out = capsys.readouterr().out
+    assert "0-30 hidden states, 31 stored K/V" in out and "ms per 1K tokens" in out
