@@ -1,0 +1,154 @@
+"""The LMDB index: which chunk holds each page of each namespace, and where its bytes are.
+
+Two databases in one environment (``<directory>/index``):
+
+- ``pages``:  ``ns.key_prefix + page_key`` -> ``chunk_id u64 | page_idx u32``
+- ``chunks``: ``chunk_id`` (big-endian u64) -> packed :class:`ChunkRecord`
+
+Call order: ``records`` (at open, to rebuild the allocator) -> ``resolve`` (one read txn per lookup or
+read) -> ``commit`` (after the bytes are written and synced) -> ``delete`` (before their space is
+freed). Every method takes the index lock; the map doubles on ``MapFullError``.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import lmdb
+
+from .layout import LayerKind
+
+_REC = struct.Struct("<Q16sQQIQIH")  # id, ns prefix, offset, nbytes, tokens, parent, header crc, L
+_PAGE = struct.Struct("<QI")  # chunk id, page index within the chunk
+_ID = struct.Struct(">Q")
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """A committed chunk: its extent in the pool, per-layer kinds and checksums, and its pages."""
+
+    chunk_id: int
+    ns_prefix: bytes
+    offset: int  # extent start in the pool file
+    nbytes: int  # extent size (ALIGN-aligned)
+    num_tokens: int
+    parent_id: int  # chunk holding the page before this chunk's first page; 0 = unknown / root
+    kinds: tuple[LayerKind, ...]
+    header_crc: int
+    layer_crcs: tuple[int, ...]
+    keys: tuple[str, ...]  # page keys in order
+
+    def pack(self) -> bytes:
+        n = len(self.kinds)
+        parts = [
+            _REC.pack(self.chunk_id, self.ns_prefix, self.offset, self.nbytes, self.num_tokens,
+                      self.parent_id, self.header_crc, n),
+            bytes(int(k) for k in self.kinds),
+            struct.pack(f"<{n}I", *self.layer_crcs),
+            struct.pack("<H", len(self.keys)),
+        ]
+        for k in self.keys:
+            b = k.encode()
+            parts.append(struct.pack("<H", len(b)) + b)
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "ChunkRecord":
+        cid, prefix, off, nbytes, tokens, parent, hcrc, n = _REC.unpack_from(data, 0)
+        pos = _REC.size
+        kinds = tuple(LayerKind(b) for b in data[pos:pos + n])
+        pos += n
+        crcs = struct.unpack_from(f"<{n}I", data, pos)
+        pos += 4 * n
+        (nkeys,) = struct.unpack_from("<H", data, pos)
+        pos += 2
+        keys = []
+        for _ in range(nkeys):
+            (kl,) = struct.unpack_from("<H", data, pos)
+            keys.append(bytes(data[pos + 2:pos + 2 + kl]).decode())
+            pos += 2 + kl
+        return cls(cid, bytes(prefix), off, nbytes, tokens, parent, kinds, hcrc, tuple(crcs),
+                   tuple(keys))
+
+
+class ChunkIndex:
+    """Durable page -> chunk map; every write is one committed (fsynced) LMDB transaction."""
+
+    def __init__(self, path: str, map_size: int = 64 << 20):
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=2, subdir=True, lock=True)
+        self._pages = self.env.open_db(b"pages")
+        self._chunks = self.env.open_db(b"chunks")
+        self._lock = threading.Lock()
+        with self.env.begin(db=self._chunks) as txn:
+            cur = txn.cursor()
+            self._next_id = _ID.unpack(cur.key())[0] + 1 if cur.last() else 1
+        self.map_grows = 0
+
+    def records(self) -> Iterator[ChunkRecord]:
+        """All committed chunks of all namespaces (used at open)."""
+        with self._lock, self.env.begin(db=self._chunks) as txn:
+            rows = [bytes(v) for _, v in txn.cursor()]
+        return (ChunkRecord.unpack(v) for v in rows)
+
+    def new_ids(self, n: int) -> list[int]:
+        with self._lock:
+            first, self._next_id = self._next_id, self._next_id + n
+        return list(range(first, first + n))
+
+    def resolve(self, prefix: bytes, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
+        """``(record, page_idx)`` for the leading pages of ``keys`` present, in one read txn."""
+        out: list[tuple[ChunkRecord, int]] = []
+        cache: dict[int, ChunkRecord] = {}
+        with self._lock, self.env.begin() as txn:
+            for key in keys:
+                v = txn.get(prefix + key.encode(), db=self._pages)
+                if v is None:
+                    break
+                cid, idx = _PAGE.unpack(v)
+                rec = cache.get(cid)
+                if rec is None:
+                    raw = txn.get(_ID.pack(cid), db=self._chunks)
+                    if raw is None:
+                        break
+                    rec = cache[cid] = ChunkRecord.unpack(raw)
+                out.append((rec, idx))
+        return out
+
+    def commit(self, records: Sequence[ChunkRecord]) -> None:
+        """Insert chunks and their page entries atomically (call after the bytes are synced)."""
+        def put(txn: lmdb.Transaction) -> None:
+            for rec in records:
+                txn.put(_ID.pack(rec.chunk_id), rec.pack(), db=self._chunks)
+                for i, key in enumerate(rec.keys):
+                    txn.put(rec.ns_prefix + key.encode(), _PAGE.pack(rec.chunk_id, i), db=self._pages)
+        self._write(put)
+
+    def delete(self, records: Sequence[ChunkRecord]) -> None:
+        """Remove chunks; a page entry goes only if it still points at the deleted chunk."""
+        def rm(txn: lmdb.Transaction) -> None:
+            for rec in records:
+                txn.delete(_ID.pack(rec.chunk_id), db=self._chunks)
+                for key in rec.keys:
+                    k = rec.ns_prefix + key.encode()
+                    v = txn.get(k, db=self._pages)
+                    if v is not None and _PAGE.unpack(v)[0] == rec.chunk_id:
+                        txn.delete(k, db=self._pages)
+        self._write(rm)
+
+    def _write(self, fn) -> None:
+        with self._lock:
+            while True:
+                try:
+                    with self.env.begin(write=True) as txn:
+                        fn(txn)
+                    return
+                except lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                    self.map_grows += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self.env.close()

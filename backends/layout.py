@@ -1,0 +1,125 @@
+"""What a chunk is, on disk and in staging: the namespace that makes bytes valid, and the byte layout.
+
+A *chunk* is a page-aligned run of up to ``chunk_tokens`` tokens of one context. Its image is one
+contiguous extent, layer-major::
+
+    [header: positions int64 [t] | token_ids int32 [t]] [layer 0] [layer 1] ... [layer L-1]
+
+each segment starting on an ``ALIGN`` boundary, so that restoring layer ``l`` reads only layer ``l``'s
+bytes (one aligned read per chunk, O_DIRECT-capable). A HIDDEN layer holds ``[t, hidden_size]``, a KV
+layer ``[t, 2, num_kv_heads, head_dim]``, both in the namespace dtype.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, fields
+from functools import cached_property
+
+import torch
+
+ALIGN = 4096  # O_DIRECT alignment and allocation unit (bytes)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HEADER_BYTES_PER_TOKEN = 8 + 4  # positions int64 + token_ids int32
+
+
+class LayerKind(enum.IntEnum):
+    """What a chunk holds for one layer."""
+
+    HIDDEN = 0  # the layer's input hidden state [t, hidden_size]
+    KV = 1  # the layer's K and V [t, 2, num_kv_heads, head_dim]
+
+
+def align_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that must match for stored bytes to be valid; several share one pool and index."""
+
+    model_fingerprint: str
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str  # "bfloat16" | "float16" | "float32"
+    page_size: int
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"Namespace.dtype={self.dtype!r}: expected one of {sorted(_DTYPES)}")
+        for name in ("num_layers", "hidden_size", "num_kv_heads", "head_dim", "page_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Namespace.{name}={value!r}: expected a positive int")
+
+    @cached_property
+    def key_prefix(self) -> bytes:
+        """Stable 16-byte digest of all fields; prefixes every index key of this namespace."""
+        canon = "\x1f".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        return hashlib.sha256(canon.encode()).digest()[:16]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def row_shape(self, kind: LayerKind) -> tuple[int, ...]:
+        """Per-token shape of one layer's payload."""
+        if kind == LayerKind.HIDDEN:
+            return (self.hidden_size,)
+        return (2, self.num_kv_heads, self.head_dim)
+
+    def row_bytes(self, kind: LayerKind) -> int:
+        n = 1
+        for d in self.row_shape(kind):
+            n *= d
+        return n * self.element_size
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A byte range inside a chunk image: ``offset`` is ALIGN-aligned, ``length`` is the payload."""
+
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Byte layout of one chunk of ``num_tokens`` tokens with the given per-layer kinds."""
+
+    num_tokens: int
+    header: Segment
+    layers: tuple[Segment, ...]
+    total_bytes: int  # ALIGN-aligned extent size
+
+
+def chunk_layout(ns: Namespace, num_tokens: int, kinds: tuple[LayerKind, ...]) -> ChunkLayout:
+    """Lay out a chunk: header first, then one aligned segment per layer, in layer order."""
+    if len(kinds) != ns.num_layers:
+        raise ValueError(f"layer_kinds has {len(kinds)} entries, expected num_layers={ns.num_layers}")
+    header = Segment(0, HEADER_BYTES_PER_TOKEN * num_tokens)
+    pos = align_up(header.length)
+    layers = []
+    for kind in kinds:
+        seg = Segment(pos, num_tokens * ns.row_bytes(kind))
+        layers.append(seg)
+        pos = align_up(pos + seg.length)
+    return ChunkLayout(num_tokens, header, tuple(layers), pos)
+
+
+def split_chunks(num_pages: int, page_size: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """Split a run of pages into page-aligned chunks: ``[(first_page, num_pages), ...]``.
+
+    A chunk holds ``max(1, chunk_tokens // page_size)`` pages; the last one may be shorter.
+    """
+    per = max(1, chunk_tokens // page_size)
+    return [(p, min(per, num_pages - p)) for p in range(0, num_pages, per)]

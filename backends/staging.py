@@ -1,0 +1,135 @@
+"""Stage one of saving: copy the caller's tensors into a bounded host staging area and return.
+
+``StagingArea.reserve`` (waits at most ``max_save_block_s``) -> ``stage_chunks`` (one copy per chunk
+per layer, gathering ``rows`` when given, asynchronous from a GPU with a CUDA event) -> the writer
+threads (store.py) checksum, write, sync and commit -> ``StagingArea.release``.
+The staging image of a chunk is byte-identical to its pool extent, so writers pwrite it as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import ChunkLayout, LayerKind, Namespace
+from .pool import ExtentAllocator, aligned_buffer, byte_view
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StagedChunk:
+    """One chunk's image in staging, waiting to be written."""
+
+    keys: tuple[str, ...]
+    layout: ChunkLayout
+    kinds: tuple[LayerKind, ...]
+    staging_offset: int
+
+
+@dataclass
+class StagedSave:
+    """One accepted save call: its staging reservation and chunks, in chain order."""
+
+    ns: Namespace
+    chunks: list[StagedChunk]
+    staging_offset: int
+    staging_bytes: int
+    parent_key: str | None  # page before the first chunk's first page, when known
+    event: object | None = None  # torch.cuda.Event when the copies were issued from a GPU
+    pending: list[bytes] = field(default_factory=list)  # index keys reserved as in flight
+
+
+class StagingArea:
+    """A page-aligned host buffer (registered as pinned when CUDA is available) with an allocator."""
+
+    def __init__(self, nbytes: int):
+        self.buf = aligned_buffer(nbytes)
+        self.view = byte_view(self.buf)
+        self._alloc = ExtentAllocator(len(self.buf))
+        self._cond = threading.Condition()
+        self.pinned = False
+        if torch.cuda.is_available():
+            err = torch.cuda.cudart().cudaHostRegister(self.buf.data_ptr(), len(self.buf), 0)
+            self.pinned = int(err) == 0
+            if not self.pinned:
+                logger.warning("cudaHostRegister of %d staging bytes failed (%s)", len(self.buf), err)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._cond:
+            return self._alloc.capacity - self._alloc.free_bytes
+
+    def reserve(self, nbytes: int, timeout: float) -> int | None:
+        """Offset of ``nbytes`` of staging, waiting at most ``timeout`` s for writers to free some."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                off = self._alloc.alloc(nbytes)
+                left = deadline - time.monotonic()
+                if off is not None or left <= 0:
+                    return off
+                self._cond.wait(left)
+
+    def release(self, offset: int, nbytes: int) -> None:
+        with self._cond:
+            self._alloc.free(offset, nbytes)
+            self._cond.notify_all()
+
+    def segment(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]):
+        return self.buf[offset:offset + nbytes].view(dtype).view(shape)
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
+            self.pinned = False
+
+
+def stage_chunks(area: StagingArea, ns: Namespace, chunks: Sequence[StagedChunk],
+                 token_starts: Sequence[int], positions: torch.Tensor, token_ids: torch.Tensor,
+                 layers: Sequence, rows: torch.Tensor | None) -> object | None:
+    """Copy each chunk's tokens into its staging image; returns a CUDA event to wait on, or None.
+
+    ``token_starts[i]``: index into the caller's token axis of chunk ``i``'s first token.
+    ``layers[l]``: ``[n, *row_shape]`` when ``rows`` is None; else a pool tensor ``[num_slots, hidden]``
+    (HIDDEN) or a pair ``(k_buffer, v_buffer)`` each ``[num_slots, num_kv_heads, head_dim]`` (KV).
+    """
+    dev_rows = {}
+    on_gpu = False
+    for chunk, t0 in zip(chunks, token_starts):
+        lay, base = chunk.layout, chunk.staging_offset
+        t1 = t0 + lay.num_tokens
+        hdr = area.buf[base:base + lay.header.length]
+        hdr[:8 * lay.num_tokens].view(torch.int64).copy_(positions[t0:t1])
+        hdr[8 * lay.num_tokens:].view(torch.int32).copy_(token_ids[t0:t1])
+        for l, (kind, seg) in enumerate(zip(chunk.kinds, lay.layers)):
+            dst = area.segment(base + seg.offset, seg.length, ns.torch_dtype,
+                               (lay.num_tokens, *ns.row_shape(kind)))
+            src = layers[l]
+            if rows is None:
+                on_gpu |= src.is_cuda
+                dst.copy_(src[t0:t1], non_blocking=src.is_cuda)
+                continue
+            if kind == LayerKind.KV:
+                k, v = src
+                on_gpu |= k.is_cuda
+                idx = dev_rows.setdefault(k.device, rows.to(k.device))[t0:t1]
+                dst[:, 0].copy_(k.index_select(0, idx), non_blocking=k.is_cuda)
+                dst[:, 1].copy_(v.index_select(0, idx), non_blocking=k.is_cuda)
+            else:
+                on_gpu |= src.is_cuda
+                idx = dev_rows.setdefault(src.device, rows.to(src.device))[t0:t1]
+                if src.is_cuda:
+                    dst.copy_(src.index_select(0, idx), non_blocking=True)
+                else:
+                    torch.index_select(src, 0, idx, out=dst)
+    if not on_gpu:
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event

@@ -1,0 +1,415 @@
+"""ChunkStore: the facade over staging, writers, pool, index, LRU and readers.
+
+Call order for a context: ``lookup`` (leading pages present) -> ``read`` (per-layer futures) ...
+``save`` (copy to staging, return) -> writer threads: checksum -> allocate (evicting LRU chain tails)
+-> pwrite -> fdatasync -> index commit -> release staging. ``flush`` waits for all accepted saves.
+Durability: an index entry is committed only after its bytes are synced; space is freed only after
+the index delete that unreferences it commits; at open, free space = everything no entry references.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .index import ChunkIndex, ChunkRecord
+from .layout import LayerKind, Namespace, chunk_layout, split_chunks
+from .lru import ChainLRU
+from .pool import ExtentAllocator, FilePool
+from .reader import ReadHandle, _ReadJob, check_out_buffers, plan_pieces
+from .staging import StagedChunk, StagedSave, StagingArea, stage_chunks
+from .stats import StatsRecorder, StoreStats
+
+logger = logging.getLogger(__name__)
+
+_BATCH_BYTES = 64 << 20  # a writer gathers queued saves up to this many bytes per sync+commit
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    directory: str
+    capacity_bytes: int
+    staging_bytes: int = 256 << 20
+    writer_threads: int = 2
+    reader_threads: int = 4
+    max_save_block_s: float = 0.002  # the caller never waits longer for staging space
+    o_direct: bool = False
+    chunk_tokens: int = 64
+    read_bandwidth_limit: float | None = None  # bytes/s throttle for what-if runs
+
+    def __post_init__(self) -> None:
+        if not self.directory:
+            raise ValueError("StoreConfig.directory: expected a path, got an empty string")
+        for name in ("capacity_bytes", "staging_bytes", "writer_threads", "reader_threads",
+                     "chunk_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"StoreConfig.{name}={v!r}: expected a positive int")
+        if self.capacity_bytes < 1 << 20:
+            raise ValueError(f"StoreConfig.capacity_bytes={self.capacity_bytes}: expected >= 1 MiB")
+        if self.max_save_block_s < 0:
+            raise ValueError(f"StoreConfig.max_save_block_s={self.max_save_block_s}: expected >= 0")
+        if self.read_bandwidth_limit is not None and self.read_bandwidth_limit <= 0:
+            raise ValueError(f"StoreConfig.read_bandwidth_limit={self.read_bandwidth_limit}: "
+                             "expected None or > 0 bytes/s")
+
+
+class Hit(NamedTuple):
+    """Leading pages present, all stored with the same per-layer kinds."""
+
+    num_pages: int
+    layer_kinds: tuple[LayerKind, ...]
+
+
+class ChunkStore:
+    def __init__(self, config: StoreConfig):
+        self.config = config
+        self._stats = StatsRecorder()
+        self.pool = FilePool(config.directory, config.capacity_bytes, config.o_direct,
+                             config.read_bandwidth_limit)
+        try:
+            self.index = ChunkIndex(os.path.join(config.directory, "index"))
+        except Exception:
+            self.pool.close()
+            raise
+        self._space = threading.Lock()  # allocator, LRU, _records, _pending
+        self._records: dict[int, ChunkRecord] = {}
+        self._pending: set[bytes] = set()
+        self._lru = ChainLRU()
+        self._recover()
+        self.staging = StagingArea(config.staging_bytes)
+        self._queue: queue.Queue[StagedSave | None] = queue.Queue()
+        self._outstanding = 0
+        self._idle = threading.Condition()
+        self._readers = cf.ThreadPoolExecutor(config.reader_threads, "hcache-read")
+        self._writers = [threading.Thread(target=self._writer_main, name=f"hcache-write-{i}",
+                                          daemon=True) for i in range(config.writer_threads)]
+        for t in self._writers:
+            t.start()
+        self._closed = False
+
+    # ---- open -------------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Rebuild allocator and LRU from committed entries; drop those past the file or overlapping."""
+        limit = min(self.pool.capacity, self.pool.size_at_open or self.pool.capacity)
+        keep, drop, pos = [], [], 0
+        for rec in sorted(self.index.records(), key=lambda r: r.offset):
+            if rec.offset < pos or rec.offset + rec.nbytes > limit:
+                drop.append(rec)
+            else:
+                keep.append(rec)
+                pos = rec.offset + rec.nbytes
+        if drop:
+            logger.warning("dropping %d index entries past the pool end or overlapping", len(drop))
+            self.index.delete(drop)
+            self._stats.add(corrupt=len(drop))
+        self.alloc = ExtentAllocator.from_used(self.pool.capacity, [(r.offset, r.nbytes) for r in keep])
+        for rec in sorted(keep, key=lambda r: r.chunk_id):
+            self._records[rec.chunk_id] = rec
+            self._lru.add(rec.chunk_id, rec.parent_id)
+
+    # ---- lookup / read ----------------------------------------------------------------------
+    def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
+        """How many leading pages of ``keys`` are present with one plan (one read txn)."""
+        resolved = self.index.resolve(ns.key_prefix, keys)
+        kinds = resolved[0][0].kinds if resolved else ()
+        n = next((i for i, (rec, _) in enumerate(resolved) if rec.kinds != kinds), len(resolved))
+        self._touch(resolved[:n])
+        self._stats.add(hit_pages=n, miss_pages=len(keys) - n)
+        return Hit(n, kinds)
+
+    def read(self, ns: Namespace, keys: Sequence[str], out: Sequence[torch.Tensor],
+             positions_out: torch.Tensor, token_ids_out: torch.Tensor | None = None) -> ReadHandle:
+        """Read ``len(keys)`` pages into ``out[l]`` (``[n, *row_shape]``), layer 0's chunks first."""
+        n = len(keys) * ns.page_size
+        resolved = self.index.resolve(ns.key_prefix, keys)
+        if len(resolved) < len(keys):
+            self._stats.add(miss_pages=len(keys) - len(resolved))
+            return ReadHandle.failed(ns.num_layers, KeyError(f"page {keys[len(resolved)]!r} not stored"))
+        kinds = resolved[0][0].kinds if resolved else tuple(LayerKind.HIDDEN for _ in out)
+        if any(rec.kinds != kinds for rec, _ in resolved):
+            raise ValueError("pages span chunks with different layer_kinds; read them separately")
+        check_out_buffers(ns, kinds, n, out, positions_out, token_ids_out)
+        pieces = plan_pieces(resolved, ns.page_size)
+        ids = [p.rec.chunk_id for p in pieces]
+        with self._space:
+            self._lru.pin(ids)
+        self._touch(resolved)
+        t_issue = time.perf_counter()
+
+        def done(corrupt: set[int], seconds: float) -> None:
+            with self._space:
+                self._lru.unpin(ids)
+            if corrupt:
+                self._stats.add(corrupt=len(corrupt))
+                self._drop_subtrees(corrupt)
+            self._stats.add(chunks_read=len(pieces), bytes_read=job.bytes_read)
+            self._stats.observe("read", time.perf_counter() - t_issue)
+
+        job = _ReadJob(self.pool, self._readers, ns, pieces, out, positions_out, token_ids_out, done)
+        return job.handle
+
+    def _touch(self, resolved: Sequence[tuple[ChunkRecord, int]]) -> None:
+        chain = list(dict.fromkeys(rec.chunk_id for rec, _ in resolved))
+        with self._space:
+            for a, b in zip(chain, chain[1:]):
+                self._lru.link(a, b)
+            self._lru.touch(chain)
+
+    # ---- save -------------------------------------------------------------------------------
+    def save(self, ns: Namespace, keys: Sequence[str], *, positions: torch.Tensor,
+             token_ids: torch.Tensor, layers: Sequence, layer_kinds: Sequence[LayerKind],
+             rows: torch.Tensor | None = None, parent_key: str | None = None) -> bool:
+        """Stage a contiguous run of a chain's pages; False when dropped (staging full).
+
+        ``parent_key``: the page just before ``keys[0]`` in the chain, if the caller knows it (lets
+        eviction keep prefixes; optional).
+        """
+        t0 = time.perf_counter()
+        kinds = tuple(LayerKind(k) for k in layer_kinds)
+        n = len(keys) * ns.page_size
+        _check_save(ns, n, positions, token_ids, layers, kinds, rows)
+        resolved = self.index.resolve(ns.key_prefix, keys)
+        skip = len(resolved)
+        with self._space:
+            while skip < len(keys) and ns.key_prefix + keys[skip].encode() in self._pending:
+                skip += 1
+            if skip == len(keys):
+                return True
+            pending = [ns.key_prefix + k.encode() for k in keys[skip:]]
+            self._pending.update(pending)
+        parent = keys[skip - 1] if skip else parent_key
+        chunks, starts, off = [], [], 0
+        for p0, np_ in split_chunks(len(keys) - skip, ns.page_size, self.config.chunk_tokens):
+            lay = chunk_layout(ns, np_ * ns.page_size, kinds)
+            chunks.append(StagedChunk(tuple(keys[skip + p0:skip + p0 + np_]), lay, kinds, off))
+            starts.append((skip + p0) * ns.page_size)
+            off += lay.total_bytes
+        base = self.staging.reserve(off, self.config.max_save_block_s)
+        if base is None:
+            with self._space:
+                self._pending.difference_update(pending)
+            self._stats.add(saves_dropped=1)
+            self._stats.observe("save_call", time.perf_counter() - t0)
+            return False
+        for c in chunks:
+            c.staging_offset += base
+        job = StagedSave(ns, chunks, base, off, parent, pending=pending)
+        job.event = stage_chunks(self.staging, ns, chunks, starts, positions, token_ids, layers, rows)
+        with self._idle:
+            self._outstanding += 1
+        self._queue.put(job)
+        self._stats.add(saves_accepted=1)
+        self._stats.observe("save_call", time.perf_counter() - t0)
+        return True
+
+    def flush(self) -> None:
+        """Wait until every accepted save is written, synced and committed (or dropped)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._outstanding == 0)
+
+    # ---- writers ----------------------------------------------------------------------------
+    def _writer_main(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            batch, size = [job], job.staging_bytes
+            while size < _BATCH_BYTES:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                batch.append(nxt)
+                size += nxt.staging_bytes
+            try:
+                self._write_batch(batch)
+            except Exception:  # noqa: BLE001 - a writer must survive to drain the queue
+                logger.exception("write batch failed; its %d saves are dropped", len(batch))
+            finally:
+                for j in batch:
+                    self.staging.release(j.staging_offset, j.staging_bytes)
+                    with self._space:
+                        self._pending.difference_update(j.pending)
+                with self._idle:
+                    self._outstanding -= len(batch)
+                    self._idle.notify_all()
+
+    def _write_batch(self, batch: list[StagedSave]) -> None:
+        t0 = time.perf_counter()
+        for job in batch:
+            if job.event is not None:
+                job.event.synchronize()
+        chunks = [(job, c) for job in batch for c in job.chunks]
+        view = self.staging.view
+        crcs = []
+        for _, c in chunks:
+            b = c.staging_offset
+            crcs.append((zlib.crc32(view[b:b + c.layout.header.length]),
+                         tuple(zlib.crc32(view[b + s.offset:b + s.offset + s.length])
+                               for s in c.layout.layers)))
+        offsets = self._allocate([c.layout.total_bytes for _, c in chunks])
+        placed, broken = [], set()
+        for (j, c), crc, off in zip(chunks, crcs, offsets):
+            if off is None or id(j) in broken:  # a chain with a hole is useless past the hole
+                broken.add(id(j))
+                if off is not None:
+                    with self._space:
+                        self.alloc.free(off, c.layout.total_bytes)
+                continue
+            placed.append((j, c, crc, off))
+        if len(placed) < len(chunks):
+            self._stats.add(chunks_dropped=len(chunks) - len(placed))
+        try:
+            for _, c, _, off in placed:
+                b = c.staging_offset
+                self.pool.write_at(view[b:b + c.layout.total_bytes], off)
+            self.pool.sync()
+        except OSError as e:
+            logger.error("pool write failed (%s): dropping %d chunks", e, len(placed))
+            with self._space:
+                for _, c, _, off in placed:
+                    self.alloc.free(off, c.layout.total_bytes)
+            self._stats.add(chunks_dropped=len(placed))
+            return
+        records = self._make_records(placed)
+        self.index.commit(records)
+        with self._space:
+            for rec in records:
+                self._records[rec.chunk_id] = rec
+                self._lru.add(rec.chunk_id, rec.parent_id)
+        self._stats.add(chunks_written=len(records), bytes_written=sum(r.nbytes for r in records))
+        self._stats.observe("write", time.perf_counter() - t0)
+
+    def _make_records(self, placed) -> list[ChunkRecord]:
+        ids = self.index.new_ids(len(placed))
+        last_of: dict[tuple[bytes, str], int] = {}  # last page key -> chunk id, within the batch
+        prev_job, prev_id, records = None, 0, []
+        for cid, (job, c, (hcrc, lcrcs), off) in zip(ids, placed):
+            prefix = job.ns.key_prefix
+            if job is prev_job:
+                parent = prev_id
+            elif job.parent_key is None:
+                parent = 0
+            elif (prefix, job.parent_key) in last_of:
+                parent = last_of[(prefix, job.parent_key)]
+            else:
+                found = self.index.resolve(prefix, [job.parent_key])
+                parent = found[0][0].chunk_id if found else 0
+            records.append(ChunkRecord(cid, prefix, off, c.layout.total_bytes, c.layout.num_tokens,
+                                       parent, c.kinds, hcrc, lcrcs, c.keys))
+            last_of[(prefix, c.keys[-1])] = cid
+            prev_job, prev_id = job, cid
+        return records
+
+    def _allocate(self, sizes: list[int]) -> list[int | None]:
+        """Extents for each size, evicting LRU chain tails (deleted from the index first)."""
+        out: list[int | None] = []
+        with self._space:
+            for i, n in enumerate(sizes):
+                off = self.alloc.alloc(n)
+                while off is None:
+                    need, victims = sum(sizes[i:]), []
+                    freed = self.alloc.free_bytes
+                    while freed < need:
+                        cid = self._lru.victim()
+                        if cid is None:
+                            break
+                        victims.append(self._records[cid])
+                        self._lru.remove(cid)
+                        freed += victims[-1].nbytes
+                    if not victims:
+                        break
+                    self.index.delete(victims)
+                    for rec in victims:
+                        del self._records[rec.chunk_id]
+                        self.alloc.free(rec.offset, rec.nbytes)
+                    self._stats.add(chunks_evicted=len(victims),
+                                    bytes_evicted=sum(r.nbytes for r in victims))
+                    off = self.alloc.alloc(n)
+                out.append(off)
+        return out
+
+    # ---- drop / stats / close ---------------------------------------------------------------
+    def drop(self, ns: Namespace, keys: Sequence[str]) -> None:
+        """Remove the chunks holding ``keys`` (and their kept extensions) from the store."""
+        ids = {rec.chunk_id for rec, _ in self.index.resolve(ns.key_prefix, keys)}
+        self._drop_subtrees(ids)
+
+    def _drop_subtrees(self, ids) -> None:
+        with self._space:
+            all_ids = {d for cid in ids for d in self._lru.subtree(cid)}
+            recs = [self._records[c] for c in all_ids if c in self._records]
+            if not recs:
+                return
+            self.index.delete(recs)
+            for rec in recs:
+                del self._records[rec.chunk_id]
+                self._lru.remove(rec.chunk_id)
+                self.alloc.free(rec.offset, rec.nbytes)
+
+    def stats(self) -> StoreStats:
+        with self._space:
+            used = self.alloc.capacity - self.alloc.free_bytes
+            stored = len(self._records)
+        return self._stats.snapshot(used_bytes=used, capacity_bytes=self.alloc.capacity,
+                                    staging_used_bytes=self.staging.used_bytes, chunks_stored=stored)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush()
+        for _ in self._writers:
+            self._queue.put(None)
+        for t in self._writers:
+            t.join()
+        self._readers.shutdown(wait=True)
+        self.index.close()
+        self.pool.close()
+        self.staging.close()
+
+    def __enter__(self) -> "ChunkStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_save(ns: Namespace, n: int, positions, token_ids, layers, kinds, rows) -> None:
+    """Raise ValueError naming expected vs got for tensors that disagree with the namespace."""
+    if len(kinds) != ns.num_layers or len(layers) != ns.num_layers:
+        raise ValueError(f"expected {ns.num_layers} layers and layer_kinds, "
+                         f"got {len(layers)} layers and {len(kinds)} kinds")
+    for name, t in (("positions", positions), ("token_ids", token_ids)):
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: expected shape ({n},) = len(keys) * page_size, got {tuple(t.shape)}")
+    if rows is not None and (tuple(rows.shape) != (n,) or rows.dtype != torch.int64):
+        raise ValueError(f"rows: expected int64 ({n},), got {rows.dtype} {tuple(rows.shape)}")
+    for l, (src, kind) in enumerate(zip(layers, kinds)):
+        parts = src if (rows is not None and kind == LayerKind.KV) else (src,)
+        if rows is not None and kind == LayerKind.KV and len(parts) != 2:
+            raise ValueError(f"layers[{l}] (KV with rows): expected (k_buffer, v_buffer)")
+        for t in parts:
+            if rows is None:
+                want = (n, *ns.row_shape(kind))
+            elif kind == LayerKind.KV:
+                want = (t.shape[0], ns.num_kv_heads, ns.head_dim)
+            else:
+                want = (t.shape[0], ns.hidden_size)
+            if tuple(t.shape) != want or t.dtype != ns.torch_dtype:
+                raise ValueError(f"layers[{l}] ({kind.name}): expected {ns.dtype} {want}, "
+                                 f"got {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}")

@@ -1,0 +1,190 @@
+"""Chunk store throughput vs the same bytes as one sequential file on the same disk.
+
+Measures in one run: save throughput (save calls to flush), read throughput warm (page cache) and
+cold (O_DIRECT), each against a raw sequential file baseline; index lookup latency at --entries pages;
+and the caller-side p99 of a save call vs a plain host copy of the same bytes.
+
+    python bench/bench_store.py --dir /tmp/hc-bench --chunks 128 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import torch
+
+from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
+from hcache_sglang.backends.index import ChunkIndex, ChunkRecord
+from hcache_sglang.backends.layout import chunk_layout
+from hcache_sglang.backends.pool import aligned_buffer, byte_view
+
+PRESETS = {
+    "llama2-7b": dict(num_layers=32, hidden_size=4096, num_kv_heads=32, head_dim=128),
+    "tiny": dict(num_layers=4, hidden_size=512, num_kv_heads=4, head_dim=64),
+}
+BATCH_CHUNKS = 8  # chunks per save/read call (512 tokens)
+
+
+def pct(xs, q):
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def raw_baseline(path: str, nbytes: int, block: int) -> dict:
+    """Write then read ``nbytes`` sequentially in ``block``-byte pwrites/preads."""
+    buf = aligned_buffer(block)
+    view = byte_view(buf)
+    buf.random_()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    t = time.perf_counter()
+    for off in range(0, nbytes, block):
+        os.pwrite(fd, view, off)
+    os.fdatasync(fd)
+    write_s = time.perf_counter() - t
+    os.close(fd)
+    out = {"raw_write_gbps": nbytes / write_s / 1e9}
+    for name, flags in (("cold", os.O_DIRECT), ("warm", 0)):
+        fd = os.open(path, os.O_RDONLY | flags)
+        if name == "warm":  # populate the page cache first
+            for off in range(0, nbytes, block):
+                os.preadv(fd, [view], off)
+        t = time.perf_counter()
+        for off in range(0, nbytes, block):
+            os.preadv(fd, [view], off)
+        out[f"raw_read_{name}_gbps"] = nbytes / (time.perf_counter() - t) / 1e9
+        os.close(fd)
+    os.unlink(path)
+    return out
+
+
+def make_batch(ns: Namespace, tokens: int):
+    layers = [torch.randn(tokens, ns.hidden_size).to(ns.torch_dtype) for _ in range(ns.num_layers)]
+    return dict(positions=torch.arange(tokens), token_ids=torch.zeros(tokens, dtype=torch.int32),
+                layers=layers, layer_kinds=[LayerKind.HIDDEN] * ns.num_layers)
+
+
+def keys_for(b: int, pages: int) -> list[str]:
+    return [f"{b:08x}{p:056x}" for p in range(pages)]
+
+
+def bench_store(args, ns: Namespace, chunk_bytes: int) -> dict:
+    tokens = BATCH_CHUNKS * 64
+    pages = tokens // ns.page_size
+    nbatches = args.chunks // BATCH_CHUNKS
+    nbytes = nbatches * BATCH_CHUNKS * chunk_bytes
+    data = make_batch(ns, tokens)
+    cfg = dict(directory=args.dir, capacity_bytes=nbytes + (64 << 20), staging_bytes=args.staging_mb << 20,
+               writer_threads=args.writers, reader_threads=args.readers)
+    res = {}
+    with ChunkStore(StoreConfig(**cfg, max_save_block_s=30.0)) as store:
+        t = time.perf_counter()
+        for b in range(nbatches):
+            assert store.save(ns, keys_for(b, pages), **data)
+        store.flush()
+        res["store_write_gbps"] = nbytes / (time.perf_counter() - t) / 1e9
+    out = [torch.empty(tokens, ns.hidden_size, dtype=ns.torch_dtype) for _ in range(ns.num_layers)]
+    pos = torch.empty(tokens, dtype=torch.int64)
+    for name, o_direct in (("cold", True), ("warm", False)):
+        with ChunkStore(StoreConfig(**cfg, o_direct=o_direct)) as store:
+            rounds = 2 if name == "warm" else 1  # warm: first pass fills the page cache
+            for _ in range(rounds):
+                t = time.perf_counter()
+                handles = [store.read(ns, keys_for(b, pages), out, pos) for b in range(nbatches)]
+                assert all(h.wait() for h in handles)
+                res[f"store_read_{name}_gbps"] = nbytes / (time.perf_counter() - t) / 1e9
+            res["o_direct_effective"] = res.get("o_direct_effective", store.pool.o_direct)
+    return res
+
+
+def bench_save_call(args, ns: Namespace) -> dict:
+    """Caller-side p99 of one 64-token save vs copying the same tensors into host memory."""
+    data = make_batch(ns, 64)
+    dst = [torch.empty_like(x) for x in data["layers"]]
+    copy_s, save_s = [], []
+    for _ in range(args.save_iters):
+        t = time.perf_counter()
+        for d, s in zip(dst, data["layers"]):
+            d.copy_(s)
+        copy_s.append(time.perf_counter() - t)
+    directory = args.dir + "-savecall"
+    with ChunkStore(StoreConfig(directory, capacity_bytes=(args.save_iters + 4) * (17 << 20),
+                                staging_bytes=args.staging_mb << 20)) as store:
+        for i in range(args.save_iters):
+            t = time.perf_counter()
+            ok = store.save(ns, keys_for(10**6 + i, 64 // ns.page_size), **data)
+            save_s.append(time.perf_counter() - t)
+            assert ok, "save dropped: raise --staging-mb"
+            store.flush()  # isolate the call from background writes competing for the cores
+    shutil.rmtree(directory, ignore_errors=True)
+    return {"copy_p50_ms": pct(copy_s, 50) * 1e3, "copy_p99_ms": pct(copy_s, 99) * 1e3,
+            "save_call_p50_ms": pct(save_s, 50) * 1e3, "save_call_p99_ms": pct(save_s, 99) * 1e3}
+
+
+def bench_lookup(args) -> dict:
+    """resolve() of a 64-page chain in an index holding --entries page entries."""
+    path = args.dir + "-index"
+    os.makedirs(path, exist_ok=True)
+    index = ChunkIndex(path)
+    per = 4
+    recs = [ChunkRecord(i + 1, b"N" * 16, i * 4096, 4096, 64, i, (LayerKind.HIDDEN,) * 32, 0,
+                        (0,) * 32, tuple(f"{i:08x}{p:056x}" for p in range(per)))
+            for i in range(args.entries // per)]
+    for s in range(0, len(recs), 5000):
+        index.commit(recs[s:s + 5000])
+    lat = []
+    for j in range(args.lookups):
+        base = (j * 7919) % (len(recs) - 16)
+        keys = [k for r in recs[base:base + 16] for k in r.keys]
+        t = time.perf_counter()
+        assert len(index.resolve(b"N" * 16, keys)) == 64
+        lat.append(time.perf_counter() - t)
+    index.close()
+    shutil.rmtree(path, ignore_errors=True)
+    return {"lookup_entries": args.entries, "lookup_pages": 64,
+            "lookup_p50_us": pct(lat, 50) * 1e6, "lookup_p99_us": pct(lat, 99) * 1e6}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b")
+    p.add_argument("--dir", default="/tmp/hcache-bench-store")
+    p.add_argument("--chunks", type=int, default=128, help="64-token chunks written and read")
+    p.add_argument("--staging-mb", type=int, default=512)
+    p.add_argument("--writers", type=int, default=2)
+    p.add_argument("--readers", type=int, default=4)
+    p.add_argument("--entries", type=int, default=100_000)
+    p.add_argument("--lookups", type=int, default=1000)
+    p.add_argument("--save-iters", type=int, default=30)
+    p.add_argument("--json")
+    args = p.parse_args()
+    ns = Namespace("bench", dtype="bfloat16", page_size=16, **PRESETS[args.preset])
+    chunk_bytes = chunk_layout(ns, 64, (LayerKind.HIDDEN,) * ns.num_layers).total_bytes
+    shutil.rmtree(args.dir, ignore_errors=True)
+    os.makedirs(args.dir)
+    nbytes = args.chunks // BATCH_CHUNKS * BATCH_CHUNKS * chunk_bytes
+    res = {"preset": args.preset, "chunks": args.chunks, "chunk_bytes": chunk_bytes, "bytes": nbytes}
+    res.update(raw_baseline(os.path.join(args.dir, "raw.bin"), nbytes, chunk_bytes - 4096))
+    res.update(bench_store(args, ns, chunk_bytes))
+    res.update(bench_save_call(args, ns))
+    res.update(bench_lookup(args))
+    res["write_ratio_vs_raw"] = res["store_write_gbps"] / res["raw_write_gbps"]
+    res["read_ratio_vs_raw_cold"] = res["store_read_cold_gbps"] / res["raw_read_cold_gbps"]
+    res["read_ratio_vs_raw_warm"] = res["store_read_warm_gbps"] / res["raw_read_warm_gbps"]
+    res["save_call_p99_vs_copy"] = res["save_call_p99_ms"] / res["copy_p99_ms"]
+    shutil.rmtree(args.dir, ignore_errors=True)
+    print(f"{args.preset} {nbytes / 1e9:.2f} GB: write {res['store_write_gbps']:.2f} GB/s "
+          f"(x{res['write_ratio_vs_raw']:.2f} raw), read cold {res['store_read_cold_gbps']:.2f} "
+          f"(x{res['read_ratio_vs_raw_cold']:.2f}), warm {res['store_read_warm_gbps']:.2f} "
+          f"(x{res['read_ratio_vs_raw_warm']:.2f}); save p99 x{res['save_call_p99_vs_copy']:.2f} copy; "
+          f"lookup p50 {res['lookup_p50_us']:.0f} us @ {args.entries} entries")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

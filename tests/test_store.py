@@ -1,0 +1,239 @@
+"""ChunkStore scenarios on the CPU: round trips, namespaces, eviction, faults."""
+
+import errno
+import hashlib
+import os
+
+import pytest
+import torch
+
+from hcache_sglang.backends import (ChunkCorrupt, ChunkStore, LayerKind, Namespace, StoreConfig,
+                                    StoreLocked)
+from hcache_sglang.backends import pool as pool_mod
+from hcache_sglang.backends.layout import chunk_layout
+
+H, KV = LayerKind.HIDDEN, LayerKind.KV
+NS = Namespace("model-a", num_layers=3, hidden_size=64, num_kv_heads=2, head_dim=16,
+               dtype="bfloat16", page_size=4)
+KINDS = (H, KV, H)
+LAYOUT = chunk_layout(NS, 64, KINDS)  # a full 16-page chunk: 4 + 8 + 8 + 8 KiB
+CHUNK = LAYOUT.total_bytes
+
+
+def chain(n, salt="c"):
+    """Page hashes chained to their prefix, like SGLang's."""
+    keys, h = [], b""
+    for i in range(n):
+        h = hashlib.sha256(h + f"{salt}{i}".encode()).digest()
+        keys.append(h.hex())
+    return keys
+
+
+def payload(ns, npages, kinds=KINDS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = npages * ns.page_size
+    layers = [torch.randn((n, *ns.row_shape(k)), generator=g).to(ns.torch_dtype) for k in kinds]
+    return dict(positions=torch.arange(n) + seed, token_ids=torch.randint(0, 32000, (n,), generator=g,
+                dtype=torch.int32), layers=layers, layer_kinds=kinds)
+
+
+def read_back(store, ns, keys, kinds=KINDS):
+    n = len(keys) * ns.page_size
+    out = [torch.empty((n, *ns.row_shape(k)), dtype=ns.torch_dtype) for k in kinds]
+    pos, tok = torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.int32)
+    handle = store.read(ns, keys, out, pos, tok)
+    return handle, out, pos, tok
+
+
+def cfg(tmp_path, **kw):
+    kw.setdefault("capacity_bytes", 4 << 20)
+    kw.setdefault("staging_bytes", 2 << 20)
+    return StoreConfig(str(tmp_path / "store"), **kw)
+
+
+def test_round_trip_layer_futures_and_partial_read(tmp_path):
+    keys, data = chain(40), payload(NS, 40)
+    with ChunkStore(cfg(tmp_path)) as store:
+        # save 40 pages = 160 tokens -> chunks of 64, 64, 32 tokens; nothing visible before flush
+        assert store.save(NS, keys, **data)
+        store.flush()
+        assert store.lookup(NS, keys) == (40, KINDS)
+        handle, out, pos, tok = read_back(store, NS, keys)
+        handle.layer(0).result(timeout=10)  # positions are ready with layer 0
+        assert torch.equal(pos, data["positions"]) and torch.equal(tok, data["token_ids"])
+        assert handle.wait()
+        for got, want in zip(out, data["layers"]):
+            assert torch.equal(got, want)
+        # a read that starts and ends mid-chunk copies exactly those tokens
+        handle, out, pos, _ = read_back(store, NS, keys[5:21])
+        assert handle.wait()
+        assert torch.equal(out[1], data["layers"][1][20:84]) and torch.equal(pos, data["positions"][20:84])
+        s = store.stats()
+        assert s.chunks_written == 3 and s.hit_pages == 40 and s.chunks_read == 3 + 2
+        assert s.read_p99_ms > 0 and s.write_p50_ms > 0
+
+
+def test_extension_skips_stored_prefix_and_lookup_stops_at_plan_change(tmp_path):
+    keys = chain(20)
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(NS, keys[:8], **payload(NS, 8))
+        store.flush()
+        # re-saving the whole chain writes only the 12 new pages (idempotent prefix)
+        assert store.save(NS, keys[:20], **payload(NS, 20))
+        store.flush()
+        assert store.stats().chunks_written == 1 + 1  # 32 tokens, then 48 new tokens
+        other = (KV, KV, H)
+        store.save(NS, chain(24)[20:], **payload(NS, 4, other), parent_key=keys[19])
+        store.flush()
+        assert store.lookup(NS, chain(24)) == (20, KINDS)
+        assert store.lookup(NS, chain(24)[20:]) == (4, other)
+        assert store.lookup(NS, ["00" * 32] + keys) == (0, ())
+
+
+def test_restart_finds_everything_and_namespaces_are_isolated(tmp_path):
+    keys, data = chain(16), payload(NS, 16)
+    other = Namespace("model-a", 3, 64, 2, 16, "bfloat16", 4, tenant="tenant-b")
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(NS, keys, **data)
+        store.save(other, keys, **payload(other, 16, seed=7))
+    with ChunkStore(cfg(tmp_path)) as store:
+        assert store.lookup(NS, keys).num_pages == 16
+        assert store.lookup(Namespace("model-b", 3, 64, 2, 16, "bfloat16", 4), keys).num_pages == 0
+        handle, out, _, _ = read_back(store, NS, keys)
+        assert handle.wait() and torch.equal(out[2], data["layers"][2])
+        handle, out, _, _ = read_back(store, other, keys)
+        assert handle.wait() and torch.equal(out[2], payload(other, 16, seed=7)["layers"][2])
+
+
+def test_eviction_takes_lru_chain_tails_and_never_orphans(tmp_path):
+    with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
+        slots = store.stats().capacity_bytes // CHUNK  # 36 full chunks fit
+        a, b = chain(15 * 16, "a"), chain(15 * 16, "b")
+        store.save(NS, a, **payload(NS, 15 * 16))
+        store.save(NS, b, **payload(NS, 15 * 16))
+        store.flush()
+        assert store.lookup(NS, a).num_pages == 15 * 16
+        assert store.lookup(NS, b).num_pages == 15 * 16  # b is now more recent than a
+        # a third context needs 12 chunks, 6 more than are free: a loses its tail first
+        c = chain(12 * 16, "c")
+        store.save(NS, c, **payload(NS, 12 * 16))
+        store.flush()
+        s = store.stats()
+        assert s.chunks_evicted == 42 - slots and s.used_bytes == s.chunks_stored * CHUNK
+        assert store.lookup(NS, a).num_pages == (15 - s.chunks_evicted) * 16  # a prefix, no hole
+        assert store.lookup(NS, b).num_pages == 15 * 16 and store.lookup(NS, c).num_pages == 12 * 16
+
+
+def test_staging_full_drops_save_without_blocking(tmp_path):
+    with ChunkStore(cfg(tmp_path, staging_bytes=16 << 10, max_save_block_s=0.001)) as store:
+        # 16 pages need 28 KiB of staging > 16 KiB: dropped and counted
+        assert not store.save(NS, chain(16), **payload(NS, 16))
+        assert store.stats().saves_dropped == 1
+        assert store.lookup(NS, chain(16)).num_pages == 0
+
+
+def test_wrong_geometry_or_dtype_is_a_clear_error(tmp_path):
+    keys, data = chain(4), payload(NS, 4)
+    with ChunkStore(cfg(tmp_path)) as store:
+        bad = dict(data, layers=[data["layers"][0].float()] + data["layers"][1:])
+        with pytest.raises(ValueError, match=r"layers\[0\].*expected bfloat16.*got float32"):
+            store.save(NS, keys, **bad)
+        bad = dict(data, layers=[data["layers"][0][:, :32]] + data["layers"][1:])
+        with pytest.raises(ValueError, match=r"expected bfloat16 \(16, 64\).*\(16, 32\)"):
+            store.save(NS, keys, **bad)
+        with pytest.raises(ValueError, match="positions"):
+            store.save(NS, keys[:2], **data)
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        Namespace("m", 1, 8, 1, 8, "int8", 1)
+    with pytest.raises(ValueError, match="capacity_bytes"):
+        StoreConfig(str(tmp_path), capacity_bytes=0)
+
+
+def test_save_gathers_rows_from_pool_tensors(tmp_path):
+    ns = NS
+    slots = 100
+    pool_h = [torch.randn(slots, 64).bfloat16() for _ in range(2)]
+    k, v = torch.randn(slots, 2, 16).bfloat16(), torch.randn(slots, 2, 16).bfloat16()
+    rows = torch.randperm(slots)[:16]
+    keys = chain(4)
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(ns, keys, positions=torch.arange(16), token_ids=torch.zeros(16, dtype=torch.int32),
+                   layers=[pool_h[0], (k, v), pool_h[1]], layer_kinds=KINDS, rows=rows)
+        store.flush()
+        handle, out, _, _ = read_back(store, ns, keys)
+        assert handle.wait()
+        assert torch.equal(out[0], pool_h[0][rows]) and torch.equal(out[2], pool_h[1][rows])
+        assert torch.equal(out[1], torch.stack([k[rows], v[rows]], 1))
+
+
+def test_corrupted_pool_bytes_are_a_miss_never_wrong_data(tmp_path):
+    keys, data = chain(32), payload(NS, 32)
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(NS, keys, **data)
+    # flip bytes inside the second chunk's layer-1 segment
+    store = ChunkStore(cfg(tmp_path))
+    rec = store.index.resolve(NS.key_prefix, keys[16:17])[0][0]
+    with open(os.path.join(store.config.directory, "pool.bin"), "r+b") as f:
+        f.seek(rec.offset + LAYOUT.layers[1].offset + 100)
+        f.write(b"\xff" * 16)
+    handle, out, _, _ = read_back(store, NS, keys)
+    with pytest.raises(ChunkCorrupt):
+        handle.layer(1).result(timeout=10)
+    assert not handle.wait()
+    handle.layer(0).result(timeout=10)  # the other layers were intact
+    assert store.stats().corrupt == 1
+    assert store.lookup(NS, keys).num_pages == 16  # the bad chunk is dropped, the prefix kept
+    store.close()
+
+
+def test_truncated_pool_file_is_a_miss(tmp_path):
+    keys = chain(32)
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(NS, keys, **payload(NS, 32))
+        store.flush()
+        second = store.index.resolve(NS.key_prefix, keys[16:17])[0][0]
+    os.truncate(os.path.join(tmp_path, "store", "pool.bin"), second.offset + 8192)
+    with ChunkStore(cfg(tmp_path)) as store:
+        assert store.lookup(NS, keys).num_pages == 16
+        assert store.stats().corrupt == 1
+
+
+def test_disk_full_drops_saves_and_reads_go_on(tmp_path, monkeypatch):
+    keys, data = chain(16), payload(NS, 16)
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(NS, keys, **data)
+        store.flush()
+
+        def enospc(fd, buf, offset):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(pool_mod, "_write_at", enospc)
+        assert store.save(NS, chain(16, "x"), **payload(NS, 16))
+        store.flush()
+        s = store.stats()
+        assert s.chunks_dropped == 1 and s.used_bytes == CHUNK
+        assert store.lookup(NS, chain(16, "x")).num_pages == 0
+        handle, out, _, _ = read_back(store, NS, keys)
+        assert handle.wait() and torch.equal(out[0], data["layers"][0])
+
+
+def test_unwritable_directory_and_second_opener_are_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(PermissionError, match="store directory"):
+        ChunkStore(StoreConfig(str(blocker / "store"), 4 << 20))
+    with ChunkStore(cfg(tmp_path)):
+        with pytest.raises(StoreLocked, match="already open"):
+            ChunkStore(cfg(tmp_path))
+
+
+def test_drop_and_missing_pages(tmp_path):
+    keys = chain(32)
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(NS, keys, **payload(NS, 32))
+        store.flush()
+        store.drop(NS, keys[:1])  # dropping the first chunk drops its extension too
+        assert store.lookup(NS, keys).num_pages == 0 and store.stats().used_bytes == 0
+        handle, *_ = read_back(store, NS, keys[:4])
+        with pytest.raises(KeyError):
+            handle.layer(0).result(timeout=1)
