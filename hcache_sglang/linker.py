@@ -38,10 +38,10 @@ from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.capture import HiddenStateCapture, kv_projections
 from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
 from hcache_sglang.fingerprint import model_fingerprint
-from hcache_sglang.kernels import copy_kv_into_cache, project_kv_into_cache
 from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
-from hcache_sglang.planner import LayerPlan, Method, model_dims, static_plan
-from hcache_sglang.sglang_hooks import current_model_runner
+from hcache_sglang.planner import LayerPlan, Method, model_dims
+from hcache_sglang.restore import LayerRestorer, RestoreJob
+from hcache_sglang.sglang_hooks import current_model_runner, current_plan
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,7 @@ class HCacheLinker(UnifiedCacheLinker):
         total_layers, hidden_size, _ = model_dims(hf_config)
         self.projections = kv_projections(runner.model)
         head = self.projections[0]
-        self.plan: LayerPlan = static_plan(
-            self.num_layers, hidden_size, head.num_kv_heads * head.head_dim, self.config
-        )
+        self.plan: LayerPlan = current_plan()
         self.kinds = tuple(LayerKind.HIDDEN if m is Method.HIDDEN else LayerKind.KV for m in self.plan.methods)
         dtype = self.kvcache.dtype
         self.capture = HiddenStateCapture(
@@ -117,6 +115,9 @@ class HCacheLinker(UnifiedCacheLinker):
                 o_direct=self.config.o_direct,
                 read_bandwidth_limit=self.config.read_bandwidth_limit,
             )
+        )
+        self.restorer = LayerRestorer(
+            self.projections, self.kvcache.k_buffer, self.kvcache.v_buffer, self.device, capture=self.capture
         )
         self.restore_stats = RestoreStats()
         side_bytes = self.capture.nbytes()
@@ -227,37 +228,9 @@ class HCacheLinker(UnifiedCacheLinker):
             finally:
                 self._restore_queue.task_done()
 
-    @torch.inference_mode()
     def _restore_batch(self, index: int, batch: list[_Restore]) -> None:
-        stream = torch.cuda.Stream(device=self.device) if _is_cuda(self.device) else None
-        with torch.cuda.stream(stream) if stream is not None else _nullcontext():
-            slots = torch.cat([r.slots for r in batch]).to(self.device, non_blocking=True)
-            positions = torch.cat([r.positions for r in batch])
-            self.capture.write_positions(slots, positions.to(self.device), torch.cat([r.token_ids for r in batch]).to(self.device))
-            for layer in range(self.num_layers):
-                for restore in batch:
-                    restore.read.layer(layer).result()  # EAGER: already done; PIPELINED: waits/raises
-                self._restore_layer(layer, batch, slots, positions)
-                if stream is not None:
-                    stream.synchronize()  # complete a layer only after its device writes finish
-                self.layer_done_counter.complete(index, layer)
-
-    def _restore_layer(self, layer: int, batch: list[_Restore], slots: torch.Tensor, positions: torch.Tensor) -> None:
-        k_cache, v_cache = self.kvcache.k_buffer[layer], self.kvcache.v_buffer[layer]
-        kinds = {r.kinds[layer] for r in batch}
-        for kind in kinds:
-            members = [r for r in batch if r.kinds[layer] is kind] if len(kinds) > 1 else batch
-            rows = slots if len(kinds) == 1 else torch.cat([r.slots for r in members]).to(self.device)
-            data = torch.cat([r.layers[layer] for r in members]).to(self.device, non_blocking=True)
-            if kind is LayerKind.HIDDEN:
-                pos = positions if len(kinds) == 1 else torch.cat([r.positions for r in members])
-                project_kv_into_cache(
-                    data, pos.to(self.device), self.projections[layer], k_cache, v_cache, rows
-                )
-                self.capture.write_hidden(layer, rows, data)
-            else:
-                copy_kv_into_cache(data, k_cache, v_cache, rows)
-                self.capture.invalidate(layer, rows)
+        jobs = [RestoreJob(r.slots, r.positions, r.token_ids, r.layers, r.kinds, r.read) for r in batch]
+        self.restorer.restore(jobs, lambda layer: self.layer_done_counter.complete(index, layer))
 
     # ---- spill (offload) ---------------------------------------------------------------------
 
@@ -338,13 +311,3 @@ def _kv_transfer(transfers: list[PoolTransfer]) -> Optional[PoolTransfer]:
     return next((t for t in transfers if t.name == PoolName.KV), None)
 
 
-def _is_cuda(device: Any) -> bool:
-    return torch.device(device).type == "cuda"
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

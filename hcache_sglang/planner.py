@@ -21,11 +21,14 @@ correctly (each layer by the kind it was stored as).
 from __future__ import annotations
 
 import enum
+import logging
 
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 from hcache_sglang.config import HCacheConfig, Objective
+
+logger = logging.getLogger(__name__)
 
 BALANCED_SLACK = 0.25
 
@@ -184,14 +187,18 @@ def _spread(n: int, k: int) -> tuple[Method, ...]:
     return tuple(Method.KV if i in picks else Method.HIDDEN for i in range(n))
 
 
-def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective) -> Prediction:
-    """The fastest predicted plan allowed by ``objective``."""
+def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective,
+                allow_recompute: bool = True) -> Prediction:
+    """The fastest predicted plan allowed by ``objective`` (and by the restore path: the serving
+    linker restores from stored bytes only, so it passes ``allow_recompute=False``)."""
     smaller = Method.HIDDEN if geometry.hidden_bytes <= geometry.kv_bytes else Method.KV
     space_bytes = geometry.num_layers * min(geometry.hidden_bytes, geometry.kv_bytes)
     best: Optional[Prediction] = None
     for plan in candidate_plans(geometry.num_layers):
         if plan.count(Method.RECOMPUTE) == geometry.num_layers:
             continue  # that is not a restore
+        if not allow_recompute and Method.RECOMPUTE in plan.methods:
+            continue
         pred = predict(plan, geometry, profile)
         if objective is Objective.SPACE and any(
             m not in (smaller, Method.RECOMPUTE) for m in plan.methods
@@ -224,6 +231,37 @@ def static_plan(num_layers: int, hidden_size: int, kv_dim: int, config: HCacheCo
     return LayerPlan((method,) * num_layers)
 
 
+def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
+    """The plan a server runs with: forced by ``layer_plan``, else chosen from measured costs."""
+    num_layers, hidden, kv_dim = model_dims(runner.model_config.hf_config)
+    if config.layer_plan:
+        return static_plan(num_layers, hidden, kv_dim, config)
+    import torch
+
+    from hcache_sglang.capture import kv_projections
+    from hcache_sglang.profile import load_or_measure
+
+    projection = kv_projections(runner.model)[0]
+    dtype = runner.model_config.dtype
+    cfg = getattr(runner.model_config.hf_config, "text_config", None) or runner.model_config.hf_config
+    geometry = Geometry(
+        num_layers, hidden, projection.num_kv_heads * projection.head_dim,
+        torch._utils._element_size(dtype), getattr(cfg, "intermediate_size", None),
+        getattr(cfg, "num_attention_heads", None),
+    )
+    profile = load_or_measure(
+        projection, geometry, dtype, torch.device(runner.device), store_dir=config.directory,
+        o_direct=config.o_direct, read_bandwidth_limit=config.read_bandwidth_limit,
+        refresh=config.refresh_profile,
+    )
+    best = choose_plan(geometry, profile, config.objective, allow_recompute=False)
+    logger.info(
+        "hcache: plan %s predicted %.1f ms per 1K tokens (%s, objective %s)",
+        best.plan, best.seconds_per_1k_tokens * 1e3, profile.label, config.objective.value,
+    )
+    return best.plan
+
+
 def model_dims(hf_config: Any) -> tuple[int, int, int]:
     """(num_layers, hidden_size, kv_dim = num_kv_heads * head_dim) of a HF config (text part)."""
     cfg = getattr(hf_config, "text_config", None) or hf_config
@@ -233,12 +271,11 @@ def model_dims(hf_config: Any) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, cfg.hidden_size, kv_heads * head_dim
 
 
-def side_pool_bytes_per_token(hf_config: Any, dtype: Any, num_layers: int, config: HCacheConfig) -> int:
+def side_pool_bytes_per_token(hf_config: Any, dtype: Any, num_layers: int, plan: LayerPlan) -> int:
     """Device bytes per KV slot of the capture side pool (HIDDEN layers of this rank's stage only)."""
     import torch
 
-    total_layers, hidden, kv_dim = model_dims(hf_config)
-    plan = static_plan(total_layers, hidden, kv_dim, config)
+    total_layers, hidden, _ = model_dims(hf_config)
     fraction = len(plan.hidden_layers) / max(total_layers, 1)
     element = torch._utils._element_size(dtype)
     # + 8 bytes for the position (int64) and 4 for the token id (int32) of every slot.

@@ -3,13 +3,15 @@
 Installed by :mod:`hcache_sglang.plugin` in every SGLang process; each hook checks at call time
 whether the HCache linker is the configured external linker and does nothing otherwise.
 
-1. ``ModelRunner.__init__`` (after): remember the target model runner of this process, so the linker
-   (constructed by SGLang with no handle to the model) can reach the model's layers.
+1. ``ModelRunner.load_model`` (after): remember the target model runner of this process, so the linker
+   (constructed by SGLang with no handle to the model) can reach the model's layers, and fix the
+   restore plan from measured costs (the side pool's size depends on it, and the KV pool is sized
+   right after the model loads).
 2. ``DefaultPoolConfigurator._compute_cell_size`` (around): account for the hidden-state side pool
    in the per-token memory cost, so an auto-sized KV pool shrinks by what the side pool takes and the
    process does not run out of memory. An explicit ``--max-total-tokens`` is honoured as asked; the
    side pool then comes on top and the linker logs its size.
-3. ``OutputStreamer.get_cached_tokens_details`` (after): report prompt tokens as
+3. ``SchedulerOutputStreamer.get_cached_tokens_details`` (after): report prompt tokens as
    ``{"device": ..., "hcache": ..., "computed": ...}`` instead of SGLang's generic ``host`` key.
 """
 
@@ -24,6 +26,7 @@ from hcache_sglang.config import HCacheConfig
 logger = logging.getLogger(__name__)
 
 _model_runners: list[Any] = []
+_plans: dict[int, Any] = {}  # id(ModelRunner) -> LayerPlan
 _registered = False
 
 
@@ -35,6 +38,15 @@ def current_model_runner() -> Any:
             "installed (entry point sglang.srt.plugins) and SGLANG_PLUGINS not excluding it?"
         )
     return _model_runners[-1]
+
+
+def current_plan() -> Any:
+    """The restore plan fixed for this process's model (see :func:`_after_load_model`)."""
+    runner = current_model_runner()
+    plan = _plans.get(id(runner))
+    if plan is None:
+        raise RuntimeError("hcache: the restore plan was not resolved when the model loaded")
+    return plan
 
 
 def hcache_config_from_server_args(server_args: Any) -> Optional[HCacheConfig]:
@@ -53,9 +65,15 @@ def hcache_config_from_server_args(server_args: Any) -> Optional[HCacheConfig]:
     return HCacheConfig.from_dict(config.get("linker_extra_config") or {})
 
 
-def _after_model_runner_init(result: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
-    if not getattr(runner, "is_draft_worker", False):
-        _model_runners.append(runner)
+def _after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
+    if getattr(runner, "is_draft_worker", False):
+        return result
+    _model_runners.append(runner)
+    config = hcache_config_from_server_args(runner.server_args)
+    if config is not None:
+        from hcache_sglang.planner import resolve_plan
+
+        _plans[id(runner)] = resolve_plan(runner, config)
     return result
 
 
@@ -69,7 +87,8 @@ def _around_cell_size(original: Any, configurator: Any, kvc: Any, num_layers: in
         return cell_size
     from hcache_sglang.planner import side_pool_bytes_per_token
 
-    extra = side_pool_bytes_per_token(kvc.model_config.hf_config, kvc.kv_cache_dtype, num_layers, config)
+    plan = current_plan()
+    extra = side_pool_bytes_per_token(kvc.model_config.hf_config, kvc.kv_cache_dtype, num_layers, plan)
     logger.info(
         "hcache: hidden-state side pool adds %d bytes per token to the KV pool's %d (device memory is "
         "shared between them)", extra, cell_size,
@@ -109,7 +128,7 @@ def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(
-        "sglang.srt.model_executor.model_runner.ModelRunner.__init__", _after_model_runner_init, HookType.AFTER
+        "sglang.srt.model_executor.model_runner.ModelRunner.load_model", _after_load_model, HookType.AFTER
     )
     HookRegistry.register(
         "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size",
@@ -117,7 +136,7 @@ def register() -> None:
         HookType.AROUND,
     )
     HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.output_streamer.OutputStreamer.get_cached_tokens_details",
+        "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.get_cached_tokens_details",
         _after_cached_tokens_details,
         HookType.AFTER,
     )

@@ -26,7 +26,7 @@ if [[ "$HCACHE_ROUTE" == gpu ]] && ! { command -v nvidia-smi >/dev/null 2>&1 && 
   exit 2
 fi
 
-stamp_src="$HCACHE_ROUTE $(cat "$LOCK" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+stamp_src="$HCACHE_ROUTE $(cat "$LOCK" "$ROOT/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
 STAMP="$VENV/.hcache-setup-stamp"
 if [[ -x "$VENV/bin/python" && -f "$STAMP" && "$(cat "$STAMP")" == "$stamp_src" ]]; then
   echo "$VENV/bin/python"
@@ -52,6 +52,9 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     "${PIP[@]}" lmdb pytest hypothesis
   fi
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
+  # The CPU platform's stand-ins must reach every Python process SGLang spawns: a .pth file in
+  # site-packages runs hcache_sglang._boot at interpreter start (a no-op on hosts with a GPU).
+  "$VENV/bin/python" -m hcache_sglang.platform install-hook
 } 2>&1 | grep -v -E "^WARNING: Location .* is ignored" >&2 || true
 "$VENV/bin/python" -c "import torch, sglang, lmdb, hcache_sglang" \
   || { echo "hcache-sglang: environment setup failed (see messages above)" >&2; exit 1; }

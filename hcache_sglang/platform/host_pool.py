@@ -1,0 +1,63 @@
+"""HiCache host tier on a CPU-only host (``--enable-hierarchical-cache``).
+
+Supported: ``--hicache-io-backend direct --hicache-mem-layout layer_first``. SGLang
+0.5.23's host pools need two things a CPU-only host lacks:
+
+- pinned memory: ``pin_memory=True`` (the default) registers the host buffer with
+  ``cudaHostRegister``. :func:`patch_host_pools` makes the MHA/MLA host pools
+  allocate plain host memory (``pin_memory=False``) -- there is nothing to pin for.
+- ``transfer_kv_direct``: ``pool_host/mha.py`` imports it from
+  ``sgl_kernel.kvcacheio`` only on CUDA/ROCm, so on CPU the name is unbound. It is
+  set to the pure-torch :func:`hcache_sglang.platform.cpu_ops.transfer_kv_direct`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+from hcache_sglang.platform.cpu_ops import transfer_kv_direct
+
+# module -> host pool classes whose buffers must not be pinned
+_HOST_POOLS = {
+    "sglang.srt.mem_cache.pool_host.mha": ("MHATokenToKVPoolHost", "MHATokenToKOnlyPoolHost"),
+    "sglang.srt.mem_cache.pool_host.mla": ("MLATokenToKVPoolHost",),
+}
+_PATCHED = "_hcache_cpu_unpinned"
+
+
+def unpinned_init(init):
+    """Wrap a host pool ``__init__`` so it always gets ``pin_memory=False``."""
+    signature = inspect.signature(init)
+    if "pin_memory" not in signature.parameters:
+        raise TypeError(f"{init.__qualname__} has no pin_memory parameter; expected one")
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.arguments["pin_memory"] = False
+        init(*bound.args, **bound.kwargs)
+
+    setattr(__init__, _PATCHED, True)
+    return __init__
+
+
+def patch_host_pools() -> list[str]:
+    """Patch SGLang's host pool modules for a CPU-only host (idempotent).
+
+    Returns the names of the classes that allocate unpinned memory after the call.
+    """
+    patched = []
+    for module_name, class_names in _HOST_POOLS.items():
+        module = importlib.import_module(module_name)
+        if not hasattr(module, "transfer_kv_direct"):
+            module.transfer_kv_direct = transfer_kv_direct
+        for class_name in class_names:
+            cls = getattr(module, class_name, None)
+            if cls is None:
+                continue
+            if not getattr(cls.__init__, _PATCHED, False):
+                cls.__init__ = unpinned_init(cls.__init__)
+            patched.append(f"{module_name}.{class_name}")
+    return patched

@@ -1,0 +1,165 @@
+"""Measured restore costs on this machine, model and dtype (the planner's input), cached on disk.
+
+``measure_profile`` times, in a few seconds:
+- the chunk store's read bandwidth (chunks written then read back through a scratch ``ChunkStore``
+  beside the pool, with the configured read throttle and O_DIRECT mode applied);
+- re-projection of one layer (``project_kv_into_cache``) per token;
+- the K/V copy of one layer (``copy_kv_into_cache``) per token;
+- a full layer forward per token (QKV, attention over the context, O, gated MLP GEMMs), the cost of
+  recomputing a leading layer from its input.
+The result is cached as JSON under ``<cache root>/profiles/`` keyed by machine, geometry, dtype and
+store settings; ``refresh=True`` (``--hcache-refresh-profile``) measures again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from hcache_sglang.config import default_cache_root
+from hcache_sglang.planner import CostProfile, Geometry
+
+logger = logging.getLogger(__name__)
+
+PROFILE_VERSION = 1
+
+
+def _median_seconds(fn: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
+    fn()  # warm-up (allocations, Triton compilation)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _machine_id(device: torch.device) -> str:
+    parts = [platform.node(), platform.machine(), platform.processor(), str(torch.get_num_threads())]
+    if device.type == "cuda":
+        parts.append(torch.cuda.get_device_name(device))
+    return "|".join(parts)
+
+
+def profile_path(geometry: Geometry, dtype: torch.dtype, device: torch.device, store_key: str) -> Path:
+    key = json.dumps([PROFILE_VERSION, _machine_id(device), asdict(geometry), str(dtype), store_key])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return default_cache_root() / "profiles" / f"{digest}.json"
+
+
+@torch.inference_mode()
+def measure_compute(projection, geometry: Geometry, dtype: torch.dtype, device: torch.device,
+                    tokens: int = 512, context: int = 2048) -> dict[str, float]:
+    """Seconds per token per layer for projection, K/V copy and a full layer forward."""
+    from hcache_sglang.kernels import copy_kv_into_cache, project_kv_into_cache
+
+    heads, head_dim = projection.num_kv_heads, projection.head_dim
+    hidden = torch.randn(tokens, geometry.hidden_size, dtype=dtype, device=device) * 0.1
+    positions = torch.arange(tokens, device=device, dtype=torch.int64)
+    k_cache = torch.zeros(tokens + 1, heads, head_dim, dtype=dtype, device=device)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.arange(1, tokens + 1, device=device, dtype=torch.int64)
+    kv = torch.randn(tokens, 2, heads, head_dim, dtype=dtype, device=device)
+
+    project = _median_seconds(
+        lambda: project_kv_into_cache(hidden, positions, projection, k_cache, v_cache, slots), device)
+    copy = _median_seconds(lambda: copy_kv_into_cache(kv, k_cache, v_cache, slots), device)
+
+    d = geometry.hidden_size
+    inter = geometry.intermediate_size or int(8 * d / 3)
+    num_heads = geometry.num_heads or max(d // head_dim, 1)
+    kv_heads_total = max(geometry.kv_dim // head_dim, 1)
+    w_qkv = torch.randn(d, num_heads * head_dim + 2 * geometry.kv_dim, dtype=dtype, device=device) * 0.02
+    w_o = torch.randn(num_heads * head_dim, d, dtype=dtype, device=device) * 0.02
+    w_up = torch.randn(d, 2 * inter, dtype=dtype, device=device) * 0.02
+    w_down = torch.randn(inter, d, dtype=dtype, device=device) * 0.02
+    ctx_k = torch.randn(1, kv_heads_total, context, head_dim, dtype=dtype, device=device)
+
+    def layer_forward() -> None:
+        qkv = hidden @ w_qkv
+        q = qkv[:, : num_heads * head_dim].view(1, tokens, num_heads, head_dim).transpose(1, 2)
+        k = ctx_k.repeat_interleave(num_heads // kv_heads_total, dim=1)
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, k)
+        out = attn.transpose(1, 2).reshape(tokens, -1) @ w_o
+        gate_up = out @ w_up
+        (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w_down
+
+    recompute = _median_seconds(layer_forward, device, repeats=2)
+    return {"project_s": project / tokens, "copy_s": copy / tokens, "recompute_s": recompute / tokens}
+
+
+def measure_read_bandwidth(directory: str, layer_bytes: int, *, o_direct: bool,
+                           read_bandwidth_limit: Optional[float], total_bytes: int = 48 << 20) -> float:
+    """Bytes/s of ``ChunkStore.read`` for freshly saved chunks in a scratch store beside the pool."""
+    from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
+
+    page, layers = 64, 4
+    hidden = max(layer_bytes // 2, 64)
+    ns = Namespace("profile", layers, hidden, 1, 64, "bfloat16", page)
+    chunks = max(4, total_bytes // (page * hidden * 2 * layers))
+    scratch = Path(tempfile.mkdtemp(prefix="profile-", dir=directory))
+    try:
+        config = StoreConfig(directory=str(scratch), capacity_bytes=max(64 << 20, 3 * total_bytes),
+                             staging_bytes=max(16 << 20, total_bytes // 2), o_direct=o_direct,
+                             read_bandwidth_limit=read_bandwidth_limit, max_save_block_s=5.0)
+        with ChunkStore(config) as store:
+            keys = [hashlib.sha256(f"profile-{i}".encode()).hexdigest() for i in range(chunks)]
+            data = torch.randn(page, hidden).to(torch.bfloat16)
+            for i, key in enumerate(keys):
+                store.save(ns, [key], positions=torch.arange(i * page, (i + 1) * page),
+                           token_ids=torch.zeros(page, dtype=torch.int32),
+                           layers=[data] * layers, layer_kinds=[LayerKind.HIDDEN] * layers)
+            store.flush()
+            n = chunks * page
+            out = [torch.empty(n, hidden, dtype=torch.bfloat16) for _ in range(layers)]
+            positions = torch.empty(n, dtype=torch.int64)
+            start = time.perf_counter()
+            handle = store.read(ns, keys, out, positions)
+            if not handle.wait():
+                raise RuntimeError("profile: scratch chunks failed to read back")
+            seconds = time.perf_counter() - start
+        return n * hidden * 2 * layers / seconds
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def load_or_measure(projection, geometry: Geometry, dtype: torch.dtype, device: torch.device, *,
+                    store_dir: str, o_direct: bool, read_bandwidth_limit: Optional[float],
+                    refresh: bool = False) -> CostProfile:
+    store_key = f"odirect={o_direct}|limit={read_bandwidth_limit}|dir={store_dir}"
+    path = profile_path(geometry, dtype, device, store_key)
+    if path.exists() and not refresh:
+        try:
+            return CostProfile(**json.loads(path.read_text()))
+        except (ValueError, TypeError):
+            logger.warning("hcache: ignoring unreadable cost profile %s", path)
+    start = time.perf_counter()
+    Path(store_dir).mkdir(parents=True, exist_ok=True)
+    compute = measure_compute(projection, geometry, dtype, device)
+    bandwidth = measure_read_bandwidth(store_dir, geometry.hidden_bytes, o_direct=o_direct,
+                                       read_bandwidth_limit=read_bandwidth_limit)
+    label = "measured" + (f", reads throttled to {read_bandwidth_limit / 1e9:.2f} GB/s"
+                          if read_bandwidth_limit else "")
+    profile = CostProfile(read_bandwidth=bandwidth, label=label, **compute)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(profile), indent=1))
+    tmp.replace(path)
+    logger.info("hcache: measured restore costs in %.1f s: %s (cached in %s)",
+                time.perf_counter() - start, profile, path)
+    return profile
