@@ -1,5 +1,219 @@
-"""Hidden-state capture in the scheduler process (placeholder, being written)."""
+"""Hidden-state capture: a side pool written during the forward, indexed by KV slot.
+
+Primitives, in call order:
+
+1. ``HiddenStateCapture(model, num_slots, dtype, device)`` -- allocate the side pool:
+   ``hidden[l]: [num_slots, hidden_size]`` per local layer (model dtype),
+   ``positions: [num_slots]`` int64 (-1 = never written), ``token_ids: [num_slots]`` int32;
+2. ``.attach()`` -- forward pre-hooks on each decoder layer's ``self_attn``: every forward
+   (prefill, chunked prefill, decode, mixed) writes its tokens' rows with ``index_copy_`` at
+   ``forward_batch.out_cache_loc``, the SAME slots SGLang writes their K/V to. No host sync,
+   no data-dependent shapes, so the hooks are CUDA-graph capturable;
+3. ``kv_projections(model)`` -- each layer's ``KVProjection`` for the restore kernels;
+4. ``.detach()``.
+
+What is stored (DESIGN DECISION): the POST-norm ``x_l = input_layernorm(h_l)``, i.e. the
+exact tensor ``qkv_proj`` consumes. Re-projecting it reproduces the pool bit-for-bit in
+bf16/fp16 (and in fp32 when the GEMM row count matches, else ~1e-6), with no RMSNorm at
+restore time. The pre-norm residual ``h_l`` is 1-2 ulp off in bf16/fp16, because SGLang's
+fused add+RMSNorm normalises the unrounded fp32 sum while the stored residual is rounded
+(measured in the capture spike). The kernels still accept pre-norm inputs
+(``KVProjection.norm_weight``) for stores that keep ``h_l``.
+
+Scheduler RPCs (added by ``register()``, which the plugin runs in every SGLang process;
+they are used only where a ``Scheduler`` exists). Call with
+``engine.collective_rpc(name, **kwargs)``:
+
+- ``hcache_capture_install()``   -- side pool sized like the KV pool, attached;
+- ``hcache_capture_verify(out_path, triton_rows=32)`` -- re-project every slot the radix
+  tree holds with the restore kernels into scratch tensors and write, per layer, max |dK|,
+  |dV| and bit-equal fractions vs the KV pool to ``out_path`` (JSON); the Triton impl also
+  runs on the first ``triton_rows`` slots when ``TRITON_INTERPRET=1`` or on CUDA;
+- ``hcache_capture_uninstall()``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch import Tensor
+
+from hcache_sglang.kernels import Impl, KVProjection, project_kv_into_cache
+
+_SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
+
+
+def _decoder(model):
+    """The decoder stack (``model.model`` for Llama/Qwen2 causal-LM wrappers)."""
+    inner = getattr(model, "model", model)
+    if not hasattr(inner, "layers"):
+        raise TypeError(f"{type(model).__name__} has no decoder layers (.model.layers)")
+    return inner
+
+
+def _local_layers(model) -> list:
+    """This pipeline stage's decoder layers (SGLang fills the others with placeholders)."""
+    inner = _decoder(model)
+    start = getattr(inner, "start_layer", 0)
+    end = getattr(inner, "end_layer", len(inner.layers))
+    return [inner.layers[i] for i in range(start, end)]
+
+
+def kv_projections(model) -> list[KVProjection]:
+    """Each local layer's restore parameters (post-norm input; this TP rank's heads)."""
+    return [KVProjection.from_attention(layer.self_attn) for layer in _local_layers(model)]
+
+
+class HiddenStateCapture:
+    """Per-layer post-norm hidden states of every token, at the token's KV slot.
+
+    Attributes:
+        hidden: list over local layers of ``[num_slots, hidden_size]`` (``dtype``).
+        positions: ``[num_slots]`` int64 position of the token in its sequence, -1 if unwritten.
+        token_ids: ``[num_slots]`` int32 token id.
+    """
+
+    def __init__(self, model, num_slots: int, dtype: torch.dtype, device: torch.device | str):
+        self._layers = _local_layers(model)
+        hidden_size = model.config.hidden_size
+        self.hidden: list[Tensor] = [
+            torch.zeros(num_slots, hidden_size, dtype=dtype, device=device) for _ in self._layers
+        ]
+        self.positions = torch.full((num_slots,), -1, dtype=torch.int64, device=device)
+        self.token_ids = torch.zeros(num_slots, dtype=torch.int32, device=device)
+        self._handles: list = []
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        """Install the pre-hooks (idempotent)."""
+        if self._handles:
+            return
+        for i, layer in enumerate(self._layers):
+            hook = self._make_hook(self.hidden[i], first=(i == 0))
+            self._handles.append(
+                layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+            )
+
+    def detach(self) -> None:
+        """Remove the pre-hooks (idempotent); the stored rows stay."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, buf: Tensor, first: bool):
+        def hook(module, args, kwargs):
+            # LlamaAttention/Qwen2Attention.forward(positions, hidden_states, forward_batch)
+            positions = args[0] if len(args) > 0 else kwargs["positions"]
+            x = args[1] if len(args) > 1 else kwargs["hidden_states"]
+            forward_batch = args[2] if len(args) > 2 else kwargs["forward_batch"]
+            loc = forward_batch.out_cache_loc
+            n = loc.shape[0]  # rows beyond n are CUDA-graph padding
+            buf.index_copy_(0, loc, x[:n].to(buf.dtype))
+            if first:
+                self.positions.index_copy_(0, loc, positions[:n].to(torch.int64))
+                ids = forward_batch.input_ids
+                if ids is not None:
+                    self.token_ids.index_copy_(0, loc, ids[:n].to(torch.int32))
+
+        return hook
+
+
+def _compare(restored: Tensor, pool: Tensor) -> dict:
+    diff = (restored.float() - pool.float()).abs()
+    return {
+        "max_abs": float(diff.max()) if diff.numel() else 0.0,
+        "frac_bit_equal": float((restored == pool).float().mean()) if diff.numel() else 1.0,
+    }
+
+
+@torch.no_grad()
+def verify_against_pool(
+    capture: HiddenStateCapture, model, pool, slots: Tensor, impl: Impl
+) -> list[dict]:
+    """Re-project ``slots: [n]`` of every layer into scratch K/V and compare with the pool."""
+    projections = kv_projections(model)
+    start = getattr(_decoder(model), "start_layer", 0)
+    positions = capture.positions.index_select(0, slots)
+    rows = torch.arange(slots.numel(), dtype=torch.int64, device=slots.device)
+    out = []
+    for i, proj in enumerate(projections):
+        layer_id = start + i
+        k_pool = pool._get_key_buffer(layer_id)
+        v_pool = pool._get_value_buffer(layer_id)
+        k = torch.zeros((slots.numel(), *k_pool.shape[1:]), dtype=k_pool.dtype, device=slots.device)
+        v = torch.zeros_like(k)
+        x = capture.hidden[i].index_select(0, slots)
+        project_kv_into_cache(x, positions, proj, k, v, rows, impl=impl)
+        out.append({
+            "layer": layer_id,
+            "K": _compare(k, k_pool.index_select(0, slots)),
+            "V": _compare(v, v_pool.index_select(0, slots)),
+            "k_pool_max_abs": float(k_pool.index_select(0, slots).float().abs().max()),
+        })
+    return out
+
+
+def _install_scheduler_methods(scheduler_cls) -> None:
+    def hcache_capture_install(self) -> None:
+        old = getattr(self, "_hcache_capture", None)
+        if old is not None:
+            old.detach()
+        runner = self.tp_worker.model_runner
+        pool = runner.token_to_kv_pool
+        k0 = pool._get_key_buffer(pool.start_layer)
+        cap = HiddenStateCapture(runner.model, k0.shape[0], runner.dtype, k0.device)
+        cap.attach()
+        self._hcache_capture = cap
+
+    def hcache_capture_uninstall(self) -> None:
+        cap = getattr(self, "_hcache_capture", None)
+        if cap is not None:
+            cap.detach()
+        self._hcache_capture = None
+
+    def hcache_capture_verify(self, out_path: str, triton_rows: int = 32) -> None:
+        cap = self._hcache_capture
+        if cap is None:
+            raise RuntimeError("hcache_capture_verify: call hcache_capture_install first")
+        runner = self.tp_worker.model_runner
+        pool = runner.token_to_kv_pool
+        slots = self.tree_cache.all_values_flatten().to(torch.int64).to(cap.positions.device)
+        slots = torch.unique(slots)
+        result = {
+            "num_tree_slots": int(slots.numel()),
+            "uncaptured_tree_slots": int((cap.positions.index_select(0, slots) < 0).sum()),
+            "dtype": str(runner.dtype),
+            "kv_dtype": str(pool._get_key_buffer(pool.start_layer).dtype),
+            "page_size": int(pool.page_size),
+            "reference": verify_against_pool(cap, runner.model, pool, slots, Impl.REFERENCE),
+            "triton": None,
+        }
+        if slots.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            subset = slots[:triton_rows]
+            result["triton"] = verify_against_pool(cap, runner.model, pool, subset, Impl.TRITON)
+            result["triton_rows"] = int(subset.numel())
+        with open(out_path, "w") as f:
+            json.dump(result, f, indent=1)
+
+    scheduler_cls.hcache_capture_install = hcache_capture_install
+    scheduler_cls.hcache_capture_uninstall = hcache_capture_uninstall
+    scheduler_cls.hcache_capture_verify = hcache_capture_verify
 
 
 def register() -> None:
-    """Install scheduler-side hooks (placeholder)."""
+    """Add the capture RPCs to SGLang's ``Scheduler`` (idempotent, cheap).
+
+    The plugin loader runs inside ``sglang.srt.managers.scheduler`` in the scheduler
+    process, so the module is already imported there; elsewhere this is a no-op.
+    """
+    module = sys.modules.get(_SCHEDULER_MODULE)
+    scheduler_cls = getattr(module, "Scheduler", None)
+    if scheduler_cls is None or hasattr(scheduler_cls, "hcache_capture_verify"):
+        return
+    _install_scheduler_methods(scheduler_cls)
