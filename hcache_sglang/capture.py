@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -76,11 +77,18 @@ class HiddenStateCapture:
         token_ids: ``[num_slots]`` int32 token id.
     """
 
-    def __init__(self, model, num_slots: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, model, num_slots: int, dtype: torch.dtype, device: torch.device | str,
+                 layers: Sequence[int] | None = None):
         self._layers = _local_layers(model)
         hidden_size = model.config.hidden_size
-        self.hidden: list[Tensor] = [
-            torch.zeros(num_slots, hidden_size, dtype=dtype, device=device) for _ in self._layers
+        captured = set(range(len(self._layers)) if layers is None else layers)
+        bad = sorted(i for i in captured if not 0 <= i < len(self._layers))
+        if bad:
+            raise ValueError(f"capture layers {bad} out of range; the model has {len(self._layers)} local layers")
+        # hidden[l] is None for a layer whose hidden state is not kept (the plan stores its K/V).
+        self.hidden: list[Tensor | None] = [
+            torch.zeros(num_slots, hidden_size, dtype=dtype, device=device) if i in captured else None
+            for i in range(len(self._layers))
         ]
         self.positions = torch.full((num_slots,), -1, dtype=torch.int64, device=device)
         self.token_ids = torch.zeros(num_slots, dtype=torch.int32, device=device)
@@ -90,15 +98,21 @@ class HiddenStateCapture:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    def nbytes(self) -> int:
+        """Device bytes of the side pool."""
+        tensors = [t for t in self.hidden if t is not None] + [self.positions, self.token_ids]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def attach(self) -> None:
         """Install the pre-hooks (idempotent)."""
         if self._handles:
             return
         for i, layer in enumerate(self._layers):
-            hook = self._make_hook(self.hidden[i], first=(i == 0))
-            self._handles.append(
-                layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
-            )
+            if i == 0 or self.hidden[i] is not None:
+                hook = self._make_hook(self.hidden[i], first=(i == 0))
+                self._handles.append(
+                    layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+                )
 
     def detach(self) -> None:
         """Remove the pre-hooks (idempotent); the stored rows stay."""
@@ -106,7 +120,30 @@ class HiddenStateCapture:
             handle.remove()
         self._handles.clear()
 
-    def _make_hook(self, buf: Tensor, first: bool):
+    # ---- restore-side writes: keep "every slot in the tree has its hidden states" true ----
+
+    def write_positions(self, slots: Tensor, positions: Tensor, token_ids: Tensor) -> None:
+        """Rows restored from the store (not computed by a forward) get their positions and ids."""
+        self.positions.index_copy_(0, slots, positions.to(torch.int64))
+        self.token_ids.index_copy_(0, slots, token_ids.to(torch.int32))
+
+    def write_hidden(self, layer: int, slots: Tensor, hidden: Tensor) -> None:
+        """Restored hidden states of ``layer`` (no-op when this layer is not kept)."""
+        buf = self.hidden[layer]
+        if buf is not None:
+            buf.index_copy_(0, slots, hidden.to(buf.dtype))
+
+    def invalidate(self, layer: int, slots: Tensor) -> None:
+        """``layer``'s hidden state is unknown for ``slots`` (restored from stored K/V): mark the rows
+        invalid so they are never saved as hidden states. A forward writing the slot again revalidates."""
+        if self.hidden[layer] is not None:
+            self.positions.index_fill_(0, slots, -1)
+
+    def valid(self, slots: Tensor) -> bool:
+        """True when every slot holds captured (or faithfully restored) rows."""
+        return bool((self.positions.index_select(0, slots) >= 0).all())
+
+    def _make_hook(self, buf: Tensor | None, first: bool):
         def hook(module, args, kwargs):
             # LlamaAttention/Qwen2Attention.forward(positions, hidden_states, forward_batch)
             positions = args[0] if len(args) > 0 else kwargs["positions"]
@@ -114,7 +151,8 @@ class HiddenStateCapture:
             forward_batch = args[2] if len(args) > 2 else kwargs["forward_batch"]
             loc = forward_batch.out_cache_loc
             n = loc.shape[0]  # rows beyond n are CUDA-graph padding
-            buf.index_copy_(0, loc, x[:n].to(buf.dtype))
+            if buf is not None:
+                buf.index_copy_(0, loc, x[:n].to(buf.dtype))
             if first:
                 self.positions.index_copy_(0, loc, positions[:n].to(torch.int64))
                 ids = forward_batch.input_ids

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import sglang
+from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 
 from hcache_sglang.config import HCacheConfig, HierarchicalCache
 from hcache_sglang.launch import sglang_kwargs
@@ -43,7 +43,7 @@ def resolve_engine_kwargs(kwargs: dict[str, Any]) -> tuple[dict[str, Any], Hiera
     return sglang_kwargs(mode, kwargs, hcache), mode, hcache
 
 
-class Engine(sglang.Engine):
+class Engine(_SGLangEngine):
     """SGLang's offline engine with the hierarchical cache chosen by ``hierarchical_cache``."""
 
     def __init__(self, **kwargs: Any) -> None:
