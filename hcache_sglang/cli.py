@@ -15,11 +15,30 @@ from typing import Optional, Sequence
 logger = logging.getLogger("hcache_sglang")
 
 
+REQUIRED = {"torch": "torch", "sglang": "sglang==0.5.23", "lmdb": "lmdb"}
+
+
+def check_dependencies() -> None:
+    """One clear message naming what is missing and how to get it."""
+    import importlib.util
+
+    missing = [pkg for module, pkg in REQUIRED.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(
+            f"hcache-sglang: missing dependencies: {', '.join(missing)}. "
+            "Run ./run.sh (it sets up .venv) or `pip install hcache-sglang` with its dependencies."
+        )
+
+
 def serve(argv: Sequence[str]) -> None:
     """Start SGLang's HTTP server (OpenAI-compatible endpoints and /generate) with the chosen cache."""
+    check_dependencies()
     from hcache_sglang.launch import build_server_argv
 
-    sglang_argv, mode, hcache = build_server_argv(argv)
+    try:
+        sglang_argv, mode, hcache = build_server_argv(argv)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"hcache-sglang serve: {exc}") from None
     _check_model_path(sglang_argv)
     if hcache is not None:
         print(
