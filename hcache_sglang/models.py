@@ -125,6 +125,10 @@ GEOMETRIES: dict[str, ModelGeometry] = {
     ),
     "bench-llama": ModelGeometry("LlamaForCausalLM", num_kv_heads=16, **_BENCH),
     "bench-llama-gqa": ModelGeometry("LlamaForCausalLM", num_kv_heads=4, **_BENCH),
+    "demo-llama": ModelGeometry(
+        "LlamaForCausalLM", hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8,
+        num_kv_heads=8,
+    ),
 }
 
 

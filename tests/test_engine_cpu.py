@@ -40,22 +40,14 @@ def test_rag_questions_share_the_document_prefix(model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama-mha"))
-    cold, batch = demo.shared_prefix_rag(num_questions=8)
-    assert (len(cold.requests), len(batch.requests)) == (1, 7)
-    ids = [demo.encode(tok, r) for r in cold.requests + batch.requests]
+    steps = demo.rag_questions(num_questions=8, doc_chars=3000)
+    assert [len(s.requests) for s in steps] == [1] * 8
+    assert [s.returning for s in steps] == [False] + [True] * 7
+    ids = [demo.encode(tok, s.requests[0]) for s in steps]
     shared = min(len(os.path.commonprefix([ids[0], other])) for other in ids[1:])
     assert shared > 0.95 * min(len(x) for x in ids) and shared > 1000
     with pytest.raises(ValueError, match="num_questions=1"):
-        demo.shared_prefix_rag(num_questions=1)
-
-
-def test_table_reports_rows_and_cached_share():
-    details = {"device": 300, "host": 0}
-    row = demo.RequestResult("rag", "batch", "q1", 400, 300, details, 16, 0.05, 0.2)
-    run = demo.DemoRun("off", {}, 12.0, (row, row._replace(name="q2", cached_tokens=100)))
-    text = demo.format_table(run)
-    assert "device=300" in text and "host" not in text
-    assert "-- rag: 2 requests, 400/800 prompt tokens cached (50%), median TTFT 50 ms" in text
+        demo.rag_questions(num_questions=1)
 
 
 @pytest.fixture(scope="module", params=["tiny-llama-gqa", "tiny-qwen2"])
