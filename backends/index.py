@@ -1,9 +1,11 @@
 """The LMDB index: which chunk holds each page of each namespace, and where its bytes are.
 
-Two databases in one environment (``<directory>/index``):
+Three databases in one environment (``<directory>/index``):
 
 - ``pages``:  ``ns.key_prefix + page_key`` -> ``chunk_id u64 | page_idx u32``
 - ``chunks``: ``chunk_id`` (big-endian u64) -> packed :class:`ChunkRecord`
+- ``meta``:   ``b"format"`` -> :data:`FORMAT`; an index of another format is emptied at open (its
+  chunks become misses and their space free), never misread.
 
 Call order: ``records`` (at open, to rebuild the allocator) -> ``resolve`` (one read txn per lookup or
 read) -> ``commit`` (after the bytes are written and synced) -> ``delete`` (before their space is
@@ -21,14 +23,15 @@ import lmdb
 
 from .layout import LayerKind
 
-_REC = struct.Struct("<Q16sQQIQIH")  # id, ns prefix, offset, nbytes, tokens, parent, header crc, L
+_REC = struct.Struct("<Q16sQQIQQH")  # id, ns prefix, offset, nbytes, tokens, parent, header digest, L
 _PAGE = struct.Struct("<QI")  # chunk id, page index within the chunk
 _ID = struct.Struct(">Q")
+FORMAT = b"2"  # 2: 64-bit XXH3 digests (1: crc32)
 
 
 @dataclass(frozen=True)
 class ChunkRecord:
-    """A committed chunk: its extent in the pool, per-layer kinds and checksums, and its pages."""
+    """A committed chunk: its extent in the pool, per-layer kinds and digests, and its pages."""
 
     chunk_id: int
     ns_prefix: bytes
@@ -37,17 +40,17 @@ class ChunkRecord:
     num_tokens: int
     parent_id: int  # chunk holding the page before this chunk's first page; 0 = unknown / root
     kinds: tuple[LayerKind, ...]
-    header_crc: int
-    layer_crcs: tuple[int, ...]
+    header_digest: int  # layout.digest of the header payload
+    layer_digests: tuple[int, ...]
     keys: tuple[str, ...]  # page keys in order
 
     def pack(self) -> bytes:
         n = len(self.kinds)
         parts = [
             _REC.pack(self.chunk_id, self.ns_prefix, self.offset, self.nbytes, self.num_tokens,
-                      self.parent_id, self.header_crc, n),
+                      self.parent_id, self.header_digest, n),
             bytes(int(k) for k in self.kinds),
-            struct.pack(f"<{n}I", *self.layer_crcs),
+            struct.pack(f"<{n}Q", *self.layer_digests),
             struct.pack("<H", len(self.keys)),
         ]
         for k in self.keys:
@@ -57,12 +60,12 @@ class ChunkRecord:
 
     @classmethod
     def unpack(cls, data: bytes) -> "ChunkRecord":
-        cid, prefix, off, nbytes, tokens, parent, hcrc, n = _REC.unpack_from(data, 0)
+        cid, prefix, off, nbytes, tokens, parent, hdig, n = _REC.unpack_from(data, 0)
         pos = _REC.size
         kinds = tuple(LayerKind(b) for b in data[pos:pos + n])
         pos += n
-        crcs = struct.unpack_from(f"<{n}I", data, pos)
-        pos += 4 * n
+        digests = struct.unpack_from(f"<{n}Q", data, pos)
+        pos += 8 * n
         (nkeys,) = struct.unpack_from("<H", data, pos)
         pos += 2
         keys = []
@@ -70,7 +73,7 @@ class ChunkRecord:
             (kl,) = struct.unpack_from("<H", data, pos)
             keys.append(bytes(data[pos + 2:pos + 2 + kl]).decode())
             pos += 2 + kl
-        return cls(cid, bytes(prefix), off, nbytes, tokens, parent, kinds, hcrc, tuple(crcs),
+        return cls(cid, bytes(prefix), off, nbytes, tokens, parent, kinds, hdig, tuple(digests),
                    tuple(keys))
 
 
@@ -78,14 +81,32 @@ class ChunkIndex:
     """Durable page -> chunk map; every write is one committed (fsynced) LMDB transaction."""
 
     def __init__(self, path: str, map_size: int = 64 << 20):
-        self.env = lmdb.open(path, map_size=map_size, max_dbs=2, subdir=True, lock=True)
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=3, subdir=True, lock=True)
         self._pages = self.env.open_db(b"pages")
         self._chunks = self.env.open_db(b"chunks")
+        self._meta = self.env.open_db(b"meta")
         self._lock = threading.Lock()
+        self.map_grows = 0
+        self.dropped_at_open = self._check_format()
         with self.env.begin(db=self._chunks) as txn:
             cur = txn.cursor()
             self._next_id = _ID.unpack(cur.key())[0] + 1 if cur.last() else 1
-        self.map_grows = 0
+
+    def _check_format(self) -> int:
+        """Empty an index written in another format; returns how many chunk entries that dropped."""
+        with self.env.begin(db=self._meta) as txn:
+            found = txn.get(b"format")
+        if found == FORMAT:
+            return 0
+        with self.env.begin() as txn:
+            stale = txn.stat(self._chunks)["entries"]
+
+        def reset(txn: lmdb.Transaction) -> None:
+            txn.drop(self._pages, delete=False)
+            txn.drop(self._chunks, delete=False)
+            txn.put(b"format", FORMAT, db=self._meta)
+        self._write(reset)
+        return stale
 
     def records(self) -> Iterator[ChunkRecord]:
         """All committed chunks of all namespaces (used at open)."""

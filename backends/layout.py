@@ -7,7 +7,8 @@ contiguous extent, layer-major::
 
 each segment starting on an ``ALIGN`` boundary, so that restoring layer ``l`` reads only layer ``l``'s
 bytes (one aligned read per chunk, O_DIRECT-capable). A HIDDEN layer holds ``[t, hidden_size]``, a KV
-layer ``[t, 2, num_kv_heads, head_dim]``, both in the namespace dtype.
+layer ``[t, 2, num_kv_heads, head_dim]``, both in the namespace dtype. Each segment's payload is
+guarded by a 64-bit :func:`digest` kept in the index.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 
 import torch
+import xxhash
 
 ALIGN = 4096  # O_DIRECT alignment and allocation unit (bytes)
 
@@ -30,6 +32,12 @@ class LayerKind(enum.IntEnum):
 
     HIDDEN = 0  # the layer's input hidden state [t, hidden_size]
     KV = 1  # the layer's K and V [t, 2, num_kv_heads, head_dim]
+
+
+def digest(buf) -> int:
+    """64-bit XXH3 of a buffer: ~20 GB/s on one core and releases the GIL above 64 KiB, so checking
+    every segment on every read costs a fraction of the copy (zlib.crc32 ran at ~4 GB/s)."""
+    return xxhash.xxh3_64_intdigest(buf)
 
 
 def align_up(n: int, align: int = ALIGN) -> int:

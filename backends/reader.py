@@ -1,8 +1,9 @@
 """Reads into caller buffers, layer by layer, with one future per layer.
 
-``plan_pieces`` (which token range of which chunk lands where) -> ``ReadHandle`` submits the headers,
-then every chunk of layer 0, then layer 1, ... to the reader pool (FIFO, so layer 0 completes first)
--> each task reads one whole chunk segment, checks its crc32 and copies the wanted tokens.
+``plan_pieces`` (which token range of which chunk lands where) -> ``ReadHandle`` submits a headers
+task, then a task for layer 0, layer 1, ... to the reader pool (FIFO, so layer 0 completes first)
+-> each task reads one layer's segment of every chunk, checks its digest and copies the wanted tokens
+(whole chunks land in the caller's buffer directly).
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ from __future__ import annotations
 import concurrent.futures as cf
 import threading
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .index import ChunkRecord
-from .layout import ALIGN, LayerKind, Namespace, align_up, chunk_layout
+from .layout import ALIGN, LayerKind, Namespace, align_up, chunk_layout, digest
 from .pool import FilePool, aligned_buffer, byte_view
 
 
@@ -83,76 +83,98 @@ class ReadHandle:
 
 
 class _ReadJob:
-    """Issues and tracks the tasks of one read; ``on_done(corrupt_ids, seconds)`` runs once at the end."""
+    """Issues and tracks the tasks of one read; ``on_done(corrupt_ids, bytes_read, seconds)`` runs once,
+    after the last task and before the last layer future resolves.
+
+    One task per layer (plus one for the headers) reads that layer's segment of every piece in turn:
+    few, large tasks keep the per-task Python cost far below the copy, and the layers still complete
+    in order because the executor is FIFO.
+    """
 
     def __init__(self, pool: FilePool, executor: cf.Executor, ns: Namespace, pieces: list[Piece],
                  out: Sequence[torch.Tensor], positions_out: torch.Tensor,
-                 token_ids_out: torch.Tensor | None, on_done: Callable[[set[int], float], None]):
+                 token_ids_out: torch.Tensor | None, on_done: Callable[[set[int], int, float], None]):
         self.pool, self.ns, self.pieces, self.out = pool, ns, pieces, out
         self.positions_out, self.token_ids_out = positions_out, token_ids_out
         self.handle = ReadHandle(ns.num_layers)
         self._on_done = on_done
         self._lock = threading.Lock()
-        self._left = [len(pieces)] * ns.num_layers
-        self._left[0] += len(pieces)  # headers complete with layer 0
+        self._left = [1] * ns.num_layers
+        self._left[0] += 1  # headers complete with layer 0
         self._errors: list[BaseException | None] = [None] * ns.num_layers
-        self._tasks_left = len(pieces) * (ns.num_layers + 1)
+        self._tasks_left = ns.num_layers + 1
         self.corrupt: set[int] = set()
         self.bytes_read = 0
         self._t0 = time.perf_counter()
         self._layouts = {p.rec.chunk_id: chunk_layout(ns, p.rec.num_tokens, p.rec.kinds)
                          for p in pieces}
-        for p in pieces:
-            executor.submit(self._run, p, -1)
-        for l in range(ns.num_layers):
-            for p in pieces:
-                executor.submit(self._run, p, l)
+        for l in range(-1, ns.num_layers):
+            executor.submit(self._run, l)
 
-    def _run(self, piece: Piece, l: int) -> None:
-        err = None
-        try:
-            self._read(piece, l)
-        except ChunkCorrupt as e:
-            err = e
-        except Exception as e:  # noqa: BLE001 - surfaces on the layer's future
-            err = e
+    def _run(self, l: int) -> None:
+        err, corrupt, nbytes = None, [], 0
+        out = byte_view(self.out[l]) if l >= 0 else None
+        for p in self.pieces:
+            try:
+                nbytes += self._read(p, l, out)
+            except ChunkCorrupt as e:
+                corrupt.append(p.rec.chunk_id)
+                err = err or e
+            except Exception as e:  # noqa: BLE001 - surfaces on the layer's future
+                err = err or e
         layer = max(l, 0)
         with self._lock:
+            self.corrupt.update(corrupt)
+            self.bytes_read += nbytes
             if err is not None:
-                if isinstance(err, ChunkCorrupt):
-                    self.corrupt.add(piece.rec.chunk_id)
                 self._errors[layer] = self._errors[layer] or err
             self._left[layer] -= 1
             layer_done = self._left[layer] == 0
             self._tasks_left -= 1
             all_done = self._tasks_left == 0
-        if layer_done:
-            f = self.handle.layer(layer)
-            if self._errors[layer] is not None:
-                f.set_exception(self._errors[layer])
-            else:
-                f.set_result(None)
-        if all_done:
-            self._on_done(self.corrupt, time.perf_counter() - self._t0)
+        try:
+            if all_done:  # before the last future: stats and corrupt drops are visible after wait()
+                self._on_done(self.corrupt, self.bytes_read, time.perf_counter() - self._t0)
+        finally:
+            if layer_done:
+                self._finish(layer)
 
-    def _read(self, p: Piece, l: int) -> None:
+    def _finish(self, layer: int) -> None:
+        f = self.handle.layer(layer)
+        if self._errors[layer] is not None:
+            f.set_exception(self._errors[layer])
+        else:
+            f.set_result(None)
+
+    def _read(self, p: Piece, l: int, out: memoryview | None) -> int:
+        """Read piece ``p``'s segment of layer ``l`` (-1: header; ``out``: bytes of ``self.out[l]``).
+
+        Returns the payload bytes read.
+
+        A whole chunk's layer goes straight into the caller's buffer (no bounce copy) unless O_DIRECT
+        needs an alignment that buffer lacks; partial pieces read the whole segment (the digest covers
+        all of it) into a per-thread bounce buffer and copy the wanted tokens.
+        """
         rec, lay = p.rec, self._layouts[p.rec.chunk_id]
         if l < 0:
-            seg, crc, row = lay.header, rec.header_crc, None
+            seg, want, row = lay.header, rec.header_digest, None
         else:
-            seg, crc, row = lay.layers[l], rec.layer_crcs[l], self.ns.row_bytes(rec.kinds[l])
-        whole = p.tok_lo == 0 and p.tok_hi == rec.num_tokens
-        if row is not None and whole and not self.pool.o_direct:
-            dst = byte_view(self.out[l])[p.dst * row:(p.dst + rec.num_tokens) * row]
-        else:
+            seg, want, row = lay.layers[l], rec.layer_digests[l], self.ns.row_bytes(rec.kinds[l])
+        direct = row is not None and p.tok_lo == 0 and p.tok_hi == rec.num_tokens
+        if direct:
+            dst = out[p.dst * row:(p.dst + rec.num_tokens) * row]
+            if self.pool.o_direct:
+                addr = self.out[l].data_ptr() + p.dst * row
+                direct = seg.length % ALIGN == 0 and addr % ALIGN == 0
+        if not direct:
             dst = byte_view(_bounce(align_up(seg.length)))[:align_up(seg.length)]
-        n = self.pool.read_into(dst if self.pool.o_direct else dst[:seg.length], rec.offset + seg.offset)
+            if not self.pool.o_direct:
+                dst = dst[:seg.length]
+        n = self.pool.read_into(dst, rec.offset + seg.offset)
         data = dst[:seg.length]
-        if n < seg.length or zlib.crc32(data) != crc:
+        if n < seg.length or digest(data) != want:
             raise ChunkCorrupt(f"chunk {rec.chunk_id} {'header' if l < 0 else f'layer {l}'}: "
                                f"{'short read' if n < seg.length else 'checksum mismatch'}")
-        with self._lock:
-            self.bytes_read += seg.length
         if l < 0:
             t = rec.num_tokens
             raw = torch.frombuffer(data, dtype=torch.uint8)
@@ -160,9 +182,9 @@ class _ReadJob:
             self.positions_out[d:d + hi - lo].copy_(raw[:8 * t].view(torch.int64)[lo:hi])
             if self.token_ids_out is not None:
                 self.token_ids_out[d:d + hi - lo].copy_(raw[8 * t:].view(torch.int32)[lo:hi])
-        elif not (whole and not self.pool.o_direct):
-            out = byte_view(self.out[l])
+        elif not direct:
             out[p.dst * row:(p.dst + p.tok_hi - p.tok_lo) * row] = data[p.tok_lo * row:p.tok_hi * row]
+        return seg.length
 
 
 def check_out_buffers(ns: Namespace, kinds: Sequence[LayerKind], n: int,

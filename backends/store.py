@@ -1,8 +1,9 @@
 """ChunkStore: the facade over staging, writers, pool, index, LRU and readers.
 
 Call order for a context: ``lookup`` (leading pages present) -> ``read`` (per-layer futures) ...
-``save`` (copy to staging, return) -> writer threads: checksum -> allocate (evicting LRU chain tails)
--> pwrite -> fdatasync -> index commit -> release staging. ``flush`` waits for all accepted saves.
+``save`` (copy to staging, return) -> writer threads, per batch of queued saves: digest -> allocate
+(evicting LRU chain tails) -> one pwritev per contiguous run of extents -> one fdatasync -> one index
+commit -> release staging. ``flush`` waits for all accepted saves.
 Durability: an index entry is committed only after its bytes are synced; space is freed only after
 the index delete that unreferences it commits; at open, free space = everything no entry references.
 """
@@ -15,7 +16,6 @@ import os
 import queue
 import threading
 import time
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -23,11 +23,11 @@ from typing import NamedTuple
 import torch
 
 from .index import ChunkIndex, ChunkRecord
-from .layout import LayerKind, Namespace, chunk_layout, split_chunks
+from .layout import LayerKind, Namespace, chunk_layout, digest, split_chunks
 from .lru import ChainLRU
 from .pool import ExtentAllocator, FilePool
 from .reader import ReadHandle, _ReadJob, check_out_buffers, plan_pieces
-from .staging import StagedChunk, StagedSave, StagingArea, stage_chunks
+from .staging import StagedChunk, StagedSave, StagingArea, check_save, stage_chunks
 from .stats import StatsRecorder, StoreStats
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,9 @@ class ChunkStore:
     # ---- open -------------------------------------------------------------------------------
     def _recover(self) -> None:
         """Rebuild allocator and LRU from committed entries; drop those past the file or overlapping."""
+        if self.index.dropped_at_open:
+            logger.warning("index of another format: dropped its %d chunks (their space is free)",
+                           self.index.dropped_at_open)
         limit = min(self.pool.capacity, self.pool.size_at_open or self.pool.capacity)
         keep, drop, pos = [], [], 0
         for rec in sorted(self.index.records(), key=lambda r: r.offset):
@@ -147,13 +150,13 @@ class ChunkStore:
         self._touch(resolved)
         t_issue = time.perf_counter()
 
-        def done(corrupt: set[int], seconds: float) -> None:
+        def done(corrupt: set[int], nbytes: int, seconds: float) -> None:
             with self._space:
                 self._lru.unpin(ids)
             if corrupt:
                 self._stats.add(corrupt=len(corrupt))
                 self._drop_subtrees(corrupt)
-            self._stats.add(chunks_read=len(pieces), bytes_read=job.bytes_read)
+            self._stats.add(chunks_read=len(pieces), bytes_read=nbytes)
             self._stats.observe("read", time.perf_counter() - t_issue)
 
         job = _ReadJob(self.pool, self._readers, ns, pieces, out, positions_out, token_ids_out, done)
@@ -178,7 +181,7 @@ class ChunkStore:
         t0 = time.perf_counter()
         kinds = tuple(LayerKind(k) for k in layer_kinds)
         n = len(keys) * ns.page_size
-        _check_save(ns, n, positions, token_ids, layers, kinds, rows)
+        check_save(ns, n, positions, token_ids, layers, kinds, rows)
         resolved = self.index.resolve(ns.key_prefix, keys)
         skip = len(resolved)
         with self._space:
@@ -255,28 +258,27 @@ class ChunkStore:
                 job.event.synchronize()
         chunks = [(job, c) for job in batch for c in job.chunks]
         view = self.staging.view
-        crcs = []
+        digests = []
         for _, c in chunks:
             b = c.staging_offset
-            crcs.append((zlib.crc32(view[b:b + c.layout.header.length]),
-                         tuple(zlib.crc32(view[b + s.offset:b + s.offset + s.length])
-                               for s in c.layout.layers)))
+            digests.append((digest(view[b:b + c.layout.header.length]),
+                            tuple(digest(view[b + s.offset:b + s.offset + s.length])
+                                  for s in c.layout.layers)))
         offsets = self._allocate([c.layout.total_bytes for _, c in chunks])
         placed, broken = [], set()
-        for (j, c), crc, off in zip(chunks, crcs, offsets):
+        for (j, c), dig, off in zip(chunks, digests, offsets):
             if off is None or id(j) in broken:  # a chain with a hole is useless past the hole
                 broken.add(id(j))
                 if off is not None:
                     with self._space:
                         self.alloc.free(off, c.layout.total_bytes)
                 continue
-            placed.append((j, c, crc, off))
+            placed.append((j, c, dig, off))
         if len(placed) < len(chunks):
             self._stats.add(chunks_dropped=len(chunks) - len(placed))
         try:
-            for _, c, _, off in placed:
-                b = c.staging_offset
-                self.pool.write_at(view[b:b + c.layout.total_bytes], off)
+            for off, bufs in _contiguous_runs(view, placed):
+                self.pool.write_at(bufs, off)
             self.pool.sync()
         except OSError as e:
             logger.error("pool write failed (%s): dropping %d chunks", e, len(placed))
@@ -298,7 +300,7 @@ class ChunkStore:
         ids = self.index.new_ids(len(placed))
         last_of: dict[tuple[bytes, str], int] = {}  # last page key -> chunk id, within the batch
         prev_job, prev_id, records = None, 0, []
-        for cid, (job, c, (hcrc, lcrcs), off) in zip(ids, placed):
+        for cid, (job, c, (hdig, ldigs), off) in zip(ids, placed):
             prefix = job.ns.key_prefix
             if job is prev_job:
                 parent = prev_id
@@ -310,7 +312,7 @@ class ChunkStore:
                 found = self.index.resolve(prefix, [job.parent_key])
                 parent = found[0][0].chunk_id if found else 0
             records.append(ChunkRecord(cid, prefix, off, c.layout.total_bytes, c.layout.num_tokens,
-                                       parent, c.kinds, hcrc, lcrcs, c.keys))
+                                       parent, c.kinds, hdig, ldigs, c.keys))
             last_of[(prefix, c.keys[-1])] = cid
             prev_job, prev_id = job, cid
         return records
@@ -389,27 +391,18 @@ class ChunkStore:
         self.close()
 
 
-def _check_save(ns: Namespace, n: int, positions, token_ids, layers, kinds, rows) -> None:
-    """Raise ValueError naming expected vs got for tensors that disagree with the namespace."""
-    if len(kinds) != ns.num_layers or len(layers) != ns.num_layers:
-        raise ValueError(f"expected {ns.num_layers} layers and layer_kinds, "
-                         f"got {len(layers)} layers and {len(kinds)} kinds")
-    for name, t in (("positions", positions), ("token_ids", token_ids)):
-        if tuple(t.shape) != (n,):
-            raise ValueError(f"{name}: expected shape ({n},) = len(keys) * page_size, got {tuple(t.shape)}")
-    if rows is not None and (tuple(rows.shape) != (n,) or rows.dtype != torch.int64):
-        raise ValueError(f"rows: expected int64 ({n},), got {rows.dtype} {tuple(rows.shape)}")
-    for l, (src, kind) in enumerate(zip(layers, kinds)):
-        parts = src if (rows is not None and kind == LayerKind.KV) else (src,)
-        if rows is not None and kind == LayerKind.KV and len(parts) != 2:
-            raise ValueError(f"layers[{l}] (KV with rows): expected (k_buffer, v_buffer)")
-        for t in parts:
-            if rows is None:
-                want = (n, *ns.row_shape(kind))
-            elif kind == LayerKind.KV:
-                want = (t.shape[0], ns.num_kv_heads, ns.head_dim)
-            else:
-                want = (t.shape[0], ns.hidden_size)
-            if tuple(t.shape) != want or t.dtype != ns.torch_dtype:
-                raise ValueError(f"layers[{l}] ({kind.name}): expected {ns.dtype} {want}, "
-                                 f"got {str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}")
+def _contiguous_runs(view: memoryview, placed) -> list[tuple[int, list[memoryview]]]:
+    """Group placed chunks into runs of adjacent pool extents: ``[(pool_offset, staging_views)]``.
+
+    The allocator hands a batch adjacent extents when the pool has room, so a batch usually becomes
+    one pwritev (a gather from staging) instead of one write per chunk.
+    """
+    runs: list[tuple[int, list[memoryview]]] = []
+    end = -1
+    for _, c, _, off in sorted(placed, key=lambda x: x[3]):
+        b, n = c.staging_offset, c.layout.total_bytes
+        if off != end:
+            runs.append((off, []))
+        runs[-1][1].append(view[b:b + n])
+        end = off + n
+    return runs

@@ -4,7 +4,7 @@ Measures in one run: save throughput (save calls to flush), read throughput warm
 cold (O_DIRECT), each against a raw sequential file baseline; index lookup latency at --entries pages;
 and the caller-side p99 of a save call vs a plain host copy of the same bytes.
 
-    python bench/bench_store.py --dir /tmp/hc-bench --chunks 128 --json out.json
+    python bench/bench_store.py --dir /tmp/hc-bench --chunks 128 --repeats 3 --json out.json
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import time
 
 import torch
@@ -27,6 +28,10 @@ PRESETS = {
     "tiny": dict(num_layers=4, hidden_size=512, num_kv_heads=4, head_dim=64),
 }
 BATCH_CHUNKS = 8  # chunks per save/read call (512 tokens)
+IN_FLIGHT = 2  # store reads outstanding at once
+RATIOS = [("write_ratio_vs_raw", "store_write_gbps", "raw_write_gbps"),
+          ("read_ratio_vs_raw_cold", "store_read_cold_gbps", "raw_read_cold_gbps"),
+          ("read_ratio_vs_raw_warm", "store_read_warm_gbps", "raw_read_warm_gbps")]
 
 
 def pct(xs, q):
@@ -35,14 +40,21 @@ def pct(xs, q):
 
 
 def raw_baseline(path: str, nbytes: int, block: int) -> dict:
-    """Write then read ``nbytes`` sequentially in ``block``-byte pwrites/preads."""
-    buf = aligned_buffer(block)
-    view = byte_view(buf)
+    """Write then read ``nbytes`` sequentially in ``block``-byte pwrites/preads, one fdatasync.
+
+    Sources and destinations cycle through ``BATCH_CHUNKS`` blocks of memory, the footprint of one
+    store save/read call (a reused 16 MB buffer would stay in the CPU cache, which no caller's
+    tensors do).
+    """
+    buf = aligned_buffer(BATCH_CHUNKS * block, populate=True)
     buf.random_()
+    view = byte_view(buf)
+    slots = [view[i * block:(i + 1) * block] for i in range(BATCH_CHUNKS)]
+    offsets = list(range(0, nbytes, block))
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     t = time.perf_counter()
-    for off in range(0, nbytes, block):
-        os.pwrite(fd, view, off)
+    for i, off in enumerate(offsets):
+        os.pwrite(fd, slots[i % BATCH_CHUNKS], off)
     os.fdatasync(fd)
     write_s = time.perf_counter() - t
     os.close(fd)
@@ -50,11 +62,11 @@ def raw_baseline(path: str, nbytes: int, block: int) -> dict:
     for name, flags in (("cold", os.O_DIRECT), ("warm", 0)):
         fd = os.open(path, os.O_RDONLY | flags)
         if name == "warm":  # populate the page cache first
-            for off in range(0, nbytes, block):
-                os.preadv(fd, [view], off)
+            for i, off in enumerate(offsets):
+                os.preadv(fd, [slots[i % BATCH_CHUNKS]], off)
         t = time.perf_counter()
-        for off in range(0, nbytes, block):
-            os.preadv(fd, [view], off)
+        for i, off in enumerate(offsets):
+            os.preadv(fd, [slots[i % BATCH_CHUNKS]], off)
         out[f"raw_read_{name}_gbps"] = nbytes / (time.perf_counter() - t) / 1e9
         os.close(fd)
     os.unlink(path)
@@ -86,14 +98,23 @@ def bench_store(args, ns: Namespace, chunk_bytes: int) -> dict:
             assert store.save(ns, keys_for(b, pages), **data)
         store.flush()
         res["store_write_gbps"] = nbytes / (time.perf_counter() - t) / 1e9
-    out = [torch.empty(tokens, ns.hidden_size, dtype=ns.torch_dtype) for _ in range(ns.num_layers)]
-    pos = torch.empty(tokens, dtype=torch.int64)
+    # two reads in flight, each into its own page-aligned buffers (like a restore path's pinned
+    # buffers, which let O_DIRECT land in place); reads sharing one destination would fight over it
+    outs = [[aligned_buffer(tokens * ns.row_bytes(LayerKind.HIDDEN), populate=True)
+             .view(ns.torch_dtype).view(tokens, ns.hidden_size) for _ in range(ns.num_layers)]
+            for _ in range(IN_FLIGHT)]
+    pos = [torch.empty(tokens, dtype=torch.int64) for _ in range(IN_FLIGHT)]
     for name, o_direct in (("cold", True), ("warm", False)):
         with ChunkStore(StoreConfig(**cfg, o_direct=o_direct)) as store:
             rounds = 2 if name == "warm" else 1  # warm: first pass fills the page cache
             for _ in range(rounds):
                 t = time.perf_counter()
-                handles = [store.read(ns, keys_for(b, pages), out, pos) for b in range(nbatches)]
+                handles = []
+                for b in range(nbatches):
+                    if len(handles) == IN_FLIGHT:
+                        assert handles.pop(0).wait()
+                    slot = b % IN_FLIGHT
+                    handles.append(store.read(ns, keys_for(b, pages), outs[slot], pos[slot]))
                 assert all(h.wait() for h in handles)
                 res[f"store_read_{name}_gbps"] = nbytes / (time.perf_counter() - t) / 1e9
             res["o_direct_effective"] = res.get("o_direct_effective", store.pool.o_direct)
@@ -159,21 +180,30 @@ def main() -> None:
     p.add_argument("--entries", type=int, default=100_000)
     p.add_argument("--lookups", type=int, default=1000)
     p.add_argument("--save-iters", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=3, help="raw + store rounds; medians reported")
     p.add_argument("--json")
     args = p.parse_args()
     ns = Namespace("bench", dtype="bfloat16", page_size=16, **PRESETS[args.preset])
     chunk_bytes = chunk_layout(ns, 64, (LayerKind.HIDDEN,) * ns.num_layers).total_bytes
-    shutil.rmtree(args.dir, ignore_errors=True)
-    os.makedirs(args.dir)
     nbytes = args.chunks // BATCH_CHUNKS * BATCH_CHUNKS * chunk_bytes
-    res = {"preset": args.preset, "chunks": args.chunks, "chunk_bytes": chunk_bytes, "bytes": nbytes}
-    res.update(raw_baseline(os.path.join(args.dir, "raw.bin"), nbytes, chunk_bytes - 4096))
-    res.update(bench_store(args, ns, chunk_bytes))
+    res = {"preset": args.preset, "chunks": args.chunks, "chunk_bytes": chunk_bytes, "bytes": nbytes,
+           "repeats": args.repeats}
+    # raw and store run back to back in each repeat (a shared disk drifts); ratios are medians of
+    # the per-repeat ratios, throughputs medians of the runs
+    runs = []
+    for _ in range(args.repeats):
+        shutil.rmtree(args.dir, ignore_errors=True)
+        os.makedirs(args.dir)
+        run = raw_baseline(os.path.join(args.dir, "raw.bin"), nbytes, chunk_bytes - 4096)
+        run.update(bench_store(args, ns, chunk_bytes))
+        runs.append(run)
+    for key in runs[0]:
+        res[key] = statistics.median(r[key] for r in runs)
+    for ratio, store_key, raw_key in RATIOS:
+        res[ratio] = statistics.median(r[store_key] / r[raw_key] for r in runs)
+        res[ratio + "_runs"] = [round(r[store_key] / r[raw_key], 3) for r in runs]
     res.update(bench_save_call(args, ns))
     res.update(bench_lookup(args))
-    res["write_ratio_vs_raw"] = res["store_write_gbps"] / res["raw_write_gbps"]
-    res["read_ratio_vs_raw_cold"] = res["store_read_cold_gbps"] / res["raw_read_cold_gbps"]
-    res["read_ratio_vs_raw_warm"] = res["store_read_warm_gbps"] / res["raw_read_warm_gbps"]
     res["save_call_p99_vs_copy"] = res["save_call_p99_ms"] / res["copy_p99_ms"]
     shutil.rmtree(args.dir, ignore_errors=True)
     print(f"{args.preset} {nbytes / 1e9:.2f} GB: write {res['store_write_gbps']:.2f} GB/s "

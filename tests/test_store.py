@@ -10,7 +10,9 @@ import torch
 from hcache_sglang.backends import (ChunkCorrupt, ChunkStore, LayerKind, Namespace, StoreConfig,
                                     StoreLocked)
 from hcache_sglang.backends import pool as pool_mod
+from hcache_sglang.backends import index as index_mod
 from hcache_sglang.backends.layout import chunk_layout
+from hcache_sglang.backends.pool import aligned_buffer
 
 H, KV = LayerKind.HIDDEN, LayerKind.KV
 NS = Namespace("model-a", num_layers=3, hidden_size=64, num_kv_heads=2, head_dim=16,
@@ -237,3 +239,50 @@ def test_drop_and_missing_pages(tmp_path):
         handle, *_ = read_back(store, NS, keys[:4])
         with pytest.raises(KeyError):
             handle.layer(0).result(timeout=1)
+
+
+def test_batch_is_one_gathered_write_and_o_direct_reads_land_in_place(tmp_path, monkeypatch):
+    keys, data = chain(40), payload(NS, 40)
+    writes = []
+    real = pool_mod._write_at
+
+    def counting(fd, bufs, offset):
+        writes.append((offset, [len(b) for b in bufs]))
+        real(fd, bufs, offset)
+
+    monkeypatch.setattr(pool_mod, "_write_at", counting)
+    with ChunkStore(cfg(tmp_path, o_direct=True)) as store:
+        # 3 chunks of one save land in adjacent extents: one pwritev gathers them from staging
+        store.save(NS, keys, **data)
+        store.flush()
+        assert len(writes) == 1 and len(writes[0][1]) == 3
+        n = 40 * NS.page_size
+        # page-aligned caller buffers are read into directly, unaligned ones through a bounce buffer
+        for aligned in (True, False):
+            if aligned:
+                out = [aligned_buffer(n * NS.row_bytes(k)).view(NS.torch_dtype).view(n, *NS.row_shape(k))
+                       for k in KINDS]
+            else:
+                out = [torch.empty((n, *NS.row_shape(k)), dtype=NS.torch_dtype) for k in KINDS]
+            pos = torch.empty(n, dtype=torch.int64)
+            assert store.read(NS, keys, out, pos).wait()
+            for got, want in zip(out, data["layers"]):
+                assert torch.equal(got, want)
+            assert torch.equal(pos, data["positions"])
+
+
+def test_index_of_another_format_is_emptied_not_misread(tmp_path):
+    keys = chain(16)
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(NS, keys, **payload(NS, 16))
+    # pretend an older build wrote this index
+    index = index_mod.ChunkIndex(os.path.join(tmp_path, "store", "index"))
+    with index.env.begin(write=True) as txn:
+        txn.put(b"format", b"1", db=index._meta)
+    index.close()
+    with ChunkStore(cfg(tmp_path)) as store:
+        s = store.stats()
+        assert store.lookup(NS, keys).num_pages == 0 and s.chunks_stored == 0 and s.used_bytes == 0
+        assert store.save(NS, keys, **payload(NS, 16))  # and the store is usable again
+        store.flush()
+        assert store.lookup(NS, keys).num_pages == 16

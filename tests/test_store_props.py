@@ -71,3 +71,27 @@ def test_index_matches_model(tmp_path_factory, seq):
                 assert rec == recs[model[(p, k)]] and rec.keys[idx] == k
     assert {r.chunk_id for r in index.records()} == set(recs)
     index.close()
+
+
+def test_index_map_grows_from_tiny_and_reopens(tmp_path):
+    # 3000 chunks of 4 pages cannot fit a 32 KiB map: every commit that overflows doubles it
+    path = str(tmp_path / "idx")
+    index = ChunkIndex(path, map_size=32 << 10)
+    recs = [ChunkRecord(i + 1, b"N" * 16, i * ALIGN, ALIGN, 64, i, (LayerKind.HIDDEN,) * 32, i,
+                        tuple(range(i, i + 32)), tuple(f"{i:06d}-{p}" for p in range(4)))
+            for i in range(3000)]
+    for s in range(0, len(recs), 500):
+        index.commit(recs[s:s + 500])
+    assert index.map_grows >= 3
+    got = index.resolve(b"N" * 16, [k for r in recs[1234:1240] for k in r.keys])
+    assert [rec for rec, _ in got[::4]] == recs[1234:1240]
+    index.close()
+    # reopening with the tiny default map still sees (and extends) the grown file
+    index = ChunkIndex(path, map_size=32 << 10)
+    assert index.dropped_at_open == 0 and sorted(r.chunk_id for r in index.records()) == list(
+        range(1, 3001))
+    (cid,) = index.new_ids(1)
+    assert cid == 3001
+    index.commit([ChunkRecord(cid, b"N" * 16, 0, ALIGN, 64, 0, (LayerKind.KV,), 7, (8,), ("new",))])
+    assert index.resolve(b"N" * 16, ["new"])[0][0].layer_digests == (8,)
+    index.close()
