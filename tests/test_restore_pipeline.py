@@ -1,0 +1,155 @@
+"""The restore pipeline, chunk store -> host buffers -> LayerRestorer -> SGLang's MHATokenToKVPool.
+
+Story of every test: save a context's per-layer payloads (hidden states or K/V, as a plan says) into a
+real ChunkStore, flush, read them back with per-layer futures, restore into the KV pool of SGLang's own
+``MHATokenToKVPool`` (CPU), then check what landed and when each layer was released.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+import hcache_sglang  # noqa: F401 - CPU platform patches before SGLang is imported
+from hcache_sglang.backends import ChunkCorrupt, ChunkStore, LayerKind, Namespace, StoreConfig
+from hcache_sglang.backends.layout import chunk_layout
+from hcache_sglang.kernels.reference import compute_kv
+from hcache_sglang.restore import LayerRestorer, RestoreJob
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+from kernel_cases import paged_slots, random_projection
+
+HIDDEN, HEADS, HEAD_DIM, PAGE = 256, 2, 64, 16
+H, K = LayerKind.HIDDEN, LayerKind.KV
+
+
+class Scenario:
+    """One context of ``tokens`` tokens of a 4-layer float32 model with random weights and payloads."""
+
+    def __init__(self, tmp_path, tokens: int = 128, limit: float | None = None, layers: int = 4):
+        self.tokens, self.layers = tokens, layers
+        base = random_projection(HIDDEN, HEADS, HEAD_DIM, torch.float32, max_position=tokens)
+        # distinct weights per layer (random_projection is seeded by the geometry only)
+        self.projections = [dataclasses.replace(base, weight=base.weight * (1 + 0.1 * l))
+                            for l in range(layers)]
+        g = torch.Generator().manual_seed(1)
+        self.positions = torch.arange(tokens, dtype=torch.int64)
+        self.token_ids = torch.randint(0, 1000, (tokens,), generator=g, dtype=torch.int32)
+        self.hidden = [torch.randn(tokens, HIDDEN, generator=g) for _ in range(layers)]
+        self.kv = [torch.stack(compute_kv(h, self.positions, p), dim=1)
+                   for h, p in zip(self.hidden, self.projections)]  # [n, 2, HEADS, HEAD_DIM]
+        self.keys = [f"{tokens:08x}{p:056x}" for p in range(tokens // PAGE)]
+        self.slots = paged_slots(tokens, PAGE, 2 * tokens // PAGE + 1)
+        self.pool = MHATokenToKVPool(size=2 * tokens, page_size=PAGE, dtype=torch.float32, head_num=HEADS,
+                                     head_dim=HEAD_DIM, layer_num=layers, device="cpu",
+                                     enable_memory_saver=False, enable_alt_stream=False)
+        self.store = ChunkStore(StoreConfig(str(tmp_path / "store"), capacity_bytes=64 << 20,
+                                            staging_bytes=16 << 20, max_save_block_s=10.0,
+                                            read_bandwidth_limit=limit))
+        self.restorer = LayerRestorer(self.projections, self.pool.k_buffer, self.pool.v_buffer,
+                                      torch.device("cpu"))
+
+    def namespace(self, kinds) -> Namespace:
+        return Namespace("test-restore-" + "".join(k.name[0] for k in kinds), len(kinds), HIDDEN, HEADS,
+                         HEAD_DIM, "float32", PAGE)
+
+    def save(self, kinds) -> Namespace:
+        ns = self.namespace(kinds)
+        payload = [self.hidden[l] if k is H else self.kv[l] for l, k in enumerate(kinds)]
+        assert self.store.save(ns, self.keys, positions=self.positions, token_ids=self.token_ids,
+                               layers=payload, layer_kinds=kinds)
+        self.store.flush()
+        return ns
+
+    def read(self, ns: Namespace, kinds):
+        buffers = [torch.empty(self.tokens, *ns.row_shape(k)) for k in kinds]
+        positions = torch.empty(self.tokens, dtype=torch.int64)
+        return buffers, self.store.read(ns, self.keys, buffers, positions)
+
+    def restore(self, kinds, buffers, handle, on_layer_done) -> None:
+        job = RestoreJob(self.slots, self.positions, self.token_ids, buffers, list(kinds), handle)
+        self.restorer.restore([job], on_layer_done)
+
+    def close(self) -> None:
+        self.store.close()
+
+
+@pytest.fixture
+def scenario(tmp_path):
+    s = Scenario(tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("kinds", [(H, K, K, H), (K, H, H, K), (H, H, H, H), (K, K, K, K)],
+                         ids=["HKKH", "KHHK", "HHHH", "KKKK"])
+def test_mixed_plan_restores_reference_kv_in_layer_order(scenario, kinds):
+    # save the context under the plan, read it back layer by layer, restore into the pool
+    ns = scenario.save(kinds)
+    buffers, handle = scenario.read(ns, kinds)
+    released: list[int] = []
+    scenario.restore(kinds, buffers, handle, released.append)
+    # every layer is released, in order
+    assert released == list(range(scenario.layers))
+    # the request's slots hold the reference K/V: copied layers exactly, projected layers = the spec
+    for l, kind in enumerate(kinds):
+        k = scenario.pool.k_buffer[l].index_select(0, scenario.slots)
+        v = scenario.pool.v_buffer[l].index_select(0, scenario.slots)
+        if kind is K:
+            assert torch.equal(k, scenario.kv[l][:, 0]) and torch.equal(v, scenario.kv[l][:, 1])
+        else:
+            torch.testing.assert_close(k, scenario.kv[l][:, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, scenario.kv[l][:, 1], rtol=1e-5, atol=1e-5)
+    # slots outside the request are untouched (the pool starts zeroed)
+    others = torch.ones(scenario.pool.k_buffer[0].shape[0], dtype=torch.bool)
+    others[scenario.slots] = False
+    assert all(not scenario.pool.k_buffer[l][others].any() for l in range(scenario.layers))
+
+
+def test_layer_released_while_later_layers_are_still_being_read(tmp_path):
+    # reads throttled to 2 MB/s: each 128 KiB layer segment takes ~65 ms to arrive
+    s = Scenario(tmp_path, tokens=128, limit=2e6, layers=6)
+    try:
+        kinds = (H, K, H, K, H, H)
+        ns = s.save(kinds)
+        read_done: dict[int, float] = {}
+        released: dict[int, float] = {}
+        lock = threading.Lock()
+        buffers, handle = s.read(ns, kinds)
+        for l in range(s.layers):
+            def mark(_f, l=l):
+                with lock:
+                    read_done[l] = time.perf_counter()
+            handle.layer(l).add_done_callback(mark)
+        s.restore(kinds, buffers, handle, lambda l: released.__setitem__(l, time.perf_counter()))
+        last = s.layers - 1
+        # pipelining: layer 0 is in the pool before the last layer's bytes have even arrived
+        assert released[0] < read_done[last], (released, read_done)
+        assert list(released) == list(range(s.layers))
+    finally:
+        s.close()
+
+
+def test_corrupt_chunk_makes_restore_raise(scenario):
+    kinds = (H, K, K, H)
+    ns = scenario.save(kinds)
+    # flip bytes inside layer 2's segment of the first chunk on disk
+    rec, _ = scenario.store.index.resolve(ns.key_prefix, scenario.keys[:1])[0]
+    segment = chunk_layout(ns, rec.num_tokens, rec.kinds).layers[2]
+    fd = os.open(scenario.store.pool.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xff" * 64, rec.offset + segment.offset + 8)
+    finally:
+        os.close(fd)
+    buffers, handle = scenario.read(ns, kinds)
+    released: list[int] = []
+    with pytest.raises(ChunkCorrupt):
+        scenario.restore(kinds, buffers, handle, released.append)
+    # the layers before the corrupt one were restored and released; none after
+    assert released == [0, 1]
+    # the corrupt chunk is gone from the store: the next lookup misses it
+    assert scenario.store.lookup(ns, scenario.keys).num_pages == 0
