@@ -5,8 +5,8 @@
   beside the pool, with the configured read throttle and O_DIRECT mode applied);
 - re-projection of one layer (``project_kv_into_cache``) per token;
 - the K/V copy of one layer (``copy_kv_into_cache``) per token;
-- a full layer forward per token (QKV, attention over the context, O, gated MLP GEMMs), the cost of
-  recomputing a leading layer from its input.
+- a full Llama-style layer forward per token (RMSNorms, QKV, RoPE, K/V write, causal attention over
+  the context, O, residuals, gated MLP), the cost of recomputing a leading layer from its input.
 The result is cached as JSON under ``<cache root>/profiles/`` keyed by machine, geometry, dtype and
 store settings; ``refresh=True`` (``--hcache-refresh-profile``) measures again.
 """
@@ -88,16 +88,43 @@ def measure_compute(projection, geometry: Geometry, dtype: torch.dtype, device: 
     w_o = torch.randn(num_heads * head_dim, d, dtype=dtype, device=device) * 0.02
     w_up = torch.randn(d, 2 * inter, dtype=dtype, device=device) * 0.02
     w_down = torch.randn(inter, d, dtype=dtype, device=device) * 0.02
-    ctx_k = torch.randn(1, kv_heads_total, context, head_dim, dtype=dtype, device=device)
+    norm_w = torch.ones(d, dtype=dtype, device=device)
+    # The restored tokens attend causally to themselves (and to a device prefix, ignored here).
+    prefix_k = torch.randn(1, kv_heads_total, context - tokens, head_dim, dtype=dtype, device=device) \
+        if context > tokens else None
+    cos_sin = projection.cos_sin_cache
+
+    def rms(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * norm_w
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        half = projection.rotary_dim // 2
+        cs = cos_sin.index_select(0, positions).to(device)
+        cos, sin = cs[:, None, :half], cs[:, None, half:]
+        x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:].float()], -1).to(dtype)
 
     def layer_forward() -> None:
-        qkv = hidden @ w_qkv
-        q = qkv[:, : num_heads * head_dim].view(1, tokens, num_heads, head_dim).transpose(1, 2)
-        k = ctx_k.repeat_interleave(num_heads // kv_heads_total, dim=1)
-        attn = torch.nn.functional.scaled_dot_product_attention(q, k, k)
-        out = attn.transpose(1, 2).reshape(tokens, -1) @ w_o
-        gate_up = out @ w_up
-        (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w_down
+        """A Llama-style decoder layer over the restored tokens: what recomputing one layer costs."""
+        residual = hidden
+        qkv = rms(hidden) @ w_qkv
+        q = rope(qkv[:, : num_heads * head_dim].view(tokens, num_heads, head_dim))
+        k = rope(qkv[:, num_heads * head_dim: num_heads * head_dim + geometry.kv_dim].view(tokens, -1, head_dim))
+        v = qkv[:, num_heads * head_dim + geometry.kv_dim:].view(tokens, -1, head_dim)
+        k_cache.index_copy_(0, slots, k[:, :heads])  # the K/V write into the pool
+        k = k.transpose(0, 1).unsqueeze(0)
+        v = v.transpose(0, 1).unsqueeze(0)
+        if prefix_k is not None:
+            k = torch.cat([prefix_k, k], 2)
+            v = torch.cat([prefix_k, v], 2)
+        rep = num_heads // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = torch.ones(tokens, k.shape[2], dtype=torch.bool, device=device).tril(k.shape[2] - tokens)
+        attn = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask)
+        h = residual + attn[0].transpose(0, 1).reshape(tokens, -1) @ w_o
+        gate_up = rms(h) @ w_up
+        h + (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w_down
 
     recompute = _median_seconds(layer_forward, device, repeats=2)
     return {"project_s": project / tokens, "copy_s": copy / tokens, "recompute_s": recompute / tokens}
@@ -151,8 +178,12 @@ def load_or_measure(projection, geometry: Geometry, dtype: torch.dtype, device: 
     start = time.perf_counter()
     Path(store_dir).mkdir(parents=True, exist_ok=True)
     compute = measure_compute(projection, geometry, dtype, device)
-    bandwidth = measure_read_bandwidth(store_dir, geometry.hidden_bytes, o_direct=o_direct,
-                                       read_bandwidth_limit=read_bandwidth_limit)
+    # Disks are noisy: the median of three samples.
+    bandwidth = statistics.median(
+        measure_read_bandwidth(store_dir, geometry.hidden_bytes, o_direct=o_direct,
+                               read_bandwidth_limit=read_bandwidth_limit, total_bytes=24 << 20)
+        for _ in range(3)
+    )
     label = "measured" + (f", reads throttled to {read_bandwidth_limit / 1e9:.2f} GB/s"
                           if read_bandwidth_limit else "")
     profile = CostProfile(read_bandwidth=bandwidth, label=label, **compute)
