@@ -326,7 +326,9 @@ class ChunkStore:
                 while off is None:
                     need, victims = sum(sizes[i:]), []
                     freed = self.alloc.free_bytes
-                    while freed < need:
+                    # At least one victim per round: with enough free bytes in total but no gap
+                    # large enough (fragmentation), evicting must still make progress.
+                    while freed < need or not victims:
                         cid = self._lru.victim()
                         if cid is None:
                             break

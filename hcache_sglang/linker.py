@@ -158,6 +158,14 @@ class HCacheLinker(UnifiedCacheLinker):
         kv = _kv_transfer(transfers)
         if kv is None or kv.device_indices is None or not kv.keys:
             return False
+        try:
+            return self._load(rid, kv)
+        except Exception as exc:  # noqa: BLE001 - runs in the scheduler loop: a failed load is a miss
+            logger.warning("hcache: load of %d pages for %s refused: %r", len(kv.keys), rid, exc)
+            self.restore_stats.record_refused(len(kv.keys) * self.page_size)
+            return False
+
+    def _load(self, rid: str, kv: PoolTransfer) -> bool:
         hit = self.store.lookup(self.namespace, kv.keys)
         if hit.num_pages < len(kv.keys):  # evicted since lookup
             return False
@@ -288,9 +296,12 @@ class HCacheLinker(UnifiedCacheLinker):
     # ---- lifecycle ---------------------------------------------------------------------------
 
     def reset(self) -> None:
+        """Quiesce (SGLang's ``flush_cache`` and shutdown): restores done, spills staged AND written,
+        so what was offloaded before a flush is found by the lookups after it."""
         self._pending.clear()
         self._restore_queue.join()
         self._spill_queue.join()
+        self.store.flush()
         while not self._spill_done.empty():
             self._spill_done.get_nowait()
         self.layer_done_counter.reset()

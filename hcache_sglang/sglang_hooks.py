@@ -12,7 +12,10 @@ whether the HCache linker is the configured external linker and does nothing oth
    process does not run out of memory. An explicit ``--max-total-tokens`` is honoured as asked; the
    side pool then comes on top and the linker logs its size.
 3. ``SchedulerOutputStreamer.get_cached_tokens_details`` (after): report prompt tokens as
-   ``{"device": ..., "hcache": ..., "computed": ...}`` instead of SGLang's generic ``host`` key.
+   ``{"device": ..., "hcache": ..., "computed": ...}`` instead of SGLang's generic ``host`` key,
+   also for a request with nothing cached (SGLang reports None there).
+4. ``Scheduler.hcache_stats(out_path)``: an RPC writing the store and restore counters as JSON
+   (:func:`hcache_sglang.metrics.install_stats_rpc`).
 """
 
 from __future__ import annotations
@@ -97,8 +100,10 @@ def _around_cell_size(original: Any, configurator: Any, kvc: Any, num_layers: in
 
 
 def _after_cached_tokens_details(result: Any, streamer: Any, req: Any, *a: Any, **k: Any) -> Any:
-    if not isinstance(result, dict) or not _is_hcache(streamer):
+    if not (result is None or isinstance(result, dict)) or not _is_hcache(streamer):
         return result
+    # SGLang reports None for a request with nothing cached; we still say what was computed.
+    result = result or {}
     device = int(result.get("device", 0))
     restored = int(result.get("host", 0))
     prompt = len(getattr(req, "origin_input_ids", ()) or ())
@@ -122,6 +127,9 @@ def _is_hcache(streamer: Any) -> bool:
 def register() -> None:
     """Register the hooks (idempotent). SGLang applies them right after its plugins load."""
     global _registered
+    from hcache_sglang.metrics import install_stats_rpc
+
+    install_stats_rpc()  # needs the scheduler module, which may be imported after a first call
     if _registered:
         return
     _registered = True

@@ -126,6 +126,20 @@ def test_eviction_takes_lru_chain_tails_and_never_orphans(tmp_path):
         assert store.lookup(NS, b).num_pages == 15 * 16 and store.lookup(NS, c).num_pages == 12 * 16
 
 
+def test_fragmented_full_pool_evicts_instead_of_dropping(tmp_path):
+    # Saves of mixed sizes fill the pool; later a new chunk needs a gap no single hole provides
+    # although enough bytes are free in total: eviction must go on until it fits.
+    with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
+        for i in range(60):
+            pages = 1 + (i * 7) % 16  # chunks of 1..16 pages: extents of many sizes
+            keys = chain(pages, f"frag{i}")
+            store.save(NS, keys, **payload(NS, pages, seed=i))
+            store.flush()
+            assert store.lookup(NS, keys).num_pages == pages, f"save {i} was dropped"
+        s = store.stats()
+        assert s.chunks_evicted > 0 and s.used_bytes <= s.capacity_bytes
+
+
 def test_staging_full_drops_save_without_blocking(tmp_path):
     with ChunkStore(cfg(tmp_path, staging_bytes=16 << 10, max_save_block_s=0.001)) as store:
         # 16 pages need 28 KiB of staging > 16 KiB: dropped and counted
