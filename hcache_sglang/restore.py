@@ -57,6 +57,11 @@ class LayerRestorer:
         """Restore every layer of ``jobs`` in order; raises on a failed read (the caller fails the batch)."""
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with ctx:
+            for job in jobs:
+                # Stored positions and token ids land with the first stored layer's read.
+                first = next((l for l, kind in enumerate(job.kinds) if kind is not None), None)
+                if job.read is not None and first is not None:
+                    job.read.layer(first).result()
             slots = torch.cat([j.slots for j in jobs]).to(self.device, non_blocking=True)
             positions = torch.cat([j.positions for j in jobs]).to(self.device, non_blocking=True)
             if self.capture is not None:
