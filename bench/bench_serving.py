@@ -1,0 +1,229 @@
+"""End-to-end serving benchmark: HCache vs SGLang's HiCache vs recompute, over real HTTP.
+
+For each model geometry and each system below, this script starts SGLang's real HTTP server through
+the launcher (``python -m hcache_sglang.launch_server --hierarchical-cache X ...``, a subprocess),
+waits for ``/health``, replays the same workloads with a streaming ``/generate`` client (exact
+``input_ids``, greedy), scrapes ``/metrics`` and tears the server down:
+
+    recompute      --hierarchical-cache off              an evicted prefix is recomputed (baseline)
+    hicache        --hierarchical-cache hicache          SGLang's KV offload: host + file storage
+    hcache-hidden  --hierarchical-cache hcache --hcache-layer-plan hidden
+    hcache         --hierarchical-cache hcache           the planner's hybrid plan (--objective)
+    hcache-space   --hierarchical-cache hcache --hcache-objective space   (storage ratio run)
+    ideal          --hierarchical-cache off, a device pool large enough that nothing is evicted
+
+Every system but ``ideal`` gets a device KV pool (``--max-total-tokens``) smaller than the
+workload's working set, so a returning context has been evicted (each request stays well under the
+pool: one request longer than the pool livelocks SGLang's scheduler). Workloads:
+
+    multiturn  clients with growing histories, Poisson arrivals (SGLang's bench_multiturn.py shape)
+    rag        groups of questions over one long document each (SGLang's generated-shared-prefix)
+
+Per system: TTFT mean/p50/p90 (all requests and *returning* ones, whose prefix was served before),
+end-to-end latency, throughput, tokens by origin (``cached_tokens_details``), restore ms per 1K
+tokens (hcache gauges), bytes stored per token, and agreement of every greedy output with the
+recompute run. Per workload the paper's ratios: ``ttft_speedup_vs_hicache``,
+``ttft_speedup_vs_recompute``, ``ttft_fraction_of_ideal_gain``, ``storage_ratio_vs_hicache``.
+
+    python bench/bench_serving.py --smoke --json /tmp/smoke.json              # ~1-2 min, tiny model
+    python bench/bench_serving.py --preset medium --json OUT.json --plot OUT.svg --markdown R.md
+    python bench/bench_serving.py --from-json OUT.json --markdown bench/RESULTS.md --plot OUT.svg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serving_client import run_workload, system_server  # noqa: E402
+from serving_report import (  # noqa: E402
+    compare,
+    render_markdown,
+    summarize,
+    write_plot,
+)
+from serving_workloads import WORKLOADS, build_workload  # noqa: E402
+
+SYSTEMS = ("recompute", "hicache", "hcache-hidden", "hcache", "hcache-space", "ideal")
+PRESETS = {
+    # Tiny float32 model, three systems, one small multi-turn workload: the CI smoke run.
+    "smoke": dict(
+        models=("tiny-llama-mha",), dtype="float32", systems=("recompute", "hicache", "hcache"),
+        max_total_tokens=1024, page_size=16,
+        workloads={"multiturn": dict(clients=3, rounds=3, request_len=160, output_len=8,
+                                     request_rate=0.0, max_parallel=1)},
+    ),
+    # The bench geometry (MHA) and its GQA twin at contexts up to ~2K tokens.
+    "medium": dict(
+        models=("bench-llama", "bench-llama-gqa"), dtype="checkpoint", systems=SYSTEMS,
+        max_total_tokens=3072, page_size=16,
+        workloads={
+            "multiturn": dict(clients=3, rounds=4, request_len=512, output_len=16,
+                              request_rate=0.0, max_parallel=1),
+            "rag": dict(groups=3, questions=3, document_len=1536, question_len=64, output_len=16,
+                        request_rate=0.0, max_parallel=1),
+        },
+    ),
+    # Contexts up to ~4K tokens; several clients in flight (Poisson arrivals).
+    "full": dict(
+        models=("bench-llama", "bench-llama-gqa"), dtype="checkpoint", systems=SYSTEMS,
+        max_total_tokens=6144, page_size=16,
+        workloads={
+            "multiturn": dict(clients=4, rounds=4, request_len=1024, output_len=32,
+                              request_rate=0.5, max_parallel=2),
+            "rag": dict(groups=3, questions=4, document_len=3072, question_len=128,
+                        output_len=32, request_rate=0.5, max_parallel=2),
+        },
+    ),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="medium")
+    ap.add_argument("--smoke", action="store_true", help="= --preset smoke (CI, ~1-2 minutes)")
+    ap.add_argument("--models", help="comma-separated model presets or paths (default: preset's)")
+    ap.add_argument("--systems", help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    ap.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)}")
+    ap.add_argument("--dtype", help="serving dtype; 'checkpoint' = config.json's")
+    ap.add_argument("--max-total-tokens", type=int, help="device KV pool of the evicting systems")
+    ap.add_argument("--objective", choices=("speed", "balanced"), default="balanced",
+                    help="planner objective of the 'hcache' (hybrid plan) system")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, help="server logs, pools (default: a fresh temp dir)")
+    ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds for /health")
+    ap.add_argument("--json", type=Path, help="write every result here")
+    ap.add_argument("--markdown", type=Path, help="write the table here (e.g. bench/RESULTS.md)")
+    ap.add_argument("--plot", type=Path, help="TTFT per turn / question, one line per system "
+                    "(.svg; .png needs matplotlib, else an .svg is written beside it)")
+    ap.add_argument("--from-json", type=Path, nargs="+",
+                    help="re-render --markdown/--plot from saved --json files (geometries merged)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.preset = "smoke"
+    return args
+
+
+def _pick(arg: str | None, default, known, what: str) -> tuple:
+    if arg is None:
+        return tuple(default)
+    names = tuple(x.strip() for x in arg.split(",") if x.strip())
+    bad = [n for n in names if known is not None and n not in known]
+    if bad or not names:
+        raise SystemExit(f"--{what} {arg!r}: expected comma-separated names from {list(known)}")
+    return names
+
+
+def plan_run(args) -> dict:
+    """The preset with the command line's overrides applied (everything the run needs)."""
+    preset = dict(PRESETS[args.preset])
+    preset["models"] = _pick(args.models, preset["models"], None, "models")
+    preset["systems"] = _pick(args.systems, preset["systems"], SYSTEMS, "systems")
+    if "recompute" not in preset["systems"]:
+        raise SystemExit("--systems must include recompute: every output is compared with it")
+    names = _pick(args.workloads, preset["workloads"], WORKLOADS, "workloads")
+    preset["workloads"] = {n: preset["workloads"].get(n, {}) for n in names}
+    for key in ("dtype", "max_total_tokens"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    preset.update(preset=args.preset, objective=args.objective, seed=args.seed)
+    return preset
+
+
+def run_benchmark(plan: dict, workdir: Path) -> dict:
+    """Every (model, system) server in turn; returns the JSON document."""
+    from tqdm import tqdm
+
+    from hcache_sglang import models
+
+    doc: dict = {"config": {k: v for k, v in plan.items()}, "geometries": {}}
+    geometries = []
+    for name in plan["models"]:
+        path = models.resolve_model(name)
+        info = models.check_model_path(path)
+        vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+        dtype = (info.torch_dtype or "auto") if plan["dtype"] == "checkpoint" else plan["dtype"]
+        work = {w: build_workload(w, plan["seed"] + i, vocab, **kw)
+                for i, (w, kw) in enumerate(plan["workloads"].items())}
+        geometries.append((name, path, info, dtype, work))
+    total = sum(len(w.requests) for g in geometries for w in g[4].values())
+    bar = tqdm(total=total * len(plan["systems"]), unit="req", desc="bench_serving")
+    for name, path, info, dtype, work in geometries:
+        runs: dict[str, dict] = {}
+        longest = max(w.longest_request for w in work.values())
+        working_set = sum(w.total_prompt_tokens for w in work.values())
+        if longest + 256 > plan["max_total_tokens"]:
+            raise SystemExit(f"{name}: a {longest}-token request does not fit well under the "
+                             f"device pool of {plan['max_total_tokens']} tokens; raise it")
+        for system in plan["systems"]:
+            pool = working_set * 2 + 4096 if system == "ideal" else plan["max_total_tokens"]
+            bar.set_description(f"{name} {system}: starting")
+            with system_server(system, path, dtype, pool, plan, workdir / f"{name}-{system}",
+                               start_timeout=plan["start_timeout"]) as server:
+                per_wl = {}
+                for wname, wl in work.items():
+                    bar.set_description(f"{name} {system} {wname}")
+                    per_wl[wname] = run_workload(server, wl, on_done=lambda: bar.update(1))
+                runs[system] = dict(server=server.describe(), workloads=per_wl)
+        doc["geometries"][name] = dict(
+            model=str(path), dtype=dtype, num_layers=info.num_layers, hidden_size=info.hidden_size,
+            num_heads=info.num_heads, num_kv_heads=info.num_kv_heads,
+            max_total_tokens=plan["max_total_tokens"],
+            workloads={w: dict(spec=wl.spec, **_evaluate(w, runs, dtype))
+                       for w, wl in work.items()},
+        )
+    bar.close()
+    return doc
+
+
+def _evaluate(workload: str, runs: dict, dtype: str) -> dict:
+    """Per-system summaries and the cross-system ratios of one workload."""
+    records = {s: r["workloads"][workload] for s, r in runs.items()}
+    systems = {s: summarize(rec, runs[s]["server"], records["recompute"])
+               for s, rec in records.items()}
+    return dict(systems=systems, **compare(systems, float_dtype=dtype == "float32"),
+                requests={s: rec["requests"] for s, rec in records.items()})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        docs = [json.loads(p.read_text()) for p in args.from_json]
+        geometries: dict = {}
+        for d in docs:  # later files win, workload by workload
+            for g, v in d["geometries"].items():
+                geometries.setdefault(g, dict(v, workloads={}))["workloads"].update(v["workloads"])
+        doc = dict(docs[0], geometries=geometries,
+                   wall_s=sum(d.get("wall_s", 0.0) for d in docs),
+                   sources=[str(p) for p in args.from_json])
+    else:
+        plan = plan_run(args)
+        plan["start_timeout"] = args.start_timeout
+        import tempfile
+
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serving-"))
+        print(f"bench_serving: preset {plan['preset']}, models {', '.join(plan['models'])}, "
+              f"systems {', '.join(plan['systems'])}; logs and pools under {workdir}", flush=True)
+        t0 = time.perf_counter()
+        doc = run_benchmark(plan, workdir)
+        doc["wall_s"] = time.perf_counter() - t0
+    table = render_markdown(doc)
+    print(table)
+    if args.json and not args.from_json:
+        args.json.write_text(json.dumps(doc, indent=1))
+        print(f"results written to {args.json}")
+    if args.markdown:
+        args.markdown.write_text(table)
+        print(f"table written to {args.markdown}")
+    if args.plot:
+        print(write_plot(doc, args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Server lifecycle and the streaming HTTP client of bench_serving.py.
+
+``system_server(system, ...)`` starts ``python -m hcache_sglang.launch_server`` for one system in
+its own process group, waits for ``/health`` and, on exit, sends SIGTERM to the group (SIGKILL after
+a grace period). ``run_workload(server, workload)`` replays a workload with aiohttp, streaming
+``/generate`` to time the first token, and returns one record per request plus the change of the
+server's storage counters over the workload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+from serving_workloads import Workload
+
+LAUNCHER = [sys.executable, "-m", "hcache_sglang.launch_server"]
+METRICS_WAIT_S = 1.5  # the hcache gauges are exported once a second
+
+
+def system_flags(system: str, objective: str, workdir: Path, capacity: str = "2G") -> list[str]:
+    """Launcher flags that make ``system`` (see bench_serving.SYSTEMS)."""
+    hcache = ["--hierarchical-cache", "hcache", "--hcache-dir", str(workdir / "pool"),
+              "--hcache-capacity", capacity]
+    flags = {
+        "recompute": ["--hierarchical-cache", "off"],
+        "ideal": ["--hierarchical-cache", "off"],
+        "hicache": ["--hierarchical-cache", "hicache"],
+        "hcache-hidden": hcache + ["--hcache-layer-plan", "hidden"],
+        "hcache": hcache + ["--hcache-objective", objective],
+        "hcache-space": hcache + ["--hcache-objective", "space"],
+    }
+    if system not in flags:
+        raise ValueError(f"system {system!r}: expected one of {list(flags)}")
+    return flags[system]
+
+
+@dataclass
+class Server:
+    system: str
+    url: str
+    workdir: Path
+    page_size: int
+    argv: list[str]
+    start_s: float = 0.0
+    log: Path = field(default=Path())
+
+    def metrics(self) -> dict[str, float]:
+        """``hcache_*`` gauges of ``/metrics`` (empty for systems without them)."""
+        text = requests.get(f"{self.url}/metrics", timeout=30).text
+        out = {}
+        for line in text.splitlines():
+            m = re.match(r"^(hcache_\w+)(?:\{[^}]*\})?\s+(\S+)$", line)
+            if m:
+                out[m.group(1)] = float(m.group(2))
+        return out
+
+    def storage(self) -> dict:
+        """Bytes and tokens held by this system's storage tier now."""
+        if self.system.startswith("hcache"):
+            # The committed chunks in the pool's index: extents (header, alignment included).
+            from hcache_sglang.backends.index import ChunkIndex
+
+            index = ChunkIndex(str(self.workdir / "pool" / "index"))
+            try:
+                recs = list(index.records())
+            finally:
+                index.close()
+            return dict(bytes=float(sum(r.nbytes for r in recs)),
+                        tokens=float(sum(r.num_tokens for r in recs)), source="pool index extents")
+        if self.system == "hicache":
+            files = [p for p in (self.workdir / "hicache-file").glob("*") if p.is_file()]
+            return dict(bytes=float(sum(p.stat().st_size for p in files)),
+                        tokens=float(len(files) * self.page_size), source="file backend directory")
+        return dict(bytes=0.0, tokens=0.0, source="none")
+
+    def describe(self) -> dict:
+        plan = None
+        with contextlib.suppress(OSError):
+            text = self.log.read_text(errors="replace")
+            m = re.search(r"hcache: restore plan [^\[]*\[(\w+)\]", text)
+            plan = m.group(1) if m else None
+        return dict(system=self.system, argv=self.argv, start_s=self.start_s, restore_plan=plan,
+                    storage=self.storage())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def system_server(system: str, model_path, dtype: str, max_total_tokens: int, plan: dict,
+                  workdir: Path, start_timeout: float = 600.0):
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    argv = [
+        "--model-path", str(model_path), "--dtype", dtype, "--port", str(port),
+        "--max-total-tokens", str(max_total_tokens), "--page-size", str(plan["page_size"]),
+        "--chunked-prefill-size", "8192", "--skip-tokenizer-init", "--enable-cache-report",
+        "--enable-metrics", "--random-seed", "0", "--log-level", "info",
+        *system_flags(system, plan["objective"], workdir, plan.get("hcache_capacity", "2G")),
+    ]
+    env = dict(os.environ, SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(workdir / "hicache-file"))
+    log = workdir / "server.log"
+    server = Server(system, f"http://127.0.0.1:{port}", workdir, plan["page_size"], argv, log=log)
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(LAUNCHER + argv, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        _wait_healthy(server, proc, start_timeout)
+        server.start_s = time.perf_counter() - t0
+        _warm_up(server)
+        yield server
+    finally:
+        _stop(proc)
+        for stored in ("pool", "hicache-file"):  # GiB-sized preallocated pools: logs stay
+            shutil.rmtree(workdir / stored, ignore_errors=True)
+
+
+def _warm_up(server: Server, tokens: int = 128) -> None:
+    """One request outside the measurement (first-call costs), on ids no workload uses."""
+    ids = [8 + i % 7 for i in range(tokens)]
+    params = {"max_new_tokens": 2, "temperature": 0.0, "ignore_eos": True}
+    r = requests.post(f"{server.url}/generate", json={"input_ids": ids, "sampling_params": params},
+                      timeout=600)
+    r.raise_for_status()
+
+
+def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{server.system}: the server exited with {proc.returncode} before "
+                               f"it was healthy; log tail:\n{_tail(server.log)}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{server.url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"{server.system}: no healthy /health after {timeout:.0f} s; log tail:\n"
+                       f"{_tail(server.log)}")
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM the server's process group (scheduler included), SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()
+            try:
+                os.killpg(proc.pid, 0)  # anything left in the group?
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    return "(no log)"
+
+
+async def _stream(session, url: str, req) -> dict:
+    payload = {"input_ids": list(req.input_ids), "stream": True,
+               "sampling_params": {"max_new_tokens": req.max_new_tokens, "temperature": 0.0,
+                                   "ignore_eos": True}}
+    t0 = time.perf_counter()
+    ttft, last = None, None
+    async with session.post(f"{url}/generate", json=payload) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"{req.rid}: HTTP {resp.status}: {await resp.text()}")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                raise RuntimeError(f"{req.rid}: {chunk['error']}")
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            last = chunk
+    if last is None:
+        raise RuntimeError(f"{req.rid}: the server streamed no output")
+    meta = last["meta_info"]
+    return dict(rid=req.rid, turn=req.turn, returning=req.returning,
+                prompt_tokens=len(req.input_ids), ttft_s=ttft, e2e_s=time.perf_counter() - t0,
+                output_ids=list(last["output_ids"]),
+                cached_tokens=int(meta.get("cached_tokens", 0)),
+                details=meta.get("cached_tokens_details"))
+
+
+async def _replay(url: str, workload: Workload, on_done) -> list[dict]:
+    import aiohttp
+
+    done = {r.rid: asyncio.Event() for r in workload.requests}
+    slots = asyncio.Semaphore(workload.max_parallel)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def one(req):
+            try:
+                return await _stream(session, url, req)
+            finally:
+                slots.release()
+                done[req.rid].set()
+                on_done()
+
+        tasks = []
+        for req in workload.requests:
+            await asyncio.sleep(req.gap_s)
+            if req.after:
+                await done[req.after].wait()
+            await slots.acquire()
+            tasks.append(asyncio.ensure_future(one(req)))
+        return list(await asyncio.gather(*tasks))
+
+
+def run_workload(server: Server, workload: Workload, on_done=lambda: None) -> dict:
+    """Replay ``workload``; flush the device cache first so each workload starts cold."""
+    requests.post(f"{server.url}/flush_cache", timeout=60)
+    time.sleep(METRICS_WAIT_S)
+    before, store_before = server.metrics(), server.storage()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    records = asyncio.run(_replay(server.url, workload, on_done))
+    wall = time.perf_counter() - t0
+    load = (load0 + os.getloadavg()[0]) / 2  # a shared host: read times beside the load
+    time.sleep(METRICS_WAIT_S)
+    after, store_after = server.metrics(), server.storage()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    return dict(requests=records, wall_s=wall, load_avg=load, metrics_delta=delta,
+                storage_delta={k: store_after[k] - store_before[k] for k in ("bytes", "tokens")})

@@ -1,0 +1,259 @@
+"""Figures of bench_serving.py: per-system summaries, cross-system ratios, markdown, SVG plot.
+
+``summarize(run, server, recompute_run)`` -> one system's metrics on one workload;
+``compare(systems)`` -> the paper's ratios, computed on *returning* requests (whose prefix was
+served before, so the evicting systems must restore or recompute it);
+``render_markdown(doc)`` / ``write_plot(doc, path)`` read only the JSON document, so
+``bench_serving.py --from-json`` regenerates both without a run.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+HCACHE_VARIANTS = {"hcache": "", "hcache-hidden": "_hidden", "hcache-space": "_space"}
+COLORS = {"recompute": "#d62728", "hicache": "#1f77b4", "hcache-hidden": "#9467bd",
+          "hcache": "#2ca02c", "hcache-space": "#8c564b", "ideal": "#7f7f7f"}
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))]
+
+
+def _stats(xs: list[float], prefix: str) -> dict:
+    return {f"{prefix}_mean": statistics.fmean(xs) if xs else None,
+            f"{prefix}_p50": _pct(xs, 50), f"{prefix}_p90": _pct(xs, 90)}
+
+
+def _origin(rec: dict) -> tuple[int, int, int]:
+    """(device, restored from a lower tier, computed) prompt tokens of one request."""
+    d = rec.get("details") or {}
+    cached = rec["cached_tokens"]
+    device = int(d.get("device", cached))
+    restored = int(d.get("hcache", 0)) + int(d.get("host", 0)) + int(d.get("storage", 0))
+    return device, restored, rec["prompt_tokens"] - device - restored
+
+
+def _by_tier(reqs: list[dict]) -> dict[str, int]:
+    """Sum of ``cached_tokens_details`` per tier ({"device","host","storage"} or {"device",
+    "hcache","computed"}); {} when the server reported none."""
+    out: dict[str, int] = {}
+    for r in reqs:
+        for k, v in (r.get("details") or {}).items():
+            if isinstance(v, (int, float)):
+                out[k] = out.get(k, 0) + int(v)
+    return out
+
+
+def summarize(run: dict, server: dict, recompute: dict) -> dict:
+    reqs = run["requests"]
+    back = [r for r in reqs if r["returning"]]
+    ref = {r["rid"]: r["output_ids"] for r in recompute["requests"]}
+    same = total = identical = 0
+    for r in reqs:
+        want = ref[r["rid"]]
+        same += sum(a == b for a, b in zip(r["output_ids"], want))
+        total += max(len(want), len(r["output_ids"]))
+        identical += r["output_ids"] == want
+    origins = [_origin(r) for r in reqs]
+    delta = run["metrics_delta"]
+    restored_tokens = delta.get("hcache_restore_restored_tokens", 0.0)
+    storage = server["storage"]
+    cold = [r["ttft_s"] * 1e3 for r in reqs if not r["returning"]]
+    out = dict(
+        requests=len(reqs), returning_requests=len(back),
+        **_stats([r["ttft_s"] * 1e3 for r in back], "ttft_returning_ms"),
+        **_stats([r["ttft_s"] * 1e3 for r in reqs], "ttft_ms"),
+        # first visits do the same work in every system: their TTFT shows the host's load drift
+        ttft_cold_ms_mean=statistics.fmean(cold) if cold else None,
+        **_stats([r["e2e_s"] * 1e3 for r in reqs], "e2e_ms"),
+        prompt_tokens=sum(r["prompt_tokens"] for r in reqs),
+        tokens_device=sum(o[0] for o in origins),
+        tokens_restored=sum(o[1] for o in origins),
+        tokens_computed=sum(o[2] for o in origins),
+        tokens_by_tier=_by_tier(reqs),
+        restore_ms_per_1k_tokens=(delta.get("hcache_restore_restore_seconds_total", 0.0) * 1e6
+                                  / restored_tokens) if restored_tokens else None,
+        refused_loads=delta.get("hcache_restore_refused_loads"),
+        bytes_per_token=storage["bytes"] / storage["tokens"] if storage["tokens"] else None,
+        storage_bytes=storage["bytes"], storage_source=storage["source"],
+        output_tokens_per_s=sum(len(r["output_ids"]) for r in reqs) / run["wall_s"],
+        prompt_tokens_per_s=sum(r["prompt_tokens"] for r in reqs) / run["wall_s"],
+        wall_s=run["wall_s"], load_avg=run.get("load_avg"), server_start_s=server["start_s"],
+        restore_plan=server["restore_plan"],
+        output_token_agreement=same / total if total else 1.0,
+        outputs_identical=identical == len(reqs),
+    )
+    return out
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def compare(systems: dict[str, dict], float_dtype: bool) -> dict:
+    """The paper's ratios per HCache variant (key suffix ``_hidden`` / ``_space`` for those)."""
+    ttft = {s: v["ttft_returning_ms_mean"] for s, v in systems.items()}
+    bpt = {s: v["bytes_per_token"] for s, v in systems.items()}
+    out: dict = {}
+    for variant, suffix in HCACHE_VARIANTS.items():
+        if variant not in systems:
+            continue
+        mine, rec, ideal = ttft[variant], ttft.get("recompute"), ttft.get("ideal")
+        gain = (rec - ideal) if rec is not None and ideal is not None else None
+        out[f"ttft_speedup_vs_hicache{suffix}"] = _ratio(ttft.get("hicache"), mine)
+        out[f"ttft_speedup_vs_recompute{suffix}"] = _ratio(rec, mine)
+        out[f"ttft_fraction_of_ideal_gain{suffix}"] = (
+            (rec - mine) / gain if gain and gain > 0 and mine is not None else None)
+        out[f"storage_ratio_vs_hicache{suffix}"] = _ratio(bpt[variant], bpt.get("hicache"))
+    others = [v for s, v in systems.items() if s != "recompute"]
+    out["outputs_identical"] = all(v["outputs_identical"] for v in others)
+    out["output_token_agreement"] = min((v["output_token_agreement"] for v in others), default=1.0)
+    out["agreement_exact_expected"] = float_dtype
+    return out
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def _f(x, fmt="{:.0f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+RATIO_KEYS = ("ttft_speedup_vs_hicache", "ttft_speedup_vs_recompute", "ttft_fraction_of_ideal_gain",
+              "storage_ratio_vs_hicache")
+
+
+def render_markdown(doc: dict) -> str:
+    cfg = doc.get("config", {})
+    lines = [
+        "# bench_serving results", "",
+        f"Preset `{cfg.get('preset')}`, planner objective `{cfg.get('objective')}`, "
+        f"wall {_f(doc.get('wall_s'))} s. Regenerate: `python bench/bench_serving.py --from-json "
+        f"{' '.join(doc.get('sources') or ['OUT.json'])} --markdown bench/RESULTS.md`. "
+        "TTFT columns are over *returning* requests (their prefix was served before and, except "
+        "in `ideal`, evicted from the device pool) unless marked *all*; *cold* = first visits, "
+        "the same work in every system (their drift shows the shared host's load); tokens: "
+        "device hit / restored from host, disk or hidden states / computed.",
+        "",
+    ]
+    for gname, geo in doc["geometries"].items():
+        attn = "MHA" if geo["num_kv_heads"] == geo["num_heads"] else "GQA"
+        for wname, wl in geo["workloads"].items():
+            lines += [
+                f"## {gname} ({attn}, {geo['num_layers']} layers, hidden {geo['hidden_size']}, "
+                f"{geo['dtype']}), {wname}", "",
+                f"Workload {wl['spec']}; device pool {geo['max_total_tokens']} tokens.", "",
+            ]
+            for suffix in HCACHE_VARIANTS.values():
+                if f"ttft_speedup_vs_hicache{suffix}" in wl:
+                    name = "hcache" + (suffix.replace("_", "-") or " (hybrid)")
+                    lines.append(f"- {name}: " + ", ".join(
+                        f"{k} {_f(wl.get(k + suffix), '{:.2f}')}" for k in RATIO_KEYS))
+            agree = ("outputs identical: " + str(wl["outputs_identical"])
+                     if wl["agreement_exact_expected"]
+                     else f"output token agreement: {wl['output_token_agreement']:.3f}")
+            lines += [f"- vs recompute, {agree}", "",
+                      "| system | TTFT mean | p50 | p90 | TTFT all | TTFT cold | e2e mean "
+                      "| tokens dev/rest/comp | restore ms/1K | bytes/token | out tok/s | agree "
+                      "| plan | load |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            for s, v in wl["systems"].items():
+                if v.get("ttft_cold_ms_mean") is None:  # JSON written before that field existed
+                    cold = [r["ttft_s"] * 1e3 for r in wl["requests"][s] if not r["returning"]]
+                    v = dict(v, ttft_cold_ms_mean=statistics.fmean(cold) if cold else None)
+                lines.append(
+                    f"| {s} | {_f(v['ttft_returning_ms_mean'])} | {_f(v['ttft_returning_ms_p50'])} "
+                    f"| {_f(v['ttft_returning_ms_p90'])} | {_f(v['ttft_ms_mean'])} "
+                    f"| {_f(v.get('ttft_cold_ms_mean'))} | {_f(v['e2e_ms_mean'])} "
+                    f"| {v['tokens_device']}/{v['tokens_restored']}/{v['tokens_computed']} "
+                    f"| {_f(v['restore_ms_per_1k_tokens'])} "
+                    f"| {_f(v['bytes_per_token'])} | {_f(v['output_tokens_per_s'], '{:.1f}')} "
+                    f"| {v['output_token_agreement']:.3f} | {v['restore_plan'] or '-'} "
+                    f"| {_f(v.get('load_avg'), '{:.1f}')} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- plot
+
+
+def plot_series(doc: dict) -> list[dict]:
+    """Per (geometry, workload) panel: mean TTFT (ms) per turn / question index, per system."""
+    panels = []
+    for gname, geo in doc["geometries"].items():
+        for wname, wl in geo["workloads"].items():
+            series = {}
+            for s, reqs in wl["requests"].items():
+                by_turn: dict[int, list[float]] = {}
+                for r in reqs:
+                    by_turn.setdefault(r["turn"], []).append(r["ttft_s"] * 1e3)
+                series[s] = [[t, statistics.fmean(v)] for t, v in sorted(by_turn.items())]
+            x_label = "turn" if wname == "multiturn" else "question (document revisits)"
+            panels.append(dict(title=f"{gname} / {wname}", x_label=x_label, series=series))
+    return panels
+
+
+def _svg(panels: list[dict]) -> str:
+    w, h, pad = 520, 300, 50
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h * len(panels)}" '
+           'font-family="sans-serif" font-size="11">']
+    for i, p in enumerate(panels):
+        y0 = i * h
+        pts = [pt for s in p["series"].values() for pt in s]
+        xmax = max((x for x, _ in pts), default=1) or 1
+        ymax = max((y for _, y in pts), default=1) * 1.1 or 1
+
+        def sx(x, xmax=xmax):
+            return pad + (w - 2 * pad) * x / xmax
+
+        def sy(y, y0=y0, ymax=ymax):
+            return y0 + h - pad + -(h - 2 * pad) * y / ymax
+
+        out += [f'<text x="{w / 2}" y="{y0 + 18}" text-anchor="middle">{p["title"]}: TTFT (ms) '
+                f'per {p["x_label"]}</text>',
+                f'<line x1="{pad}" y1="{sy(0)}" x2="{w - pad}" y2="{sy(0)}" stroke="black"/>',
+                f'<line x1="{pad}" y1="{sy(0)}" x2="{pad}" y2="{sy(ymax)}" stroke="black"/>',
+                f'<text x="{pad - 4}" y="{sy(ymax / 1.1)}" text-anchor="end">'
+                f'{ymax / 1.1:.0f}</text>',
+                f'<text x="{pad - 4}" y="{sy(0)}" text-anchor="end">0</text>',
+                f'<text x="{w - pad}" y="{sy(0) + 14}" text-anchor="end">{xmax}</text>']
+        for j, (s, series) in enumerate(p["series"].items()):
+            color = COLORS.get(s, "black")
+            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in series)
+            out += [f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>',
+                    f'<text x="{w - pad + 2}" y="{y0 + pad + 12 * j}" fill="{color}" '
+                    f'text-anchor="end">{s}</text>']
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def write_plot(doc: dict, path: Path) -> str:
+    """Write the plot; PNG through matplotlib when installed, else an SVG (no dependency)."""
+    panels = plot_series(doc)
+    if path.suffix == ".png":
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            svg = path.with_suffix(".svg")
+            svg.write_text(_svg(panels))
+            return f"matplotlib is not installed: wrote {svg} (SVG) instead of {path}"
+        fig, axes = plt.subplots(len(panels), 1, figsize=(6, 3.2 * len(panels)), squeeze=False)
+        for ax, p in zip(axes[:, 0], panels):
+            for s, series in p["series"].items():
+                ax.plot([x for x, _ in series], [y for _, y in series], marker="o", label=s,
+                        color=COLORS.get(s))
+            ax.set(title=p["title"], xlabel=p["x_label"], ylabel="TTFT (ms)")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path)
+        return f"plot written to {path}"
+    path.write_text(_svg(panels))
+    return f"plot written to {path}"

@@ -1,0 +1,79 @@
+"""bench/bench_serving.py: the workloads force evictions; the CI-sized smoke run works end to end.
+
+The smoke run starts the real SGLang HTTP server three times through the launcher (recompute,
+HiCache, HCache), replays a small multi-turn workload over HTTP and checks the JSON it writes: every
+system started and served every request, the float32 outputs equal the recompute run's, the paper's
+ratio keys are present, and the systems that can restore did restore evicted tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+from serving_workloads import build_workload  # noqa: E402
+
+
+def test_multiturn_turns_extend_the_previous_turn_and_overflow_the_smoke_pool():
+    import bench_serving
+
+    spec = bench_serving.PRESETS["smoke"]
+    wl = build_workload("multiturn", 0, 512, **spec["workloads"]["multiturn"])
+    by_rid = {r.rid: r for r in wl.requests}
+    for r in wl.requests:
+        if r.after:
+            prev = by_rid[r.after]
+            # turn k's prompt = turn k-1's prompt + a scripted reply + a new user turn
+            assert r.input_ids[: len(prev.input_ids)] == prev.input_ids and r.returning
+    # a returning client's history cannot stay on the device: the others' histories exceed the pool
+    assert wl.total_prompt_tokens > spec["max_total_tokens"]
+    # ... but no single request comes near the pool (a longer one livelocks SGLang's scheduler)
+    assert wl.longest_request + 256 <= spec["max_total_tokens"]
+
+
+def test_rag_questions_share_their_document():
+    wl = build_workload("rag", 1, 512, groups=2, questions=3, document_len=100, question_len=10)
+    docs = {r.rid.split("-")[0]: r.input_ids[:100] for r in wl.requests if not r.returning}
+    assert len(docs) == 2 and len(set(docs.values())) == 2
+    for r in wl.requests:
+        assert r.input_ids[:100] == docs[r.rid.split("-")[0]] and len(r.input_ids) == 110
+
+
+@pytest.mark.engine
+def test_smoke_run_all_systems_agree_and_json_is_complete(tmp_path):
+    out = tmp_path / "smoke.json"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_serving.py"), "--smoke", "--json", str(out),
+         "--plot", str(tmp_path / "smoke.svg"), "--markdown", str(tmp_path / "smoke.md"),
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    wl = doc["geometries"]["tiny-llama-mha"]["workloads"]["multiturn"]
+    systems = wl["systems"]
+    assert set(systems) == {"recompute", "hicache", "hcache"}
+    n = len(wl["requests"]["recompute"])
+    for name, s in systems.items():
+        assert s["requests"] == n and s["server_start_s"] > 0, name
+        assert s["ttft_ms_mean"] > 0 and s["ttft_returning_ms_p90"] is not None, name
+    # float32: every greedy output equals the recompute run's, token for token
+    assert wl["outputs_identical"] is True and wl["output_token_agreement"] == 1.0
+    for key in ("ttft_speedup_vs_hicache", "ttft_speedup_vs_recompute",
+                "ttft_fraction_of_ideal_gain", "storage_ratio_vs_hicache"):
+        assert key in wl
+    assert wl["ttft_speedup_vs_recompute"] > 0 and wl["storage_ratio_vs_hicache"] > 0
+    # the evicting pool made recompute recompute returning prefixes; HCache restored some of them
+    assert systems["recompute"]["tokens_restored"] == 0
+    assert systems["hcache"]["tokens_restored"] > 0
+    assert systems["hcache"]["restore_ms_per_1k_tokens"] > 0
+    assert systems["hicache"]["bytes_per_token"] > 0 and systems["hcache"]["bytes_per_token"] > 0
+    assert (tmp_path / "smoke.svg").read_text().startswith("<svg")
+    assert "| hcache |" in (tmp_path / "smoke.md").read_text()
