@@ -98,9 +98,9 @@ class Server:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from hcache_sglang.launch import pick_server_port
+
+    return pick_server_port()
 
 
 @contextlib.contextmanager
@@ -151,6 +151,8 @@ def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> Non
         with contextlib.suppress(requests.RequestException):
             if requests.get(f"{server.url}/health", timeout=5).status_code == 200:
                 return
+        if "address already in use" in _tail(server.log):
+            raise RuntimeError(f"{server.system}: its port was taken; log tail:\n{_tail(server.log)}")
         time.sleep(0.5)
     raise RuntimeError(f"{server.system}: no healthy /health after {timeout:.0f} s; log tail:\n"
                        f"{_tail(server.log)}")

@@ -40,6 +40,7 @@ def serve(argv: Sequence[str]) -> None:
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"hcache-sglang serve: {exc}") from None
     _check_model_path(sglang_argv)
+    _check_port(sglang_argv)
     if hcache is not None:
         print(
             f"hcache-sglang: hierarchical cache = hcache, pool {hcache.directory} "
@@ -62,6 +63,22 @@ def serve(argv: Sequence[str]) -> None:
         run_server(server_args)
     finally:
         kill_process_tree(os.getpid(), include_parent=False)
+
+
+def _check_port(argv: Sequence[str]) -> None:
+    """SGLang hangs after its HTTP server fails to bind; refuse a taken port up front instead."""
+    import socket
+
+    from hcache_sglang.launch import _option_value
+
+    host = _option_value(argv, "--host") or "127.0.0.1"
+    port = int(_option_value(argv, "--port") or 30000)
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"hcache-sglang serve: cannot listen on {host}:{port} ({exc.strerror}); "
+                             "pick another --port") from None
 
 
 def _check_model_path(argv: Sequence[str]) -> None:

@@ -201,3 +201,25 @@ def build_server_argv(argv: Sequence[str]) -> tuple[list[str], HierarchicalCache
     extra = sglang_kwargs(mode, implied, hcache)
     added = {k: v for k, v in extra.items() if k not in given}
     return list(rest) + kwargs_to_argv(added), mode, hcache
+
+
+def pick_server_port(host: str = "127.0.0.1", low: int = 20000, high: int = 30000) -> int:
+    """A free TCP port for a server that binds it later.
+
+    Chosen outside the OS's ephemeral range (Linux: 32768-60999): SGLang asks the OS for its internal
+    ZMQ/NCCL ports while starting, and an ephemeral port picked here and released could be handed to
+    one of those before the HTTP server binds it ("address already in use").
+    """
+    import random
+    import socket
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in [{low}, {high}) on {host}")

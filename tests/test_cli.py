@@ -51,3 +51,17 @@ def test_missing_dependency_is_named(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lmdb" else real(name, *a))
     with pytest.raises(SystemExit, match="missing dependencies: lmdb"):
         cli.check_dependencies()
+
+
+def test_taken_port_is_a_clear_error(tmp_path):
+    import socket
+
+    from hcache_sglang.models import ensure_model
+
+    model = ensure_model("tiny-llama-mha")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = _serve("--model-path", str(model), "--port", str(port))
+    assert result.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in result.stderr

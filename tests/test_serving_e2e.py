@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -190,9 +189,9 @@ def test_restart_on_the_same_pool(served, expected, config, model_dir):
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from hcache_sglang.launch import pick_server_port
+
+    return pick_server_port()
 
 
 def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, str]:
