@@ -231,11 +231,21 @@ def static_plan(num_layers: int, hidden_size: int, kv_dim: int, config: HCacheCo
     return LayerPlan((method,) * num_layers)
 
 
+def check_servable(plan: LayerPlan) -> LayerPlan:
+    """The serving restore path restores from stored bytes only: refuse recompute layers clearly."""
+    if Method.RECOMPUTE in plan.methods:
+        raise ValueError(
+            f"hcache: layer plan {plan} recomputes layers (R); the serving restore path supports hidden "
+            "states (H) and stored K/V (K) only -- R plans are for the simulator and bench_restore"
+        )
+    return plan
+
+
 def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
     """The plan a server runs with: forced by ``layer_plan``, else chosen from measured costs."""
     num_layers, hidden, kv_dim = model_dims(runner.model_config.hf_config)
     if config.layer_plan:
-        return static_plan(num_layers, hidden, kv_dim, config)
+        return check_servable(static_plan(num_layers, hidden, kv_dim, config))
     import torch
 
     from hcache_sglang.capture import kv_projections

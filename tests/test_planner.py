@@ -4,7 +4,7 @@ import pytest
 
 from hcache_sglang.config import HCacheConfig, Objective
 from hcache_sglang.planner import (
-    CostProfile, Geometry, LayerPlan, Method, choose_plan, predict, static_plan,
+    CostProfile, Geometry, LayerPlan, Method, check_servable, choose_plan, predict, static_plan,
 )
 from hcache_sglang.simulate import HARDWARE, MODELS, main as simulate_main
 
@@ -77,3 +77,9 @@ def test_simulation_mode_prints_a_plan(capsys):
     assert simulate_main(["--model", "llama-2-7b", "--hardware", "a100-4nvme"]) == 0
     out = capsys.readouterr().out
     assert "0-30 hidden states, 31 stored K/V" in out and "ms per 1K tokens" in out
+
+
+def test_serving_refuses_recompute_plans_clearly():
+    assert check_servable(LayerPlan.parse("HHKK")) == LayerPlan.parse("HHKK")
+    with pytest.raises(ValueError, match="serving restore path supports hidden"):
+        check_servable(LayerPlan.parse("RHKK"))
