@@ -26,8 +26,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -44,19 +43,6 @@ from hcache_sglang.restore import LayerRestorer, RestoreJob
 from hcache_sglang.sglang_hooks import current_model_runner, current_plan
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Restore:
-    """One request's restore: host buffers filled by the store, written into ``slots``."""
-
-    rid: str
-    slots: torch.Tensor  # [n] int64, device KV slots private to the request
-    layers: list[torch.Tensor]  # per layer: [n, hidden] (HIDDEN) or [n, 2, kv_heads, head_dim] (KV)
-    kinds: tuple[LayerKind, ...]
-    positions: torch.Tensor  # [n] int64
-    token_ids: torch.Tensor  # [n] int32
-    read: Any  # the store's ReadHandle
 
 
 class HCacheLinker(UnifiedCacheLinker):
@@ -81,7 +67,7 @@ class HCacheLinker(UnifiedCacheLinker):
             getattr(hf_config, "rope_scaling", None) or ""
         ):
             raise ValueError("hcache: multimodal / mrope models are not supported (positions are 3-D)")
-        total_layers, hidden_size, _ = model_dims(hf_config)
+        _, hidden_size, _ = model_dims(hf_config)
         self.projections = kv_projections(runner.model)
         head = self.projections[0]
         self.plan: LayerPlan = current_plan()
@@ -130,7 +116,7 @@ class HCacheLinker(UnifiedCacheLinker):
             if self.config.read_bandwidth_limit else "",
         )
 
-        self._pending: dict[str, _Restore] = {}
+        self._pending: dict[str, RestoreJob] = {}
         self._spill_queue: queue.Queue = queue.Queue()
         self._spill_done: queue.Queue = queue.Queue()
         self._restore_queue: queue.Queue = queue.Queue()
@@ -175,24 +161,24 @@ class HCacheLinker(UnifiedCacheLinker):
         positions = torch.empty(num_tokens, dtype=torch.int64, pin_memory=pin)
         token_ids = torch.empty(num_tokens, dtype=torch.int32, pin_memory=pin)
         read = self.store.read(self.namespace, kv.keys, layers, positions, token_ids)
-        restore = _Restore(rid, kv.device_indices, layers, tuple(hit.layer_kinds), positions, token_ids, read)
-        if self.config.load_check is LoadCheck.EAGER and not self._verified(restore):
+        restore = RestoreJob(kv.device_indices, positions, token_ids, layers, tuple(hit.layer_kinds), read)
+        if self.config.load_check is LoadCheck.EAGER and not self._verified(rid, restore):
             self.restore_stats.record_refused(num_tokens)
             return False
         self._pending[rid] = restore
         return True
 
-    def _verified(self, restore: _Restore) -> bool:
+    def _verified(self, rid: str, restore: RestoreJob) -> bool:
         """Every chunk read and checksummed, positions consecutive: safe to promise the restore."""
         try:
             if not restore.read.wait():
                 return False
         except Exception as exc:  # noqa: BLE001 - a failed read is a miss, never a crash
-            logger.warning("hcache: restore of %s refused: %s", restore.rid, exc)
+            logger.warning("hcache: restore of %s refused: %s", rid, exc)
             return False
         pos = restore.positions
         if pos.numel() > 1 and not bool((pos[1:] == pos[:-1] + 1).all()):
-            logger.warning("hcache: restore of %s refused: stored positions are not consecutive", restore.rid)
+            logger.warning("hcache: restore of %s refused: stored positions are not consecutive", rid)
             return False
         return True
 
@@ -236,9 +222,8 @@ class HCacheLinker(UnifiedCacheLinker):
             finally:
                 self._restore_queue.task_done()
 
-    def _restore_batch(self, index: int, batch: list[_Restore]) -> None:
-        jobs = [RestoreJob(r.slots, r.positions, r.token_ids, r.layers, r.kinds, r.read) for r in batch]
-        self.restorer.restore(jobs, lambda layer: self.layer_done_counter.complete(index, layer))
+    def _restore_batch(self, index: int, batch: list[RestoreJob]) -> None:
+        self.restorer.restore(batch, lambda layer: self.layer_done_counter.complete(index, layer))
 
     # ---- spill (offload) ---------------------------------------------------------------------
 
