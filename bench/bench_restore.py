@@ -48,7 +48,7 @@ from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, RandomMode
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.config import Objective
 from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, Method, candidate_plans, choose_plan, predict
-from hcache_sglang.profile import measure_compute, measure_read_bandwidth
+from hcache_sglang.profile import measure_compute, measure_read_bandwidth, shared_read_cpu
 from hcache_sglang.restore import RestoreJob
 
 SAVE_TOKENS = 256  # tokens per save call (keeps staging small)
@@ -185,20 +185,24 @@ def run_setting(args, g: BenchGeometry, model, contexts, label: str, limit: floa
         store = None
         if args.source == "store":
             total = 48 << 20 if limit is None else int(min(48 << 20, max(4 << 20, 2 * limit)))  # ~2 s
-            bw = statistics.median(  # one sample can catch another process's IO burst
+            samples = [  # the median: one sample can catch another process's IO burst
                 measure_read_bandwidth(store_dir, geometry.hidden_bytes, o_direct=args.o_direct,
                                        read_bandwidth_limit=limit, total_bytes=total)
-                for _ in range(args.profile_repeats))
+                for _ in range(args.profile_repeats)]
+            bw = statistics.median(s.bandwidth for s in samples)
+            cpu_share = shared_read_cpu(samples, args.device)
             biggest = max(c.tokens for c in contexts) * geometry.num_layers * max(geometry.hidden_bytes, geometry.kv_bytes)
             store = ChunkStore(StoreConfig(store_dir + "/pool", capacity_bytes=2 * biggest + (256 << 20),
                                            staging_bytes=64 << 20, max_save_block_s=60.0,
                                            o_direct=args.o_direct, read_bandwidth_limit=limit))
         else:
             bw = _h2d_bandwidth() if args.device.type == "cuda" else 1e15  # CPU: no transfer
-        profile = CostProfile(read_bandwidth=bw, label=label, **compute)
+            cpu_share = 0.0
+        profile = CostProfile(read_bandwidth=bw, label=label, read_cpu_share=cpu_share, **compute)
         print(f"#   profile {g.name} [{label}]: read {bw / 1e9:.3f} GB/s, per token per layer: project "
               f"{compute['project_s'] * 1e6:.1f} us, copy {compute['copy_s'] * 1e6:.2f} us, recompute "
-              f"{compute['recompute_s'] * 1e6:.0f} us", flush=True)
+              f"{compute['recompute_s'] * 1e6:.0f} us; per layer {compute['layer_overhead_s'] * 1e6:.0f} us; "
+              f"read CPU share {cpu_share:.2f}", flush=True)
         chosen = choose_plan(geometry, profile, Objective(args.objective), allow_recompute=True).plan
         plans = sweep(geometry, profile, args.sweep_points, args.sweep_recompute)
         full_r = LayerPlan((Method.RECOMPUTE,) * g.num_layers)

@@ -10,6 +10,7 @@ waits for ``/health``, replays the same workloads with a streaming ``/generate``
     hcache-hidden  --hierarchical-cache hcache --hcache-layer-plan hidden
     hcache         --hierarchical-cache hcache           the planner's hybrid plan (--objective)
     hcache-space   --hierarchical-cache hcache --hcache-objective space   (storage ratio run)
+    hcache-speed   --hierarchical-cache hcache --hcache-objective speed   (fastest plan, any storage)
     ideal          --hierarchical-cache off, a device pool large enough that nothing is evicted
 
 Every system but ``ideal`` gets a device KV pool (``--max-total-tokens``) smaller than the
@@ -49,7 +50,7 @@ from serving_report import (  # noqa: E402
 )
 from serving_workloads import WORKLOADS, build_workload  # noqa: E402
 
-SYSTEMS = ("recompute", "hicache", "hcache-hidden", "hcache", "hcache-space", "ideal")
+SYSTEMS = ("recompute", "hicache", "hcache-hidden", "hcache", "hcache-space", "hcache-speed", "ideal")
 PRESETS = {
     # Tiny float32 model, three systems, one small multi-turn workload: the CI smoke run.
     "smoke": dict(
@@ -69,15 +70,16 @@ PRESETS = {
                         request_rate=0.0, max_parallel=1),
         },
     ),
-    # Contexts up to ~4K tokens; several clients in flight (Poisson arrivals).
+    # Returning contexts of 1.5K-3K tokens (the targets' range), one request at a time so TTFT is
+    # the restore and not queueing; ~45 minutes on 2 CPU cores.
     "full": dict(
         models=("bench-llama", "bench-llama-gqa"), dtype="checkpoint", systems=SYSTEMS,
         max_total_tokens=6144, page_size=16,
         workloads={
-            "multiturn": dict(clients=4, rounds=4, request_len=1024, output_len=32,
-                              request_rate=0.5, max_parallel=2),
-            "rag": dict(groups=3, questions=4, document_len=3072, question_len=128,
-                        output_len=32, request_rate=0.5, max_parallel=2),
+            "multiturn": dict(clients=3, rounds=4, request_len=768, output_len=16,
+                              request_rate=0.0, max_parallel=1),
+            "rag": dict(groups=3, questions=4, document_len=3072, question_len=64,
+                        output_len=16, request_rate=0.0, max_parallel=1),
         },
     ),
 }

@@ -42,6 +42,7 @@ def system_flags(system: str, objective: str, workdir: Path, capacity: str = "2G
         "hcache-hidden": hcache + ["--hcache-layer-plan", "hidden"],
         "hcache": hcache + ["--hcache-objective", objective],
         "hcache-space": hcache + ["--hcache-objective", "space"],
+        "hcache-speed": hcache + ["--hcache-objective", "speed"],
     }
     if system not in flags:
         raise ValueError(f"system {system!r}: expected one of {list(flags)}")

@@ -12,9 +12,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-HCACHE_VARIANTS = {"hcache": "", "hcache-hidden": "_hidden", "hcache-space": "_space"}
+HCACHE_VARIANTS = {"hcache": "", "hcache-hidden": "_hidden", "hcache-space": "_space",
+                   "hcache-speed": "_speed"}
 COLORS = {"recompute": "#d62728", "hicache": "#1f77b4", "hcache-hidden": "#9467bd",
-          "hcache": "#2ca02c", "hcache-space": "#8c564b", "ideal": "#7f7f7f"}
+          "hcache": "#2ca02c", "hcache-space": "#8c564b", "hcache-speed": "#17becf",
+          "ideal": "#7f7f7f"}
 
 
 def _pct(xs: list[float], q: float) -> float | None:

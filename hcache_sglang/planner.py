@@ -107,13 +107,24 @@ class Geometry:
 
 @dataclass(frozen=True)
 class CostProfile:
-    """Costs per token per layer (seconds) and the store's read bandwidth (bytes/s)."""
+    """Costs per token per layer (seconds), the store's read bandwidth (bytes/s), and two terms that
+    keep the pipeline model honest where IO and compute are not independent:
+
+    - ``layer_overhead_s``: fixed seconds per restored layer on the compute side (kernel launches,
+      the hand-off from the reader threads), which dominate short or copy-only restores;
+    - ``read_cpu_share``: CPU seconds a read burns per second of read time, charged to the compute
+      side when compute runs on the same CPU. About 1 for page-cache reads on a CPU device (the
+      kernel's memcpy competes with the restore's GEMMs and copies for the same cores and memory
+      bandwidth), about 0 for DMA to a GPU or a throttled (sleeping) read.
+    """
 
     read_bandwidth: float
     project_s: float
     copy_s: float
     recompute_s: float
     label: str = "measured"
+    layer_overhead_s: float = 0.0
+    read_cpu_share: float = 0.0
 
     @classmethod
     def from_hardware(
@@ -148,7 +159,7 @@ def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: i
     stored = 0
     for method in plan.methods:
         if method is Method.RECOMPUTE:
-            cost = profile.recompute_s * tokens
+            cost = profile.recompute_s * tokens + profile.layer_overhead_s
             compute_end += cost
             compute_total += cost
             continue
@@ -157,7 +168,8 @@ def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: i
         io = size * tokens / profile.read_bandwidth
         io_end += io
         io_total += io
-        cost = (profile.project_s if method is Method.HIDDEN else profile.copy_s) * tokens
+        per_token = profile.project_s if method is Method.HIDDEN else profile.copy_s
+        cost = per_token * tokens + profile.layer_overhead_s + profile.read_cpu_share * io
         compute_end = max(compute_end, io_end) + cost
         compute_total += cost
     scale = 1000 / tokens

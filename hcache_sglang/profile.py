@@ -6,7 +6,10 @@
 - re-projection of one layer (``project_kv_into_cache``) per token;
 - the K/V copy of one layer (``copy_kv_into_cache``) per token;
 - a full Llama-style layer forward per token (RMSNorms, QKV, RoPE, K/V write, causal attention over
-  the context, O, residuals, gated MLP), the cost of recomputing a leading layer from its input.
+  the context, O, residuals, gated MLP), the cost of recomputing a leading layer from its input;
+- the fixed cost of restoring one layer (a K/V copy of a single page: launches and hand-offs);
+- the CPU time a read burns per second of reading (``read_cpu_share``), charged to the compute side
+  on a CPU device, where page-cache copies and the restore's GEMMs share the cores.
 The result is cached as JSON under ``<cache root>/profiles/`` keyed by machine, geometry, dtype and
 store settings; ``refresh=True`` (``--hcache-refresh-profile``) measures again.
 """
@@ -21,7 +24,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -32,7 +35,7 @@ from hcache_sglang.planner import CostProfile, Geometry
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: layer_overhead_s, read_cpu_share
 
 
 def _median_seconds(fn: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
@@ -79,6 +82,9 @@ def measure_compute(projection, geometry: Geometry, dtype: torch.dtype, device: 
     project = _median_seconds(
         lambda: project_kv_into_cache(hidden, positions, projection, k_cache, v_cache, slots), device)
     copy = _median_seconds(lambda: copy_kv_into_cache(kv, k_cache, v_cache, slots), device)
+    page = min(16, tokens)
+    overhead = _median_seconds(
+        lambda: copy_kv_into_cache(kv[:page], k_cache, v_cache, slots[:page]), device, repeats=5)
 
     d = geometry.hidden_size
     inter = geometry.intermediate_size or int(8 * d / 3)
@@ -127,12 +133,20 @@ def measure_compute(projection, geometry: Geometry, dtype: torch.dtype, device: 
         h + (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w_down
 
     recompute = _median_seconds(layer_forward, device, repeats=2)
-    return {"project_s": project / tokens, "copy_s": copy / tokens, "recompute_s": recompute / tokens}
+    return {"project_s": project / tokens, "copy_s": copy / tokens, "recompute_s": recompute / tokens,
+            "layer_overhead_s": overhead}
+
+
+@dataclass(frozen=True)
+class ReadSample:
+    bandwidth: float  # bytes/s of ChunkStore.read
+    cpu_share: float  # process CPU seconds per second of the read (reader threads; 0..1 after capping)
 
 
 def measure_read_bandwidth(directory: str, layer_bytes: int, *, o_direct: bool,
-                           read_bandwidth_limit: Optional[float], total_bytes: int = 48 << 20) -> float:
-    """Bytes/s of ``ChunkStore.read`` for freshly saved chunks in a scratch store beside the pool."""
+                           read_bandwidth_limit: Optional[float], total_bytes: int = 48 << 20) -> ReadSample:
+    """``ChunkStore.read`` of freshly saved chunks in a scratch store beside the pool: bytes/s, and
+    the CPU it burns (the caller waits blocked, so the process's CPU time is the readers')."""
     from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 
     page, layers = 64, 4
@@ -155,14 +169,20 @@ def measure_read_bandwidth(directory: str, layer_bytes: int, *, o_direct: bool,
             n = chunks * page
             out = [torch.empty(n, hidden, dtype=torch.bfloat16) for _ in range(layers)]
             positions = torch.empty(n, dtype=torch.int64)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             handle = store.read(ns, keys, out, positions)
             if not handle.wait():
                 raise RuntimeError("profile: scratch chunks failed to read back")
             seconds = time.perf_counter() - start
-        return n * hidden * 2 * layers / seconds
+            cpu = time.process_time() - cpu_start
+        return ReadSample(n * hidden * 2 * layers / seconds, min(1.0, cpu / seconds))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def shared_read_cpu(samples: list[ReadSample], device: torch.device) -> float:
+    """The read CPU share the planner charges to compute: only where compute runs on the CPU too."""
+    return statistics.median(s.cpu_share for s in samples) if device.type == "cpu" else 0.0
 
 
 def load_or_measure(projection, geometry: Geometry, dtype: torch.dtype, device: torch.device, *,
@@ -179,14 +199,13 @@ def load_or_measure(projection, geometry: Geometry, dtype: torch.dtype, device: 
     Path(store_dir).mkdir(parents=True, exist_ok=True)
     compute = measure_compute(projection, geometry, dtype, device)
     # Disks are noisy: the median of three samples.
-    bandwidth = statistics.median(
-        measure_read_bandwidth(store_dir, geometry.hidden_bytes, o_direct=o_direct,
-                               read_bandwidth_limit=read_bandwidth_limit, total_bytes=24 << 20)
-        for _ in range(3)
-    )
+    samples = [measure_read_bandwidth(store_dir, geometry.hidden_bytes, o_direct=o_direct,
+                                      read_bandwidth_limit=read_bandwidth_limit, total_bytes=24 << 20)
+               for _ in range(3)]
     label = "measured" + (f", reads throttled to {read_bandwidth_limit / 1e9:.2f} GB/s"
                           if read_bandwidth_limit else "")
-    profile = CostProfile(read_bandwidth=bandwidth, label=label, **compute)
+    profile = CostProfile(read_bandwidth=statistics.median(s.bandwidth for s in samples), label=label,
+                          read_cpu_share=shared_read_cpu(samples, device), **compute)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(profile), indent=1))

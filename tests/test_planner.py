@@ -63,6 +63,31 @@ def test_pipeline_prediction_is_bounded_by_its_resources():
     assert pred.seconds_per_1k_tokens <= pred.io_seconds_per_1k + pred.compute_seconds_per_1k + 1e-12
 
 
+def test_reads_that_share_the_cpu_with_compute_are_charged_to_it():
+    # A CPU device reading from the page cache: the reads' memcpy runs on the cores the restore's
+    # copies and GEMMs need, so IO and compute no longer overlap.
+    geometry = Geometry(12, 1024, 1024, 2)
+    independent = CostProfile(read_bandwidth=2e9, project_s=20e-6, copy_s=1e-6, recompute_s=1e-3)
+    shared = CostProfile(read_bandwidth=2e9, project_s=20e-6, copy_s=1e-6, recompute_s=1e-3,
+                         read_cpu_share=1.0)
+    all_kv = LayerPlan((Method.KV,) * 12)
+    io = predict(all_kv, geometry, independent).io_seconds_per_1k
+    copies = predict(all_kv, geometry, independent).compute_seconds_per_1k
+    assert predict(all_kv, geometry, independent).seconds_per_1k_tokens < io + copies
+    assert predict(all_kv, geometry, shared).seconds_per_1k_tokens == pytest.approx(io + copies, rel=0.1)
+    # Fixed per-layer costs: each restored layer pays them once, whatever its size.
+    overhead = CostProfile(read_bandwidth=2e9, project_s=20e-6, copy_s=1e-6, recompute_s=1e-3,
+                           layer_overhead_s=1e-3)
+    small = predict(all_kv, geometry, overhead, tokens=16).seconds_per_1k_tokens * 16 / 1000
+    assert small >= 12 * 1e-3
+    # Independent resources: a few K/V layers soak up idle IO while compute projects the rest. On a
+    # shared CPU every byte read costs compute time too, so the smaller hidden state wins every layer.
+    close = dict(read_bandwidth=1e9, project_s=2.5e-6, copy_s=1e-6, recompute_s=1e-3)
+    assert choose_plan(geometry, CostProfile(**close), Objective.SPEED).plan.count(Method.KV) >= 1
+    all_hidden = LayerPlan((Method.HIDDEN,) * 12)
+    assert choose_plan(geometry, CostProfile(**close, read_cpu_share=1.0), Objective.SPEED).plan == all_hidden
+
+
 def test_static_plan_and_forced_plans():
     cfg = HCacheConfig.create(directory="/tmp/hc", capacity="1G")
     assert static_plan(4, 256, 256, cfg) == LayerPlan((Method.HIDDEN,) * 4)  # MHA: hidden is smaller

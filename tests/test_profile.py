@@ -51,3 +51,9 @@ def test_throttled_reads_are_measured_as_throttled(tmp_path, monkeypatch):
                            store_dir=str(tmp_path / "pool"), o_direct=False, read_bandwidth_limit=limit)
     assert prof.read_bandwidth <= limit * 1.2
     assert "throttled" in prof.label
+    # A throttled read mostly sleeps; a page-cache read is a CPU memcpy that competes with the
+    # restore's compute on a CPU device, and the profile says so.
+    unthrottled = load_or_measure(_projection(), geometry, torch.float32, torch.device("cpu"),
+                                  store_dir=str(tmp_path / "pool"), o_direct=False, read_bandwidth_limit=None)
+    assert 0.0 <= prof.read_cpu_share < 0.5 * unthrottled.read_cpu_share <= 0.5
+    assert unthrottled.layer_overhead_s > 0
