@@ -5,7 +5,9 @@ Three databases in one environment (``<directory>/index``):
 - ``pages``:  ``ns.key_prefix + page_key`` -> ``chunk_id u64 | page_idx u32``
 - ``chunks``: ``chunk_id`` (big-endian u64) -> packed :class:`ChunkRecord`
 - ``meta``:   ``b"format"`` -> :data:`FORMAT`; an index of another format is emptied at open (its
-  chunks become misses and their space free), never misread.
+  chunks become misses and their space free), never misread. ``b"lru"`` -> the chunk ids from least
+  to most recently used (``u64`` each), written on flush and close, so a restart evicts in the order
+  the last run left off (ids it lacks, committed after it was written, count as newest).
 
 Call order: ``records`` (at open, to rebuild the allocator) -> ``resolve`` (one read txn per lookup or
 read) -> ``commit`` (after the bytes are written and synced) -> ``delete`` (before their space is
@@ -113,6 +115,18 @@ class ChunkIndex:
         with self._lock, self.env.begin(db=self._chunks) as txn:
             rows = [bytes(v) for _, v in txn.cursor()]
         return (ChunkRecord.unpack(v) for v in rows)
+
+    def save_lru_order(self, ids: Sequence[int]) -> None:
+        data = struct.pack(f"<{len(ids)}Q", *ids)
+        self._write(lambda txn: txn.put(b"lru", data, db=self._meta))
+
+    def lru_order(self) -> list[int]:
+        """The saved least-to-most recently used chunk ids; [] when none was saved."""
+        with self._lock, self.env.begin(db=self._meta) as txn:
+            data = txn.get(b"lru")
+        if not data or len(data) % 8:
+            return []
+        return list(struct.unpack(f"<{len(data) // 8}Q", data))
 
     def new_ids(self, n: int) -> list[int]:
         with self._lock:

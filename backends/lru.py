@@ -59,6 +59,22 @@ class ChainLRU:
                 node.stamp = self._clock
                 self._push(cid)
 
+    def order(self) -> list[int]:
+        """Chunk ids from least to most recently used."""
+        return sorted(self._nodes, key=lambda cid: self._nodes[cid].stamp)
+
+    def restore_order(self, ids: Sequence[int]) -> None:
+        """Re-stamp the listed chunks oldest first (a saved :meth:`order`); tracked chunks it lacks
+        keep their relative order after them, as the most recently used."""
+        listed = [cid for cid in dict.fromkeys(ids) if cid in self._nodes]
+        seen = set(listed)
+        rest = sorted((cid for cid in self._nodes if cid not in seen), key=lambda c: self._nodes[c].stamp)
+        for stamp, cid in enumerate(listed + rest, start=1):
+            self._nodes[cid].stamp = stamp
+        self._clock = len(self._nodes)
+        self._heap = [(n.stamp, c) for c, n in self._nodes.items() if not n.children and not n.pins]
+        heapq.heapify(self._heap)
+
     def pin(self, ids: Iterable[int]) -> None:
         for cid in ids:
             if cid in self._nodes:

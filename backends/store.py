@@ -120,6 +120,7 @@ class ChunkStore:
         for rec in sorted(keep, key=lambda r: r.chunk_id):
             self._records[rec.chunk_id] = rec
             self._lru.add(rec.chunk_id, rec.parent_id)
+        self._lru.restore_order(self.index.lru_order())
 
     # ---- lookup / read ----------------------------------------------------------------------
     def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
@@ -217,9 +218,13 @@ class ChunkStore:
         return True
 
     def flush(self) -> None:
-        """Wait until every accepted save is written, synced and committed (or dropped)."""
+        """Wait until every accepted save is written, synced and committed (or dropped); record
+        the LRU order for the next open."""
         with self._idle:
             self._idle.wait_for(lambda: self._outstanding == 0)
+        with self._space:
+            order = self._lru.order()
+        self.index.save_lru_order(order)
 
     # ---- writers ----------------------------------------------------------------------------
     def _writer_main(self) -> None:

@@ -47,6 +47,25 @@ class Workload:
     def total_prompt_tokens(self) -> int:
         return sum(len(r.input_ids) + r.max_new_tokens for r in self.requests)
 
+    @property
+    def unique_tokens(self) -> int:
+        """KV slots a radix cache needs to keep the whole workload: prompt tokens not shared with an
+        earlier prompt's prefix, plus every output."""
+        total, seen = 0, []
+        for r in self.requests:
+            shared = max((_common_prefix(r.input_ids, s) for s in seen), default=0)
+            total += len(r.input_ids) - shared + r.max_new_tokens
+            seen.append(r.input_ids)
+        return total
+
+
+def _common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
 
 def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(8, vocab) for _ in range(n)]  # clear of the special tokens

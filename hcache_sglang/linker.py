@@ -10,13 +10,17 @@ in this order for a context that leaves and comes back:
                                  chunks to disk in the background). ``pop_completed_offload`` releases
                                  the node's lock once the rows are copied.
 2. ``lookup(rid, transfers)``    how many leading pages of the device-uncached tail the store holds.
-3. ``load(rid, transfers)``      queue a restore into fresh request-private slots. With the EAGER load
-                                 check, the chunks are read and verified here: a miss or a corrupt
-                                 chunk refuses the load and SGLang recomputes (never a wrong answer).
-4. ``start_layer_wise_loading``  start the batch's restores; a restore thread handles layer 0, 1, ...:
-                                 K/V re-projected from hidden states (``hcache_sglang.kernels``) or
-                                 copied from stored K/V, then ``layer_done_counter.complete(layer)``.
-                                 The forward's attention on layer l waits for layer l only.
+3. ``load(rid, transfers)``      issue the read of the context's chunks into host buffers and queue its
+                                 restore into fresh request-private slots at once: a restore thread
+                                 re-projects hidden states (``hcache_sglang.kernels``) or copies stored
+                                 K/V layer by layer as each layer's bytes land, so IO and compute overlap
+                                 from the start. With the EAGER load check, ``load`` then waits until
+                                 every chunk is read and checksummed: a miss or a corrupt chunk stops
+                                 the restore and refuses the load, and SGLang recomputes (never a wrong
+                                 answer). PIPELINED accepts at once.
+4. ``start_layer_wise_loading``  bind the batch's restores to a layer-done counter: a release thread
+                                 completes layer l once every restore of the batch has landed it. The
+                                 forward's attention on layer l waits for layer l only.
 5. ``finish_layer_wise_loading`` wait for the batch; False fails its requests (SGLang aborts them).
 """
 
@@ -39,7 +43,7 @@ from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
 from hcache_sglang.planner import LayerPlan, Method, model_dims
-from hcache_sglang.restore import LayerRestorer, RestoreJob
+from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress
 from hcache_sglang.sglang_hooks import current_model_runner, current_plan
 
 logger = logging.getLogger(__name__)
@@ -119,10 +123,13 @@ class HCacheLinker(UnifiedCacheLinker):
         self._pending: dict[str, RestoreJob] = {}
         self._spill_queue: queue.Queue = queue.Queue()
         self._spill_done: queue.Queue = queue.Queue()
-        self._restore_queue: queue.Queue = queue.Queue()
+        self._restore_queue: queue.Queue = queue.Queue()  # RestoreJob, in load order
+        self._release_queue: queue.Queue = queue.Queue()  # (counter index, [RestoreJob])
         self._threads = [
-            threading.Thread(target=self._spill_loop, name="hcache-spill", daemon=True),
-            threading.Thread(target=self._restore_loop, name="hcache-restore", daemon=True),
+            threading.Thread(target=_work, args=(q, fn), name=f"hcache-{name}", daemon=True)
+            for name, q, fn in (("spill", self._spill_queue, self._spill_one),
+                                ("restore", self._restore_queue, self._restore_one),
+                                ("release", self._release_queue, self._release_one))
         ]
         for thread in self._threads:
             thread.start()
@@ -161,11 +168,21 @@ class HCacheLinker(UnifiedCacheLinker):
         positions = torch.empty(num_tokens, dtype=torch.int64, pin_memory=pin)
         token_ids = torch.empty(num_tokens, dtype=torch.int32, pin_memory=pin)
         read = self.store.read(self.namespace, kv.keys, layers, positions, token_ids)
-        restore = RestoreJob(kv.device_indices, positions, token_ids, layers, tuple(hit.layer_kinds), read)
-        if self.config.load_check is LoadCheck.EAGER and not self._verified(rid, restore):
+        job = RestoreJob(kv.device_indices, positions, token_ids, layers, tuple(hit.layer_kinds), read,
+                         RestoreProgress(self.num_layers))
+        self._restore_queue.put(job)  # the restore starts as the first layer's bytes land
+        try:
+            accepted = self.config.load_check is not LoadCheck.EAGER or self._verified(rid, job)
+        except BaseException:
+            accepted = False
+            raise
+        finally:
+            if not accepted:
+                job.progress.cancel()  # returns once the restore thread no longer writes the slots
+        if not accepted:
             self.restore_stats.record_refused(num_tokens)
             return False
-        self._pending[rid] = restore
+        self._pending[rid] = job
         return True
 
     def _verified(self, rid: str, restore: RestoreJob) -> bool:
@@ -189,41 +206,49 @@ class HCacheLinker(UnifiedCacheLinker):
         return torch.empty(shape, dtype=self.kvcache.dtype, pin_memory=pin)
 
     def cancel_queued_load(self, rid: str) -> bool:
-        return self._pending.pop(rid, None) is not None
+        job = self._pending.pop(rid, None)
+        if job is None:
+            return False
+        job.progress.cancel()  # SGLang frees the slots next: stop writing them first
+        return True
 
     def start_layer_wise_loading(self) -> int:
         if not self._pending:
             return -1
         batch, self._pending = list(self._pending.values()), {}
         index = self.layer_done_counter.update_producer()
-        self._restore_queue.put((index, batch, time.perf_counter()))
+        self._release_queue.put((index, batch))
         return index
 
     def finish_layer_wise_loading(self, counter_index: int) -> bool:
         return self.layer_done_counter.finish(counter_index)
 
-    # ---- restore thread ----------------------------------------------------------------------
+    # ---- restore and release threads --------------------------------------------------------
 
-    def _restore_loop(self) -> None:
-        while True:
-            task = self._restore_queue.get()
-            try:
-                if task is None:
-                    return
-                index, batch, started = task
-                try:
-                    self._restore_batch(index, batch)
-                    tokens = sum(r.slots.numel() for r in batch)
-                    self.restore_stats.record_restore(tokens, time.perf_counter() - started)
-                except BaseException as exc:  # noqa: BLE001 - reported through the counter
-                    logger.error("hcache: restore failed, %d request(s) will be aborted: %r", len(batch), exc)
-                    self.restore_stats.record_failure()
-                    self.layer_done_counter.fail(index, exc)
-            finally:
-                self._restore_queue.task_done()
+    def _restore_one(self, job: RestoreJob) -> None:
+        """Restore thread: jobs in load order, each layer by layer as its bytes land."""
+        progress = job.progress
+        if not progress.begin():
+            return  # cancelled before it started
+        try:
+            if self.restorer.restore([job], progress.advance, should_stop=progress.cancel_requested):
+                self.restore_stats.record_restore(job.num_tokens, time.perf_counter() - progress.queued_at)
+            progress.stop()
+        except BaseException as exc:  # noqa: BLE001 - reported through the progress
+            progress.fail(exc)
 
-    def _restore_batch(self, index: int, batch: list[RestoreJob]) -> None:
-        self.restorer.restore(batch, lambda layer: self.layer_done_counter.complete(index, layer))
+    def _release_one(self, task: tuple[int, list[RestoreJob]]) -> None:
+        """Release thread: layer l of a started batch is complete once every restore in it landed l."""
+        index, batch = task
+        try:
+            for layer in range(self.num_layers):
+                for job in batch:
+                    job.progress.wait_layer(layer)
+                self.layer_done_counter.complete(index, layer)
+        except BaseException as exc:  # noqa: BLE001 - reported through the counter
+            logger.error("hcache: restore failed, %d request(s) will be aborted: %r", len(batch), exc)
+            self.restore_stats.record_failure()
+            self.layer_done_counter.fail(index, exc)
 
     # ---- spill (offload) ---------------------------------------------------------------------
 
@@ -235,23 +260,17 @@ class HCacheLinker(UnifiedCacheLinker):
         self._spill_queue.put((list(kv.keys), kv.device_indices, events))
         return True
 
-    def _spill_loop(self) -> None:
-        while True:
-            task = self._spill_queue.get()
-            try:
-                if task is None:
-                    return
-                keys, slots, events = task
-                ok = False
-                try:
-                    for event in events:
-                        event.synchronize()
-                    ok = self._spill(keys, slots)
-                except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an error
-                    logger.warning("hcache: spill of %d pages failed: %r", len(keys), exc)
-                self._spill_done.put(ok)
-            finally:
-                self._spill_queue.task_done()
+    def _spill_one(self, task: tuple[list[str], torch.Tensor, list]) -> None:
+        """Spill thread: gather the pages' rows into staging once the forward has written them."""
+        keys, slots, events = task
+        ok = False
+        try:
+            for event in events:
+                event.synchronize()
+            ok = self._spill(keys, slots)
+        except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an error
+            logger.warning("hcache: spill of %d pages failed: %r", len(keys), exc)
+        self._spill_done.put(ok)
 
     def _spill(self, keys: list[str], slots: torch.Tensor) -> bool:
         if not self.capture.valid(slots):
@@ -283,8 +302,11 @@ class HCacheLinker(UnifiedCacheLinker):
     def reset(self) -> None:
         """Quiesce (SGLang's ``flush_cache`` and shutdown): restores done, spills staged AND written,
         so what was offloaded before a flush is found by the lookups after it."""
+        for job in self._pending.values():
+            job.progress.cancel()
         self._pending.clear()
         self._restore_queue.join()
+        self._release_queue.join()
         self._spill_queue.join()
         self.store.flush()
         while not self._spill_done.empty():
@@ -294,6 +316,7 @@ class HCacheLinker(UnifiedCacheLinker):
     def close(self) -> None:
         self.reset()
         self._restore_queue.put(None)
+        self._release_queue.put(None)
         self._spill_queue.put(None)
         for thread in self._threads:
             thread.join(timeout=30)
@@ -301,6 +324,18 @@ class HCacheLinker(UnifiedCacheLinker):
             self._metrics.stop()
         self.store.close()
         self.capture.detach()
+
+
+def _work(tasks: queue.Queue, handle) -> None:
+    """A worker thread: ``handle`` each task in order until the ``None`` sentinel."""
+    while True:
+        task = tasks.get()
+        try:
+            if task is None:
+                return
+            handle(task)
+        finally:
+            tasks.task_done()
 
 
 def _kv_transfer(transfers: list[PoolTransfer]) -> Optional[PoolTransfer]:

@@ -4,13 +4,16 @@ The chunk store's reader threads fill host buffers layer by layer (IO); :class:`
 the layers in order on its own thread (compute): it waits for layer l's bytes, re-projects hidden
 states (``project_kv_into_cache``) or copies stored K/V (``copy_kv_into_cache``) into the request's
 slots, and releases layer l (``on_layer_done``) while the reads of later layers are still in flight.
-Leading RECOMPUTE layers need no bytes and run first, overlapping the first reads. The restores of all
-requests in a batch share one GEMM per layer.
+Leading RECOMPUTE layers need no bytes and run first, overlapping the first reads. Several jobs given
+together share one GEMM per layer; the serving linker instead starts each context's restore the
+moment it is loaded (its IO is already in flight) and tracks it with a :class:`RestoreProgress`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -30,10 +33,70 @@ class RestoreJob:
     layers: Sequence[Optional[torch.Tensor]]  # per layer: [n, hidden] | [n, 2, kv_heads, head_dim] | None
     kinds: Sequence[Optional[LayerKind]]  # per layer; None = recompute (nothing stored)
     read: Any = None  # ReadHandle with .layer(l) -> Future, or None when the buffers are filled
+    progress: Optional["RestoreProgress"] = None  # set by the serving linker
 
     @property
     def num_tokens(self) -> int:
         return int(self.slots.numel())
+
+
+class RestoreProgress:
+    """How far one queued restore has got, shared by the thread that runs it (``begin``,
+    ``advance``, ``stop``/``fail``), the scheduler (``cancel``) and the thread that releases its layers
+    to the forward (``wait_layer``)."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.queued_at = time.perf_counter()
+        self._cond = threading.Condition()
+        self._landed = 0  # layers 0 .. _landed-1 are in the pool
+        self._started = self._cancelled = self._stopped = False
+        self._error: Optional[BaseException] = None
+
+    def begin(self) -> bool:
+        """The restore thread takes the job: False when it was cancelled first (nothing to do)."""
+        with self._cond:
+            if self._cancelled:
+                self._stopped = True
+                self._cond.notify_all()
+                return False
+            self._started = True
+            return True
+
+    def advance(self, layer: int) -> None:
+        with self._cond:
+            self._landed = layer + 1
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        """The restore thread is done with the job's slots (every layer landed, or cancelled)."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error, self._stopped = error, True
+            self._cond.notify_all()
+
+    def cancel_requested(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Stop the restore and return once nothing more will be written to its slots."""
+        with self._cond:
+            self._cancelled = True
+            if not self._started:
+                self._stopped = True
+            self._cond.wait_for(lambda: self._stopped)
+
+    def wait_layer(self, layer: int) -> None:
+        """Block until ``layer`` is in the pool; raises the restore's error if it stopped short."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._landed > layer or self._stopped)
+            if self._landed > layer:
+                return
+            raise self._error or RuntimeError(f"restore stopped before layer {layer} (cancelled)")
 
 
 RecomputeFn = Callable[[int, list[RestoreJob]], None]
@@ -53,8 +116,11 @@ class LayerRestorer:
         self._stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
 
     @torch.inference_mode()
-    def restore(self, jobs: list[RestoreJob], on_layer_done: Callable[[int], None]) -> None:
-        """Restore every layer of ``jobs`` in order; raises on a failed read (the caller fails the batch)."""
+    def restore(self, jobs: list[RestoreJob], on_layer_done: Callable[[int], None],
+                should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Restore every layer of ``jobs`` in order; raises on a failed read (the caller fails the
+        batch). ``should_stop`` is asked before each layer: True stops there (nothing more is written
+        to the jobs' slots) and the call returns False; True = every layer landed."""
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with ctx:
             for job in jobs:
@@ -68,10 +134,13 @@ class LayerRestorer:
                 token_ids = torch.cat([j.token_ids for j in jobs]).to(self.device, non_blocking=True)
                 self.capture.write_positions(slots, positions, token_ids)
             for layer in range(len(self.k_buffers)):
+                if should_stop():
+                    return False
                 self._restore_layer(layer, jobs, slots, positions)
                 if self._stream is not None:
                     self._stream.synchronize()  # release a layer only once its device writes landed
                 on_layer_done(layer)
+        return True
 
     def _restore_layer(self, layer: int, jobs: list[RestoreJob], slots: torch.Tensor,
                        positions: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ import hcache_sglang  # noqa: F401 - CPU platform patches before SGLang is impor
 from hcache_sglang.backends import ChunkCorrupt, ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.backends.layout import chunk_layout
 from hcache_sglang.kernels.reference import compute_kv
-from hcache_sglang.restore import LayerRestorer, RestoreJob
+from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from kernel_cases import paged_slots, random_projection
 
@@ -154,3 +154,46 @@ def test_corrupt_chunk_makes_restore_raise(scenario):
     # the corrupt chunk is gone from the store once the read has finished: the next lookup misses it
     assert not handle.wait()
     assert scenario.store.lookup(ns, scenario.keys).num_pages == 0
+
+
+def test_cancelled_restore_stops_writing_before_cancel_returns(tmp_path):
+    # The serving linker starts a restore while its reads are in flight and may refuse the load
+    # afterwards (a corrupt chunk, SGLang cancelling): once cancel() returns, SGLang reuses the slots,
+    # so nothing may be written to them after that.
+    s = Scenario(tmp_path, tokens=128, limit=2e6, layers=6)  # ~65 ms per layer's bytes
+    try:
+        kinds = (H, K, H, K, H, H)
+        ns = s.save(kinds)
+        buffers, handle = s.read(ns, kinds)
+        progress = RestoreProgress(s.layers)
+        job = RestoreJob(s.slots, s.positions, s.token_ids, buffers, list(kinds), handle, progress)
+
+        def run():
+            assert progress.begin()
+            try:
+                finished = s.restorer.restore([job], progress.advance, should_stop=progress.cancel_requested)
+                assert not finished
+                progress.stop()
+            except BaseException as exc:  # pragma: no cover - reported by wait_layer below
+                progress.fail(exc)
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        progress.wait_layer(0)  # layer 0 landed (its reads are done, later layers still arriving)
+        progress.cancel()
+        snapshot = [s.pool.k_buffer[l][s.slots].clone() for l in range(s.layers)]
+        assert handle.wait()  # every read finishes; the restore does not pick them up
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+        for l in range(s.layers):
+            assert torch.equal(s.pool.k_buffer[l][s.slots], snapshot[l]), f"layer {l} written after cancel"
+        assert not s.pool.k_buffer[s.layers - 1][s.slots].any()  # the last layer was never restored
+        with pytest.raises(RuntimeError, match="cancelled"):
+            progress.wait_layer(s.layers - 1)
+
+        # cancelled before the restore thread took it: nothing runs at all
+        early = RestoreProgress(s.layers)
+        early.cancel()
+        assert not early.begin()
+    finally:
+        s.close()

@@ -185,6 +185,40 @@ def test_restart_on_the_same_pool(served, expected, config, model_dir):
         other.stop()
 
 
+def test_plan_change_on_the_same_pool_never_mixes_chunks(config, expected, tmp_path):
+    """Restarts under another restore plan: chunks record the kind of every stored layer, so old
+    chunks are restored by what they hold, and a chain whose plan changes mid-way is a hit up to
+    the change and a miss after it; outputs stay the reference's."""
+    name, path, page_size = config
+    if page_size != 16:
+        pytest.skip("restarts run on the 16-token-page configuration only")
+    pool = str(tmp_path / "pool")
+    prompts, answers = expected["prompts"], expected["conversation"]
+
+    hidden = start_engine(path, page_size, pool, hcache_layer_plan="hidden")
+    try:  # turn 0 computed and spilled as hidden states
+        assert generate(hidden.engine, [prompts[0]])[0]["output_ids"] == answers[0]
+    finally:
+        hidden.stop()
+
+    kv = start_engine(path, page_size, pool, hcache_layer_plan="kv")
+    try:  # turn 1: turn 0's pages re-projected from hidden states; its new pages saved as K/V
+        out = generate(kv.engine, [prompts[1]])[0]
+        restored = details(out)["hcache"]
+        assert len(prompts[0]) // 2 < restored < len(prompts[1]), details(out)
+        assert out["output_ids"] == answers[1]
+    finally:
+        kv.stop()
+
+    again = start_engine(path, page_size, pool, hcache_layer_plan="hidden")
+    try:  # turn 2: the hidden-state pages restore; the K/V pages after them are a miss, recomputed
+        out = generate(again.engine, [prompts[2]])[0]
+        assert details(out)["hcache"] == restored, details(out)
+        assert out["output_ids"] == answers[2]
+    finally:
+        again.stop()
+
+
 # ---- the HTTP server ---------------------------------------------------------------------------
 
 

@@ -126,6 +126,25 @@ def test_eviction_takes_lru_chain_tails_and_never_orphans(tmp_path):
         assert store.lookup(NS, b).num_pages == 15 * 16 and store.lookup(NS, c).num_pages == 12 * 16
 
 
+def test_lru_order_survives_a_restart(tmp_path):
+    a, b = chain(15 * 16, "a"), chain(15 * 16, "b")
+    with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
+        slots = store.stats().capacity_bytes // CHUNK
+        store.save(NS, a, **payload(NS, 15 * 16))
+        store.save(NS, b, **payload(NS, 15 * 16))
+        store.flush()
+        assert store.lookup(NS, a).num_pages == 15 * 16  # a, created first, is now the most recent
+    with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
+        c = chain(12 * 16, "c")
+        store.save(NS, c, **payload(NS, 12 * 16))
+        store.flush()
+        evicted = store.stats().chunks_evicted
+        assert evicted == 42 - slots
+        # b's tail went, as it would have without the restart (creation order would take a's)
+        assert store.lookup(NS, b).num_pages == (15 - evicted) * 16
+        assert store.lookup(NS, a).num_pages == 15 * 16 and store.lookup(NS, c).num_pages == 12 * 16
+
+
 def test_fragmented_full_pool_evicts_instead_of_dropping(tmp_path):
     # Saves of mixed sizes fill the pool; later a new chunk needs a gap no single hole provides
     # although enough bytes are free in total: eviction must go on until it fits.
