@@ -71,7 +71,7 @@ PRESETS = {
         },
     ),
     # Returning contexts of 1.5K-3K tokens (the targets' range), one request at a time so TTFT is
-    # the restore and not queueing; ~45 minutes on 2 CPU cores.
+    # the restore and not queueing; ~30 minutes on 2 CPU cores.
     "full": dict(
         models=("bench-llama", "bench-llama-gqa"), dtype="checkpoint", systems=SYSTEMS,
         max_total_tokens=6144, page_size=16,

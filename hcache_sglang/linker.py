@@ -169,13 +169,11 @@ class HCacheLinker(UnifiedCacheLinker):
         token_ids = torch.empty(num_tokens, dtype=torch.int32, pin_memory=pin)
         read = self.store.read(self.namespace, kv.keys, layers, positions, token_ids)
         job = RestoreJob(kv.device_indices, positions, token_ids, layers, tuple(hit.layer_kinds), read,
-                         RestoreProgress(self.num_layers))
+                         RestoreProgress())
         self._restore_queue.put(job)  # the restore starts as the first layer's bytes land
+        accepted = False
         try:
             accepted = self.config.load_check is not LoadCheck.EAGER or self._verified(rid, job)
-        except BaseException:
-            accepted = False
-            raise
         finally:
             if not accepted:
                 job.progress.cancel()  # returns once the restore thread no longer writes the slots

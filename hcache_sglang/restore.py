@@ -45,8 +45,7 @@ class RestoreProgress:
     ``advance``, ``stop``/``fail``), the scheduler (``cancel``) and the thread that releases its layers
     to the forward (``wait_layer``)."""
 
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
+    def __init__(self) -> None:
         self.queued_at = time.perf_counter()
         self._cond = threading.Condition()
         self._landed = 0  # layers 0 .. _landed-1 are in the pool

@@ -165,7 +165,7 @@ def test_cancelled_restore_stops_writing_before_cancel_returns(tmp_path):
         kinds = (H, K, H, K, H, H)
         ns = s.save(kinds)
         buffers, handle = s.read(ns, kinds)
-        progress = RestoreProgress(s.layers)
+        progress = RestoreProgress()
         job = RestoreJob(s.slots, s.positions, s.token_ids, buffers, list(kinds), handle, progress)
 
         def run():
@@ -192,7 +192,7 @@ def test_cancelled_restore_stops_writing_before_cancel_returns(tmp_path):
             progress.wait_layer(s.layers - 1)
 
         # cancelled before the restore thread took it: nothing runs at all
-        early = RestoreProgress(s.layers)
+        early = RestoreProgress()
         early.cancel()
         assert not early.begin()
     finally:
