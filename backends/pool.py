@@ -14,12 +14,11 @@ import fcntl
 import logging
 import mmap
 import os
-import threading
-import time
 
 import torch
 
 from .layout import ALIGN, align_up
+from .throttle import BandwidthThrottle
 
 logger = logging.getLogger(__name__)
 
@@ -182,9 +181,7 @@ class FilePool:
         self._read_fd = self.fd
         if o_direct:
             self._open_direct()
-        self._limit = read_bandwidth_limit
-        self._throttle_lock = threading.Lock()
-        self._throttle_t = time.monotonic()
+        self._throttle = BandwidthThrottle(read_bandwidth_limit) if read_bandwidth_limit else None
 
     def _open_direct(self) -> None:
         try:
@@ -209,17 +206,9 @@ class FilePool:
     def read_into(self, buf: memoryview, offset: int) -> int:
         """Read ``len(buf)`` bytes at ``offset`` (ALIGN-aligned buf and length under O_DIRECT)."""
         n = _read_at(self._read_fd, buf, offset)
-        if self._limit:
-            self._throttle(n)
+        if self._throttle is not None:  # the pool's reads share one bandwidth budget
+            self._throttle.charge(n)
         return n
-
-    def _throttle(self, nbytes: int) -> None:
-        with self._throttle_lock:  # serialize: the pool's reads share one bandwidth budget
-            now = time.monotonic()
-            self._throttle_t = max(self._throttle_t, now) + nbytes / self._limit
-            delay = self._throttle_t - now
-        if delay > 0:
-            time.sleep(delay)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

@@ -28,17 +28,36 @@ import requests
 from serving_workloads import Workload
 
 LAUNCHER = [sys.executable, "-m", "hcache_sglang.launch_server"]
+BENCH_DIR = Path(__file__).resolve().parent
 METRICS_WAIT_S = 1.5  # the hcache gauges are exported once a second
 
 
-def system_flags(system: str, objective: str, workdir: Path, capacity: str = "2G") -> list[str]:
-    """Launcher flags that make ``system`` (see bench_serving.SYSTEMS)."""
+def system_flags(system: str, objective: str, workdir: Path, capacity: str = "2G",
+                 storage_bandwidth: str | None = None, hicache_ratio: float | None = None) -> list[str]:
+    """Launcher flags that make ``system`` (see bench_serving.SYSTEMS).
+
+    ``storage_bandwidth`` (e.g. ``"60M"`` bytes/s) caps the storage reads of both peers by the same
+    rule: HCache's chunk pool through ``--hcache-read-bandwidth``, HiCache's file backend through
+    ``hicache_throttled.ThrottledHiCacheFile`` (SGLang loads it as a dynamic storage backend).
+    ``hicache_ratio`` sizes HiCache's host DRAM tier against the device pool (SGLang's default: 2).
+    """
     hcache = ["--hierarchical-cache", "hcache", "--hcache-dir", str(workdir / "pool"),
               "--hcache-capacity", capacity]
+    hicache = ["--hierarchical-cache", "hicache"]
+    if storage_bandwidth is not None:
+        from hcache_sglang.config import parse_size
+
+        hcache += ["--hcache-read-bandwidth", str(storage_bandwidth)]
+        hicache += ["--hicache-storage-backend", "dynamic", "--hicache-storage-backend-extra-config",
+                    json.dumps(dict(backend_name="file-throttled", module_path="hicache_throttled",
+                                    class_name="ThrottledHiCacheFile",
+                                    read_bandwidth=parse_size(storage_bandwidth)))]
+    if hicache_ratio is not None:
+        hicache += ["--hicache-ratio", str(hicache_ratio)]
     flags = {
         "recompute": ["--hierarchical-cache", "off"],
         "ideal": ["--hierarchical-cache", "off"],
-        "hicache": ["--hierarchical-cache", "hicache"],
+        "hicache": hicache,
         "hcache-hidden": hcache + ["--hcache-layer-plan", "hidden"],
         "hcache": hcache + ["--hcache-objective", objective],
         "hcache-space": hcache + ["--hcache-objective", "space"],
@@ -113,10 +132,13 @@ def system_server(system: str, model_path, dtype: str, max_total_tokens: int, pl
         "--model-path", str(model_path), "--dtype", dtype, "--port", str(port),
         "--max-total-tokens", str(max_total_tokens), "--page-size", str(plan["page_size"]),
         "--chunked-prefill-size", "8192", "--skip-tokenizer-init", "--enable-cache-report",
-        "--enable-metrics", "--random-seed", "0", "--log-level", "info",
-        *system_flags(system, plan["objective"], workdir, plan.get("hcache_capacity", "2G")),
+        "--enable-metrics", "--random-seed", "0", "--log-level", os.environ.get("BENCH_SERVER_LOG_LEVEL", "info"),
+        *system_flags(system, plan["objective"], workdir, plan.get("hcache_capacity", "2G"),
+                      plan.get("storage_bandwidth"), plan.get("hicache_ratio")),
     ]
     env = dict(os.environ, SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(workdir / "hicache-file"))
+    # the throttled HiCache backend (hicache_throttled.py) is imported by the server from here
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH")) if p)
     log = workdir / "server.log"
     server = Server(system, f"http://127.0.0.1:{port}", workdir, plan["page_size"], argv, log=log)
     t0 = time.perf_counter()

@@ -143,6 +143,10 @@ def render_markdown(doc: dict) -> str:
         "device hit / restored from host, disk or hidden states / computed.",
         "",
     ]
+    if cfg.get("storage_bandwidth"):
+        lines += [f"**Storage-bound what-if: storage reads of HCache and HiCache alike are THROTTLED to "
+                  f"{cfg['storage_bandwidth']}B/s** (HiCache host tier "
+                  f"{cfg.get('hicache_ratio') or 2.0}x the device pool).", ""]
     for gname, geo in doc["geometries"].items():
         attn = "MHA" if geo["num_kv_heads"] == geo["num_heads"] else "GQA"
         for wname, wl in geo["workloads"].items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,38 @@ def test_smoke_run_all_systems_agree_and_json_is_complete(tmp_path):
     assert systems["hicache"]["bytes_per_token"] > 0 and systems["hcache"]["bytes_per_token"] > 0
     assert (tmp_path / "smoke.svg").read_text().startswith("<svg")
     assert "| hcache |" in (tmp_path / "smoke.md").read_text()
+
+
+@pytest.mark.engine
+def test_storage_bound_hicache_reads_its_file_tier_at_the_capped_rate(tmp_path):
+    """The storage-bound regime's HiCache: SGLang loads the throttled file backend, a returning
+    prompt whose pages left the host tier is served from storage, and no faster than the cap."""
+    import random
+
+    import requests
+
+    from serving_client import system_server
+
+    from hcache_sglang import models
+
+    path = models.resolve_model("tiny-llama-mha")
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
+    cap = 8 << 20  # "8M": 8 MiB/s
+    plan = dict(page_size=16, objective="balanced", storage_bandwidth="8M", hicache_ratio=None)
+    rng = random.Random(0)
+    docs = [[rng.randrange(8, 500) for _ in range(400)] for _ in range(6)]  # 2.4K > host tier 2K
+    generate = dict(sampling_params=dict(max_new_tokens=2, temperature=0.0))
+    with system_server("hicache", path, "float32", 1024, plan, tmp_path / "work") as server:
+        assert "file-throttled" in server.log.read_text(errors="replace")
+        for doc in docs:
+            requests.post(f"{server.url}/generate", json=dict(generate, input_ids=doc + [9]),
+                          timeout=120).raise_for_status()
+        t0 = time.perf_counter()
+        out = requests.post(f"{server.url}/generate", json=dict(generate, input_ids=docs[0] + [10]),
+                            timeout=120).json()
+        elapsed = time.perf_counter() - t0
+    details = out["meta_info"]["cached_tokens_details"]
+    assert details["storage_backend"] == "ThrottledHiCacheFile" and details["storage"] == 400, details
+    kv_bytes = 400 * layers * 2 * hidden * 4  # float32 K and V of 400 tokens (MHA)
+    assert elapsed >= 0.95 * kv_bytes / cap, (elapsed, kv_bytes / cap)

@@ -319,3 +319,23 @@ def test_index_of_another_format_is_emptied_not_misread(tmp_path):
         assert store.save(NS, keys, **payload(NS, 16))  # and the store is usable again
         store.flush()
         assert store.lookup(NS, keys).num_pages == 16
+
+
+def test_bandwidth_throttle_shares_one_budget_across_threads():
+    """N threads reading B bytes each under limit L take at least N*B/L together, not B/L."""
+    import threading
+    import time
+
+    from hcache_sglang.backends.throttle import BandwidthThrottle
+
+    with pytest.raises(ValueError):
+        BandwidthThrottle(0)
+    limit, nbytes, n = 50e6, 2_000_000, 4  # 40 ms each, 160 ms in all
+    throttle = BandwidthThrottle(limit)
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=throttle.charge, args=(nbytes,)) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.monotonic() - t0 >= 0.98 * n * nbytes / limit
