@@ -56,6 +56,9 @@ class Namespace:
     dtype: str  # "bfloat16" | "float16" | "float32"
     page_size: int
     tenant: str = ""
+    # Leading layers the writer's plan recomputes instead of storing: chunks hold model layers
+    # recomputed_layers .. recomputed_layers + num_layers - 1.
+    recomputed_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -64,11 +67,16 @@ class Namespace:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"Namespace.{name}={value!r}: expected a positive int")
+        if not isinstance(self.recomputed_layers, int) or self.recomputed_layers < 0:
+            raise ValueError(f"Namespace.recomputed_layers={self.recomputed_layers!r}: expected an int >= 0")
 
     @cached_property
     def key_prefix(self) -> bytes:
         """Stable 16-byte digest of all fields; prefixes every index key of this namespace."""
-        canon = "\x1f".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self))
+        # recomputed_layers joins the digest only when set, so pools written before it existed keep
+        # their keys (their chunks hold every layer).
+        canon = "\x1f".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                             if f.name != "recomputed_layers" or self.recomputed_layers)
         return hashlib.sha256(canon.encode()).digest()[:16]
 
     @property

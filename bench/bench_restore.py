@@ -49,20 +49,10 @@ from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.config import Objective
 from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, Method, candidate_plans, choose_plan, predict
 from hcache_sglang.profile import measure_compute, measure_read_bandwidth, shared_read_cpu
-from hcache_sglang.restore import RestoreJob
+from hcache_sglang.restore import RestoreJob, ShiftedRead
 
 SAVE_TOKENS = 256  # tokens per save call (keeps staging small)
 TARGET_PLAN_VS_BEST, TARGET_PRED = 1.10, (0.75, 1.33)
-
-
-class _ShiftedRead:
-    """A ReadHandle seen through the model's layer numbering: stored layer = model layer - ``shift``."""
-
-    def __init__(self, handle, shift: int):
-        self.handle, self.shift = handle, shift
-
-    def layer(self, layer: int):
-        return self.handle.layer(layer - self.shift)
 
 
 def _kinds(plan: LayerPlan) -> tuple[int, list[LayerKind | None]]:
@@ -134,9 +124,9 @@ def measure_plan(store, ctx: Context, plan: LayerPlan, repeats: int) -> Measured
             handle = store.read(ns, ctx.keys, [layers[l] for l in stored], positions_out)
             for l in stored:
                 handle.layer(l - r).add_done_callback(lambda f: marks["read"].append(time.perf_counter()))
-            read = _ShiftedRead(handle, r)
-        # positions / token ids are the request's own (the restorer reads them before layer 0 lands)
-        job = RestoreJob(ctx.slots, ctx.positions, ctx.token_ids, layers, kinds, read)
+            read = ShiftedRead(handle, r)
+        # positions / token ids are the request's own: recomputed layers need not wait for a read
+        job = RestoreJob(ctx.slots, ctx.positions, ctx.token_ids, layers, kinds, read, ids_known=True)
         ctx.restorer.restore([job], lambda layer: marks["layer"].append(time.perf_counter()))
         sync()
         times.append(time.perf_counter() - t0)

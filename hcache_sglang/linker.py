@@ -12,9 +12,12 @@ in this order for a context that leaves and comes back:
 2. ``lookup(rid, transfers)``    how many leading pages of the device-uncached tail the store holds.
 3. ``load(rid, transfers)``      issue the read of the context's chunks into host buffers and queue its
                                  restore into fresh request-private slots at once: a restore thread
-                                 re-projects hidden states (``hcache_sglang.kernels``) or copies stored
-                                 K/V layer by layer as each layer's bytes land, so IO and compute overlap
-                                 from the start. With the EAGER load check, ``load`` then waits until
+                                 recomputes the plan's leading R layers from the request's tokens
+                                 (``hcache_sglang.recompute``; their device prefix and token ids come
+                                 from the ``load_back`` hook, :meth:`expect_load`), then re-projects
+                                 hidden states (``hcache_sglang.kernels``) or copies stored K/V layer by
+                                 layer as each layer's bytes land, so IO and compute overlap from the
+                                 start. With the EAGER load check, ``load`` then waits until
                                  every chunk is read and checksummed: a miss or a corrupt chunk stops
                                  the restore and refuses the load, and SGLang recomputes (never a wrong
                                  answer). PIPELINED accepts at once.
@@ -43,7 +46,7 @@ from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
 from hcache_sglang.planner import LayerPlan, Method, model_dims
-from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress
+from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress, ShiftedRead
 from hcache_sglang.sglang_hooks import current_model_runner, current_plan
 
 logger = logging.getLogger(__name__)
@@ -75,7 +78,10 @@ class HCacheLinker(UnifiedCacheLinker):
         self.projections = kv_projections(runner.model)
         head = self.projections[0]
         self.plan: LayerPlan = current_plan()
-        self.kinds = tuple(LayerKind.HIDDEN if m is Method.HIDDEN else LayerKind.KV for m in self.plan.methods)
+        # Leading RECOMPUTE layers store nothing: chunks hold layers r.. (namespace of L - r layers).
+        self.recomputed = self.plan.count(Method.RECOMPUTE)
+        self.kinds = tuple(None if m is Method.RECOMPUTE else LayerKind.HIDDEN if m is Method.HIDDEN
+                           else LayerKind.KV for m in self.plan.methods)
         dtype = self.kvcache.dtype
         self.capture = HiddenStateCapture(
             runner.model,
@@ -89,12 +95,13 @@ class HCacheLinker(UnifiedCacheLinker):
         tp_rank, tp_size = getattr(runner, "tp_rank", 0), getattr(runner, "tp_size", 1)
         self.namespace = Namespace(
             model_fingerprint=model_fingerprint(server_args.model_path, str(dtype), tp_rank, tp_size),
-            num_layers=self.num_layers,
+            num_layers=self.num_layers - self.recomputed,
             hidden_size=hidden_size,
             num_kv_heads=head.num_kv_heads,
             head_dim=head.head_dim,
             dtype=str(dtype).removeprefix("torch."),
             page_size=self.page_size,
+            recomputed_layers=self.recomputed,
         )
         directory = self.config.directory if tp_size == 1 else f"{self.config.directory}/tp{tp_rank}"
         self.store = ChunkStore(
@@ -106,9 +113,18 @@ class HCacheLinker(UnifiedCacheLinker):
                 read_bandwidth_limit=self.config.read_bandwidth_limit,
             )
         )
+        recompute = None
+        if self.recomputed:
+            from hcache_sglang.recompute import LeadingLayers
+
+            recompute = LeadingLayers(runner.model, self.kvcache.k_buffer, self.kvcache.v_buffer, self.recomputed)
         self.restorer = LayerRestorer(
-            self.projections, self.kvcache.k_buffer, self.kvcache.v_buffer, self.device, capture=self.capture
+            self.projections, self.kvcache.k_buffer, self.kvcache.v_buffer, self.device, capture=self.capture,
+            recompute=recompute,
         )
+        # rid -> (device prefix slots, prompt token ids of the loaded tail, first position): set by
+        # the load_back hook around ``load`` when the plan recomputes layers.
+        self._expected: dict[str, tuple[torch.Tensor, list[int], int]] = {}
         self.restore_stats = RestoreStats()
         side_bytes = self.capture.nbytes()
         logger.info(
@@ -158,18 +174,44 @@ class HCacheLinker(UnifiedCacheLinker):
             self.restore_stats.record_refused(len(kv.keys) * self.page_size)
             return False
 
+    # ---- request context for recomputed layers (sglang_hooks._around_load_back) -------------
+
+    @property
+    def needs_request_context(self) -> bool:
+        return self.recomputed > 0
+
+    def expect_load(self, rid: str, prefix_slots: torch.Tensor, token_ids, start: int) -> None:
+        self._expected[rid] = (prefix_slots, list(token_ids), start)
+
+    def forget_expected(self, rid: str) -> None:
+        self._expected.pop(rid, None)
+
     def _load(self, rid: str, kv: PoolTransfer) -> bool:
         hit = self.store.lookup(self.namespace, kv.keys)
         if hit.num_pages < len(kv.keys):  # evicted since lookup
             return False
         num_tokens = len(kv.keys) * self.page_size
+        r = self.recomputed
+        context = self._expected.get(rid) if r else None
+        if r and (context is None or len(context[1]) != num_tokens or len(context[0]) != context[2]):
+            logger.warning("hcache: load for %s refused: no request context for its recomputed layers", rid)
+            return False
         pin = self.device.type == "cuda" if isinstance(self.device, torch.device) else "cuda" in str(self.device)
-        layers = [self._host_buffer(kind, num_tokens, pin) for kind in hit.layer_kinds]
+        stored = [self._host_buffer(kind, num_tokens, pin) for kind in hit.layer_kinds]
         positions = torch.empty(num_tokens, dtype=torch.int64, pin_memory=pin)
         token_ids = torch.empty(num_tokens, dtype=torch.int32, pin_memory=pin)
-        read = self.store.read(self.namespace, kv.keys, layers, positions, token_ids)
-        job = RestoreJob(kv.device_indices, positions, token_ids, layers, tuple(hit.layer_kinds), read,
-                         RestoreProgress())
+        read = self.store.read(self.namespace, kv.keys, stored, positions, token_ids)
+        job = RestoreJob(kv.device_indices, positions, token_ids, [None] * r + stored,
+                         (None,) * r + tuple(hit.layer_kinds), read, RestoreProgress())
+        if r:  # the request's own tokens and positions; the stored ones are checked against them
+            prefix_slots, ids, start = context
+            job.read, job.ids_known, job.prefix_slots = ShiftedRead(read, r), True, prefix_slots
+            job.positions = torch.arange(start, start + num_tokens, dtype=torch.int64)
+            job.token_ids = torch.tensor(ids, dtype=torch.int32)
+            job.stored_ids = (positions, token_ids)
+            if pin:  # the restore stream reads the prefix K/V after the forward stream wrote them
+                job.prefix_ready = torch.cuda.Event()
+                job.prefix_ready.record(self.forward_stream or torch.cuda.current_stream(self.device))
         self._restore_queue.put(job)  # the restore starts as the first layer's bytes land
         accepted = False
         try:
@@ -194,6 +236,9 @@ class HCacheLinker(UnifiedCacheLinker):
         pos = restore.positions
         if pos.numel() > 1 and not bool((pos[1:] == pos[:-1] + 1).all()):
             logger.warning("hcache: restore of %s refused: stored positions are not consecutive", rid)
+            return False
+        if not _stored_ids_match(restore):
+            logger.warning("hcache: restore of %s refused: stored tokens are not the request's", rid)
             return False
         return True
 
@@ -228,8 +273,16 @@ class HCacheLinker(UnifiedCacheLinker):
         progress = job.progress
         if not progress.begin():
             return  # cancelled before it started
+
+        def landed(layer: int) -> None:
+            # The first stored layer's read also brought the stored positions and token ids: check
+            # them before any stored state reaches the forward (PIPELINED accepted the load unread).
+            if layer == self.recomputed and not _stored_ids_match(job):
+                raise RuntimeError("stored tokens are not the request's")
+            progress.advance(layer)
+
         try:
-            if self.restorer.restore([job], progress.advance, should_stop=progress.cancel_requested):
+            if self.restorer.restore([job], landed, should_stop=progress.cancel_requested):
                 self.restore_stats.record_restore(job.num_tokens, time.perf_counter() - progress.queued_at)
             progress.stop()
         except BaseException as exc:  # noqa: BLE001 - reported through the progress
@@ -275,9 +328,10 @@ class HCacheLinker(UnifiedCacheLinker):
             # Some slot holds no captured hidden state for a HIDDEN layer (restored from a chunk saved
             # under another plan): saving it would store garbage. The pages stay on the device.
             return False
+        stored = [(l, kind) for l, kind in enumerate(self.kinds) if kind is not None]
         layers = [
             self.capture.hidden[l] if kind is LayerKind.HIDDEN else (self.kvcache.k_buffer[l], self.kvcache.v_buffer[l])
-            for l, kind in enumerate(self.kinds)
+            for l, kind in stored
         ]
         return self.store.save(
             self.namespace,
@@ -285,7 +339,7 @@ class HCacheLinker(UnifiedCacheLinker):
             positions=self.capture.positions[slots],
             token_ids=self.capture.token_ids[slots],
             layers=layers,
-            layer_kinds=self.kinds,
+            layer_kinds=tuple(kind for _, kind in stored),
             rows=slots,
         )
 
@@ -334,6 +388,15 @@ def _work(tasks: queue.Queue, handle) -> None:
             handle(task)
         finally:
             tasks.task_done()
+
+
+def _stored_ids_match(job: RestoreJob) -> bool:
+    """A restore whose positions and token ids are the request's own (recomputed layers): the stored
+    ones, landed with the first stored layer, must be the same."""
+    if job.stored_ids is None:
+        return True
+    positions, token_ids = job.stored_ids
+    return bool(torch.equal(positions, job.positions) and torch.equal(token_ids, job.token_ids))
 
 
 def _kv_transfer(transfers: list[PoolTransfer]) -> Optional[PoolTransfer]:

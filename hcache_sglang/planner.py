@@ -201,8 +201,8 @@ def _spread(n: int, k: int) -> tuple[Method, ...]:
 
 def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective,
                 allow_recompute: bool = True) -> Prediction:
-    """The fastest predicted plan allowed by ``objective`` (and by the restore path: the serving
-    linker restores from stored bytes only, so it passes ``allow_recompute=False``)."""
+    """The fastest predicted plan allowed by ``objective`` (and by the restore path: a server whose
+    model or parallel setup cannot rerun layers passes ``allow_recompute=False``)."""
     smaller = Method.HIDDEN if geometry.hidden_bytes <= geometry.kv_bytes else Method.KV
     space_bytes = geometry.num_layers * min(geometry.hidden_bytes, geometry.kv_bytes)
     best: Optional[Prediction] = None
@@ -243,21 +243,34 @@ def static_plan(num_layers: int, hidden_size: int, kv_dim: int, config: HCacheCo
     return LayerPlan((method,) * num_layers)
 
 
-def check_servable(plan: LayerPlan) -> LayerPlan:
-    """The serving restore path restores from stored bytes only: refuse recompute layers clearly."""
-    if Method.RECOMPUTE in plan.methods:
-        raise ValueError(
-            f"hcache: layer plan {plan} recomputes layers (R); the serving restore path supports hidden "
-            "states (H) and stored K/V (K) only -- R plans are for the simulator and bench_restore"
-        )
+def check_servable(plan: LayerPlan, recompute_refused: Optional[str] = None) -> LayerPlan:
+    """A plan the serving restore path can run: RECOMPUTE layers lead (nothing stored for them) and
+    are refused with ``recompute_refused`` (the reason) where this model / setup cannot rerun them."""
+    r = plan.count(Method.RECOMPUTE)
+    if any(m is Method.RECOMPUTE for m in plan.methods[r:]):
+        raise ValueError(f"hcache: layer plan {plan}: recomputed layers (R) must be the leading ones")
+    if r == plan.num_layers:
+        raise ValueError(f"hcache: layer plan {plan} stores nothing; use --hierarchical-cache off instead")
+    if r and recompute_refused:
+        raise ValueError(f"hcache: layer plan {plan} recomputes layers (R), which this server cannot: "
+                         f"{recompute_refused}")
     return plan
+
+
+def _recompute_refused(runner: Any, num_layers: int) -> Optional[str]:
+    from hcache_sglang.recompute import unsupported_reason
+
+    return unsupported_reason(runner.model, num_layers, getattr(runner, "tp_size", 1),
+                              getattr(runner, "pp_size", 1))
 
 
 def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
     """The plan a server runs with: forced by ``layer_plan``, else chosen from measured costs."""
     num_layers, hidden, kv_dim = model_dims(runner.model_config.hf_config)
     if config.layer_plan:
-        return check_servable(static_plan(num_layers, hidden, kv_dim, config))
+        plan = static_plan(num_layers, hidden, kv_dim, config)
+        r = plan.count(Method.RECOMPUTE)
+        return check_servable(plan, _recompute_refused(runner, r) if r else None)
     import torch
 
     from hcache_sglang.capture import kv_projections
@@ -276,7 +289,10 @@ def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
         o_direct=config.o_direct, read_bandwidth_limit=config.read_bandwidth_limit,
         refresh=config.refresh_profile,
     )
-    best = choose_plan(geometry, profile, config.objective, allow_recompute=False)
+    refused = _recompute_refused(runner, num_layers - 1)
+    if refused:
+        logger.info("hcache: plans with recomputed layers are off: %s", refused)
+    best = choose_plan(geometry, profile, config.objective, allow_recompute=refused is None)
     logger.info(
         "hcache: plan %s predicted %.1f ms per 1K tokens (%s, objective %s)",
         best.plan, best.seconds_per_1k_tokens * 1e3, profile.label, config.objective.value,

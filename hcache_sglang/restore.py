@@ -34,6 +34,13 @@ class RestoreJob:
     kinds: Sequence[Optional[LayerKind]]  # per layer; None = recompute (nothing stored)
     read: Any = None  # ReadHandle with .layer(l) -> Future, or None when the buffers are filled
     progress: Optional["RestoreProgress"] = None  # set by the serving linker
+    # True: positions / token_ids are the request's own, known before any byte lands (a plan with
+    # leading RECOMPUTE layers needs them first); False: the store's read fills them.
+    ids_known: bool = False
+    prefix_slots: Optional[torch.Tensor] = None  # RECOMPUTE: KV slots of the context before these
+    residual: Optional[torch.Tensor] = None  # RECOMPUTE: the residual stream between layers
+    prefix_ready: Any = None  # RECOMPUTE on a GPU: event after which the prefix K/V are in the pool
+    stored_ids: Optional[tuple] = None  # (positions, token_ids) as read, checked against ids_known ones
 
     @property
     def num_tokens(self) -> int:
@@ -125,7 +132,7 @@ class LayerRestorer:
             for job in jobs:
                 # Stored positions and token ids land with the first stored layer's read.
                 first = next((l for l, kind in enumerate(job.kinds) if kind is not None), None)
-                if job.read is not None and first is not None:
+                if job.read is not None and first is not None and not job.ids_known:
                     job.read.layer(first).result()
             slots = torch.cat([j.slots for j in jobs]).to(self.device, non_blocking=True)
             positions = torch.cat([j.positions for j in jobs]).to(self.device, non_blocking=True)
@@ -166,6 +173,20 @@ class LayerRestorer:
                 copy_kv_into_cache(data, k_cache, v_cache, rows)
                 if self.capture is not None:
                     self.capture.invalidate(layer, rows)
+
+
+class ShiftedRead:
+    """A store ReadHandle seen through the model's layer numbering when the first ``shift`` layers
+    are recomputed and not stored: stored layer = model layer - ``shift``."""
+
+    def __init__(self, handle: Any, shift: int):
+        self.handle, self.shift = handle, shift
+
+    def layer(self, layer: int):
+        return self.handle.layer(layer - self.shift)
+
+    def wait(self) -> bool:
+        return self.handle.wait()
 
 
 def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -14,7 +14,10 @@ whether the HCache linker is the configured external linker and does nothing oth
 3. ``SchedulerOutputStreamer.get_cached_tokens_details`` (after): report prompt tokens as
    ``{"device": ..., "hcache": ..., "computed": ...}`` instead of SGLang's generic ``host`` key,
    also for a request with nothing cached (SGLang reports None there).
-4. ``Scheduler.hcache_stats(out_path)``: an RPC writing the store and restore counters as JSON
+4. ``UnifiedCacheLinkerWrapper.load_back`` (around): when the plan recomputes leading layers, hand
+   the linker the request's device-prefix KV slots and the tail's token ids before it loads (SGLang's
+   linker API passes neither); the recomputed layers attend over that prefix.
+5. ``Scheduler.hcache_stats(out_path)``: an RPC writing the store and restore counters as JSON
    (:func:`hcache_sglang.metrics.install_stats_rpc`).
 """
 
@@ -110,6 +113,24 @@ def _after_cached_tokens_details(result: Any, streamer: Any, req: Any, *a: Any, 
     return {"device": device, "hcache": restored, "computed": max(prompt - device - restored, 0)}
 
 
+def _around_load_back(original: Any, wrapper: Any, req: Any, *a: Any, **k: Any) -> Any:
+    linker = getattr(wrapper, "cache_linker", None)
+    hit = wrapper.hit_markers.get(req.rid) if getattr(linker, "needs_request_context", False) else None
+    if hit is None:
+        return original(wrapper, req, *a, **k)
+    start = int(hit.device_hit_len)
+    num_tokens = len(hit.tail_hashes) * wrapper.cache.page_size
+    try:
+        prefix = wrapper.cache.prefix_device_indices(req)[:start]
+        linker.expect_load(req.rid, prefix, req.full_untruncated_fill_ids[start:start + num_tokens], start)
+    except Exception as exc:  # noqa: BLE001 - without the context the linker refuses the load
+        logger.warning("hcache: no request context for %s's load: %r", req.rid, exc)
+    try:
+        return original(wrapper, req, *a, **k)
+    finally:
+        linker.forget_expected(req.rid)
+
+
 def _is_hcache(streamer: Any) -> bool:
     cached = getattr(streamer, "_hcache_active", None)
     if cached is None:
@@ -147,4 +168,9 @@ def register() -> None:
         "sglang.srt.managers.scheduler_components.output_streamer.SchedulerOutputStreamer.get_cached_tokens_details",
         _after_cached_tokens_details,
         HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.unified_cache.unified_cache_linker.UnifiedCacheLinkerWrapper.load_back",
+        _around_load_back,
+        HookType.AROUND,
     )

@@ -104,7 +104,45 @@ def test_simulation_mode_prints_a_plan(capsys):
     assert "0-30 hidden states, 31 stored K/V" in out and "ms per 1K tokens" in out
 
 
-def test_serving_refuses_recompute_plans_clearly():
+def test_serving_plans_recompute_leading_layers_only_where_supported():
     assert check_servable(LayerPlan.parse("HHKK")) == LayerPlan.parse("HHKK")
-    with pytest.raises(ValueError, match="serving restore path supports hidden"):
-        check_servable(LayerPlan.parse("RHKK"))
+    assert check_servable(LayerPlan.parse("RRHK")) == LayerPlan.parse("RRHK")
+    with pytest.raises(ValueError, match="must be the leading ones"):
+        check_servable(LayerPlan.parse("HRKK"))
+    with pytest.raises(ValueError, match="stores nothing"):
+        check_servable(LayerPlan.parse("RRRR"))
+    with pytest.raises(ValueError, match="cannot: one TP rank"):
+        check_servable(LayerPlan.parse("RHKK"), recompute_refused="one TP rank")
+
+
+def test_recompute_support_is_checked_on_the_model_structure():
+    from torch import nn
+
+    from hcache_sglang.recompute import unsupported_reason
+
+    class Attn(nn.Module):
+        qkv_proj = rotary_emb = o_proj = None
+        q_size = kv_size = num_heads = num_kv_heads = head_dim = scaling = 1
+
+    class Layer(nn.Module):
+        def __init__(self, qk_norm=False):
+            super().__init__()
+            self.self_attn, self.input_layernorm, self.post_attention_layernorm = Attn(), nn.Identity(), nn.Identity()
+            self.mlp = nn.Identity()
+            if qk_norm:
+                self.self_attn.q_norm = nn.Identity()
+
+    class Inner(nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.embed_tokens, self.layers = nn.Embedding(4, 4), nn.ModuleList(layers)
+
+    class Model(nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.model = Inner(layers)
+
+    assert unsupported_reason(Model([Layer(), Layer()]), 2) is None
+    assert "one TP rank" in unsupported_reason(Model([Layer()]), 1, tp_size=2)
+    assert "Q/K norms" in unsupported_reason(Model([Layer(qk_norm=True)]), 1)
+    assert "has 1" in unsupported_reason(Model([Layer()]), 2)

@@ -197,3 +197,33 @@ def test_cancelled_restore_stops_writing_before_cancel_returns(tmp_path):
         assert not early.begin()
     finally:
         s.close()
+
+
+def test_causal_attention_of_a_tail_behind_a_prefix_matches_a_loop():
+    """Recomputed layers: the restored tokens attend to the prefix and to the tokens before them."""
+    from hcache_sglang.recompute import causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    n, total, heads, kv_heads, d = 5, 12, 4, 2, 8
+    q = torch.randn(n, heads, d, generator=gen)
+    k, v = torch.randn(total, kv_heads, d, generator=gen), torch.randn(total, kv_heads, d, generator=gen)
+    got = causal_attention(q, k, v, scale=d**-0.5)
+    for i in range(n):
+        seen = total - n + i + 1
+        for h in range(heads):
+            kh, vh = k[:seen, h // (heads // kv_heads)], v[:seen, h // (heads // kv_heads)]
+            want = torch.softmax(kh @ q[i, h] * d**-0.5, dim=0) @ vh
+            torch.testing.assert_close(got[i, h], want, rtol=1e-5, atol=1e-5)
+
+
+def test_namespace_of_a_recomputing_plan_is_its_own_and_old_keys_are_kept():
+    from hcache_sglang.backends import Namespace
+
+    base = dict(model_fingerprint="m", num_layers=4, hidden_size=8, num_kv_heads=2, head_dim=4,
+                dtype="float32", page_size=16)
+    old = Namespace(**base)
+    assert Namespace(**base, recomputed_layers=0).key_prefix == old.key_prefix
+    shifted = Namespace(**dict(base, num_layers=3), recomputed_layers=1)
+    assert shifted.key_prefix not in (old.key_prefix, Namespace(**dict(base, num_layers=3)).key_prefix)
+    with pytest.raises(ValueError):
+        Namespace(**base, recomputed_layers=-1)

@@ -26,7 +26,7 @@ import pytest
 
 from e2e_helpers import (
     ANSWER_TOKENS, CAPACITY_TRAFFIC, CONCURRENT, DOC, RAG, SEEDS, converse, corrupt_pool, details,
-    evict, generate, start_engine,
+    evict, generate, start_engine, tokens,
 )
 
 pytestmark = pytest.mark.engine
@@ -217,6 +217,31 @@ def test_plan_change_on_the_same_pool_never_mixes_chunks(config, expected, tmp_p
         assert out["output_ids"] == answers[2]
     finally:
         again.stop()
+
+
+def test_recomputed_leading_layers_restore_to_the_same_answers(config, expected, tmp_path):
+    """Plan RRHK: nothing is stored for layers 0-1; a restore reruns them from the request's tokens
+    (attending to the device-resident prefix), then restores layer 2 from hidden states and layer 3
+    from stored K/V. Greedy outputs equal the reference's / a fresh prefill's."""
+    name, path, page_size = config
+    served = start_engine(path, page_size, str(tmp_path / "pool"), hcache_layer_plan="RRHK")
+    try:
+        outs = converse(served.engine, evict_between=True, seed=40)
+        assert [o["output_ids"] for o in outs] == expected["conversation"]
+        assert all(details(o)["hcache"] > 0 for o in outs[1:]), [details(o) for o in outs]
+
+        # a restored tail behind a prefix that is on the device: the rerun layers must attend to it
+        tail, question = tokens(60, 160), tokens(61, 8)
+        fresh = generate(served.engine, [DOC + tail + question])[0]  # computed from scratch
+        evict(served.engine, seed=50)
+        generate(served.engine, [DOC + tokens(62, 8)])  # brings the document back to the device
+        again = generate(served.engine, [DOC + tail + question])[0]
+        d = details(again)
+        assert d["device"] >= _aligned(len(DOC), page_size) and d["hcache"] >= len(tail) - page_size, d
+        assert again["output_ids"] == fresh["output_ids"]
+        assert served.stats()["restore"]["failed_restores"] == 0
+    finally:
+        served.stop()
 
 
 # ---- the HTTP server ---------------------------------------------------------------------------
