@@ -29,6 +29,11 @@ recompute run. Per workload the paper's ratios: ``ttft_speedup_vs_hicache``,
     python bench/bench_serving.py --smoke --json /tmp/smoke.json              # ~1-2 min, tiny model
     python bench/bench_serving.py --preset medium --json OUT.json --plot OUT.svg --markdown R.md
     python bench/bench_serving.py --from-json OUT.json --markdown bench/RESULTS.md --plot OUT.svg
+    python bench/bench_serving.py --preset storage --json OUT.json    # storage-bound: reads capped
+    python bench/bench_serving.py --from-json A.json B.json --sweep   # runs at several caps, one table
+
+``--storage-bandwidth X`` caps the storage reads of HCache and HiCache alike (what-if: a slower disk or a
+remote store; labelled in every output), see bench/README.md "Two regimes".
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from serving_client import run_workload, system_server  # noqa: E402
 from serving_report import (  # noqa: E402
     compare,
     render_markdown,
+    render_sweep,
     summarize,
     write_plot,
 )
@@ -85,13 +91,14 @@ PRESETS = {
     # The paper's regime on this host: returning contexts come from storage, not DRAM. Both peers'
     # storage reads are capped at the same rate (HCache's pool, HiCache's file backend); HiCache keeps
     # SGLang's default host tier (2x the device pool) and the working set is 3-4x that tier, so its
-    # returning contexts come partly from host DRAM and mostly from storage. At 60 MiB/s this CPU
-    # (~150 GFLOP/s of projection) has ~2.4 kFLOP of compute per byte of IO: still ~10x less
-    # IO-bound than the paper's A100 + 4 NVMe SSDs (~24 kFLOP/byte). ~25 minutes.
+    # returning contexts come partly from host DRAM and mostly from storage. At 120 MiB/s this CPU
+    # (~150 GFLOP/s of projection) has ~1.2 kFLOP of compute per byte of IO: ~20x less IO-bound than
+    # the paper's A100 + 4 NVMe SSDs (~24 kFLOP/byte). `--storage-bandwidth` moves the cap (see the
+    # --sweep table in bench/RESULTS-storage.md). ~35 minutes for both geometries.
     "storage": dict(
         models=("bench-llama", "bench-llama-gqa"), dtype="checkpoint",
-        systems=("recompute", "hicache", "hcache-hidden", "hcache", "ideal"),
-        max_total_tokens=4096, page_size=16, storage_bandwidth="60M",
+        systems=("recompute", "hicache", "hcache-hidden", "hcache", "hcache-space", "ideal"),
+        max_total_tokens=4096, page_size=16, storage_bandwidth="120M",
         workloads={
             "multiturn": dict(clients=5, rounds=4, request_len=768, output_len=16,
                               request_rate=0.0, max_parallel=1),
@@ -128,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(.svg; .png needs matplotlib, else an .svg is written beside it)")
     ap.add_argument("--from-json", type=Path, nargs="+",
                     help="re-render --markdown/--plot from saved --json files (geometries merged)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="with --from-json: one table row per file and workload, ordered by the "
+                         "storage read cap (runs of --storage-bandwidth side by side)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset = "smoke"
@@ -230,6 +240,14 @@ def _evaluate(workload: str, runs: dict, dtype: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.sweep:
+        if not args.from_json:
+            raise SystemExit("--sweep renders saved runs: give them with --from-json")
+        table = render_sweep([json.loads(p.read_text()) for p in args.from_json])
+        print(table)
+        if args.markdown:
+            args.markdown.write_text(table)
+        return 0
     if args.from_json:
         docs = [json.loads(p.read_text()) for p in args.from_json]
         geometries: dict = {}
@@ -248,7 +266,8 @@ def main(argv=None) -> int:
         print(f"bench_serving: preset {plan['preset']}, models {', '.join(plan['models'])}, "
               f"systems {', '.join(plan['systems'])}; logs and pools under {workdir}", flush=True)
         if plan.get("storage_bandwidth"):
-            print(f"bench_serving: STORAGE READS THROTTLED to {plan['storage_bandwidth']}B/s for "
+            print(f"bench_serving: STORAGE READS THROTTLED to {plan['storage_bandwidth']} (binary "
+                  "multiples: M = MiB) per second for "
                   "HCache and HiCache alike (what-if: a slower disk or remote store)", flush=True)
         t0 = time.perf_counter()
         doc = run_benchmark(plan, workdir)

@@ -145,7 +145,7 @@ def render_markdown(doc: dict) -> str:
     ]
     if cfg.get("storage_bandwidth"):
         lines += [f"**Storage-bound what-if: storage reads of HCache and HiCache alike are THROTTLED to "
-                  f"{cfg['storage_bandwidth']}B/s** (HiCache host tier "
+                  f"{_cap_label(cfg['storage_bandwidth'])}** (HiCache host tier "
                   f"{cfg.get('hicache_ratio') or 2.0}x the device pool).", ""]
     for gname, geo in doc["geometries"].items():
         attn = "MHA" if geo["num_kv_heads"] == geo["num_heads"] else "GQA"
@@ -186,6 +186,39 @@ def render_markdown(doc: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- plot
+
+
+def render_sweep(docs: list[dict]) -> str:
+    """One row per (run, geometry, workload): the same workload at several storage read caps
+    (``--storage-bandwidth``), returning-request TTFT of each system and the paper's ratios."""
+    lines = ["| storage reads | geometry | workload | recompute | HiCache | HCache | ideal | HCache plan "
+             "| vs HiCache | vs recompute | of ideal gain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
+    for doc in docs:
+        cfg = doc.get("config", {})
+        cap = cfg.get("storage_bandwidth")
+        for gname, geo in doc["geometries"].items():
+            for wname, wl in geo["workloads"].items():
+                ttft = {s: v.get("ttft_returning_ms_mean") for s, v in wl["systems"].items()}
+                plan = (wl["systems"].get("hcache") or {}).get("restore_plan") or "-"
+                rows.append((_bandwidth(cap), f"| {_cap_label(cap)} | {gname} "
+                             f"| {wname} | {_f(ttft.get('recompute'))} | {_f(ttft.get('hicache'))} "
+                             f"| {_f(ttft.get('hcache'))} | {_f(ttft.get('ideal'))} | {plan} | "
+                             + " | ".join(_f(wl.get(k), "{:.2f}") for k in RATIO_KEYS[:3]) + " |"))
+    lines += [row for _, row in sorted(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _cap_label(cap) -> str:
+    from hcache_sglang.config import format_size, parse_size
+
+    return f"{format_size(parse_size(cap))}/s" if cap else "uncapped (page cache)"
+
+
+def _bandwidth(cap) -> float:
+    from hcache_sglang.config import parse_size
+
+    return float(parse_size(cap)) if cap else float("inf")
 
 
 def plot_series(doc: dict) -> list[dict]:

@@ -113,3 +113,22 @@ def test_storage_bound_hicache_reads_its_file_tier_at_the_capped_rate(tmp_path):
     assert details["storage_backend"] == "ThrottledHiCacheFile" and details["storage"] == 400, details
     kv_bytes = 400 * layers * 2 * hidden * 4  # float32 K and V of 400 tokens (MHA)
     assert elapsed >= 0.95 * kv_bytes / cap, (elapsed, kv_bytes / cap)
+
+
+def test_sweep_table_orders_runs_by_storage_cap():
+    import bench_serving
+
+    doc = json.loads((BENCH / "results" / "serving-storage-60M.json").read_text())
+    for d in (doc["geometries"].values()):
+        for wl in d["workloads"].values():
+            wl.pop("requests", None)
+    uncapped = json.loads(json.dumps(doc))
+    uncapped["config"]["storage_bandwidth"] = None
+    slow = json.loads(json.dumps(doc))
+    slow["config"]["storage_bandwidth"] = "30M"
+    table = bench_serving.render_sweep([uncapped, doc, slow]).splitlines()
+    caps = [row.split("|")[1].strip() for row in table[2:]]
+    n = len(caps) // 3
+    assert caps == ["30.0 MiB/s"] * n + ["60.0 MiB/s"] * n + ["uncapped (page cache)"] * n
+    hybrid = doc["geometries"]["bench-llama"]["workloads"]["rag"]
+    assert f"| {hybrid['ttft_speedup_vs_hicache']:.2f} |" in table[2 + n + 1]
