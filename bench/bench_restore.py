@@ -287,6 +287,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small preset, 512 tokens (~30 s)")
     ap.add_argument("--dir", default=None, help="scratch directory for the stores (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--geometries", default=None,
+                    help="comma list of the preset's geometry names to run (default: all of them)")
     args = ap.parse_args()
     args.device = torch.device(args.device)
     gpu = args.device.type == "cuda"
@@ -298,6 +300,10 @@ def main() -> None:
                                                     else "1024")).split(",")]
     if any(n % PAGE_SIZE for n in args.tokens):
         raise SystemExit(f"--tokens {args.tokens}: expected multiples of the page size {PAGE_SIZE}")
+    known = [g.name for g in PRESETS[args.preset]]
+    args.geometries = args.geometries.split(",") if args.geometries else known
+    if not args.geometries or any(name not in known for name in args.geometries):
+        raise SystemExit(f"--geometries {','.join(args.geometries)}: expected names from {known}")
     if args.repeats < 1 or args.sweep_points < 2:
         raise SystemExit("--repeats must be >= 1 and --sweep-points >= 2")
     args.torch_dtype = getattr(torch, args.dtype)
@@ -314,7 +320,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}", flush=True)
     results = []
     try:
-        for g in PRESETS[args.preset]:
+        for g in (g for g in PRESETS[args.preset] if g.name in args.geometries):
             model = RandomModel(g, args.torch_dtype, args.device, max(args.tokens) + 1)
             geometry = g.planner_geometry(torch.empty((), dtype=args.torch_dtype).element_size())
             contexts = [Context(model, n, args.torch_dtype, args.device, MHATokenToKVPool) for n in args.tokens]
