@@ -49,7 +49,7 @@ from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.config import Objective
 from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, Method, candidate_plans, choose_plan, predict
 from hcache_sglang.profile import measure_compute, measure_read_bandwidth, shared_read_cpu
-from hcache_sglang.restore import RestoreJob, ShiftedRead
+from hcache_sglang.restore import RestoreJob, ShiftedRead, layer_kinds
 
 SAVE_TOKENS = 256  # tokens per save call (keeps staging small)
 TARGET_PLAN_VS_BEST, TARGET_PRED = 1.10, (0.75, 1.33)
@@ -59,8 +59,7 @@ def _kinds(plan: LayerPlan) -> tuple[int, list[LayerKind | None]]:
     r = plan.count(Method.RECOMPUTE)
     if any(m is Method.RECOMPUTE for m in plan.methods[r:]):
         raise ValueError(f"plan {plan}: RECOMPUTE layers must lead")
-    return r, [None if m is Method.RECOMPUTE else LayerKind.HIDDEN if m is Method.HIDDEN else LayerKind.KV
-               for m in plan.methods]
+    return r, list(layer_kinds(plan))
 
 
 def save_plan(store: ChunkStore | None, ctx: Context, plan: LayerPlan) -> Namespace | None:

@@ -185,9 +185,6 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------- plot
-
-
 def render_sweep(docs: list[dict]) -> str:
     """One row per (run, geometry, workload): the same workload at several storage read caps
     (``--storage-bandwidth``), returning-request TTFT of each system and the paper's ratios."""
@@ -219,6 +216,9 @@ def _bandwidth(cap) -> float:
     from hcache_sglang.config import parse_size
 
     return float(parse_size(cap)) if cap else float("inf")
+
+
+# ---------------------------------------------------------------------------- plot
 
 
 def plot_series(doc: dict) -> list[dict]:

@@ -46,7 +46,7 @@ from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
 from hcache_sglang.planner import LayerPlan, Method, model_dims
-from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress, ShiftedRead
+from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress, ShiftedRead, layer_kinds
 from hcache_sglang.sglang_hooks import current_model_runner, current_plan
 
 logger = logging.getLogger(__name__)
@@ -80,8 +80,7 @@ class HCacheLinker(UnifiedCacheLinker):
         self.plan: LayerPlan = current_plan()
         # Leading RECOMPUTE layers store nothing: chunks hold layers r.. (namespace of L - r layers).
         self.recomputed = self.plan.count(Method.RECOMPUTE)
-        self.kinds = tuple(None if m is Method.RECOMPUTE else LayerKind.HIDDEN if m is Method.HIDDEN
-                           else LayerKind.KV for m in self.plan.methods)
+        self.kinds = layer_kinds(self.plan)
         dtype = self.kvcache.dtype
         self.capture = HiddenStateCapture(
             runner.model,

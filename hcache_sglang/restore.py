@@ -21,6 +21,13 @@ import torch
 
 from hcache_sglang.backends import LayerKind
 from hcache_sglang.kernels import copy_kv_into_cache, project_kv_into_cache
+from hcache_sglang.planner import LayerPlan, Method
+
+
+def layer_kinds(plan: LayerPlan) -> tuple[Optional[LayerKind], ...]:
+    """What a chunk holds per layer under ``plan`` (None: a RECOMPUTE layer, nothing stored)."""
+    return tuple(None if m is Method.RECOMPUTE else LayerKind.HIDDEN if m is Method.HIDDEN else LayerKind.KV
+                 for m in plan.methods)
 
 
 @dataclass
