@@ -4,11 +4,11 @@ For each geometry preset (an MHA and a GQA model with random weights), each read
 machine's disk, and a THROTTLED read bandwidth) and each context length, one run measures:
 
 - the pure methods: all hidden states (``H...H``), all K/V (``K...K``, KV offload), full recompute
-  (``R...R``, a synthetic full layer forward per layer, nothing read);
+  (``R...R``, a synthetic full layer forward per layer, with the serving path's attention, nothing read);
 - a sweep of layer splits: ``k`` K/V layers and ``L-k`` hidden layers for a grid of ``k`` (each at the
   layout the planner predicts best), plus ``--sweep-recompute`` plans with leading recomputed layers;
 - the planner's choice: ``choose_plan`` with a ``CostProfile`` measured by ``hcache_sglang.profile``
-  (``measure_compute`` + ``measure_read_bandwidth``) on the same geometry and store settings.
+  (``measure_compute`` + ``measure_reads``) on the same geometry and store settings.
 
 One restore = ``store.read(...)`` (reader threads fill host buffers layer by layer) +
 ``LayerRestorer.restore(...)`` (projects / copies layer l while later layers are still being read)
@@ -48,7 +48,7 @@ from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, RandomMode
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.config import Objective
 from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, Method, candidate_plans, choose_plan, predict
-from hcache_sglang.profile import measure_compute, measure_read_bandwidth, shared_read_cpu
+from hcache_sglang.profile import measure_compute, measure_reads
 from hcache_sglang.restore import RestoreJob, ShiftedRead, layer_kinds
 
 SAVE_TOKENS = 256  # tokens per save call (keeps staging small)
@@ -143,7 +143,7 @@ def measure_plan(store, ctx: Context, plan: LayerPlan, repeats: int) -> Measured
     return Measured(tuple(times), first, last_read)
 
 
-def sweep(geometry: Geometry, profile: CostProfile, points: int, recompute: int) -> list[LayerPlan]:
+def sweep(geometry: Geometry, profile: CostProfile, points: int, recompute: int, tokens: int) -> list[LayerPlan]:
     """Pure H and K, ``points`` K/V-layer counts in between, and ``1..recompute`` leading R layers
     (each at the layout the planner predicts best for that count)."""
     L = geometry.num_layers
@@ -153,7 +153,7 @@ def sweep(geometry: Geometry, profile: CostProfile, points: int, recompute: int)
     for r, k in wanted:
         pool = [p for p in candidate_plans(L) if p.count(Method.RECOMPUTE) == r
                 and (k is None or p.count(Method.KV) == k)]
-        out.append(min(pool, key=lambda p: predict(p, geometry, profile).seconds_per_1k_tokens))
+        out.append(min(pool, key=lambda p: predict(p, geometry, profile, tokens).seconds_per_1k_tokens))
     return out
 
 
@@ -165,38 +165,34 @@ def run_setting(args, g: BenchGeometry, model, contexts, label: str, limit: floa
     geometry = g.planner_geometry(element)
     # profiled right before this setting's runs (the 2 shared cores' load drifts); median per term
     n = max(c.tokens for c in contexts)
-    runs = [measure_compute(model.projections[0], geometry, args.torch_dtype, args.device,
-                            tokens=min(n, 2048), context=n) for _ in range(args.profile_repeats)]
+    runs = [measure_compute(model.projections[0], geometry, args.torch_dtype, args.device, tokens=min(n, 2048))
+            for _ in range(args.profile_repeats)]
     compute = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     out = []
     store_dir = tempfile.mkdtemp(prefix="store-", dir=args.dir)
     try:
         store = None
         if args.source == "store":
-            total = 48 << 20 if limit is None else int(min(48 << 20, max(4 << 20, 2 * limit)))  # ~2 s
-            samples = [  # the median: one sample can catch another process's IO burst
-                measure_read_bandwidth(store_dir, geometry.hidden_bytes, o_direct=args.o_direct,
-                                       read_bandwidth_limit=limit, total_bytes=total)
-                for _ in range(args.profile_repeats)]
-            bw = statistics.median(s.bandwidth for s in samples)
-            cpu_share = shared_read_cpu(samples, args.device)
+            reads = measure_reads(store_dir, geometry, args.device, o_direct=args.o_direct,
+                                  read_bandwidth_limit=limit, repeats=args.profile_repeats)
             biggest = max(c.tokens for c in contexts) * geometry.num_layers * max(geometry.hidden_bytes, geometry.kv_bytes)
             store = ChunkStore(StoreConfig(store_dir + "/pool", capacity_bytes=2 * biggest + (256 << 20),
                                            staging_bytes=64 << 20, max_save_block_s=60.0,
                                            o_direct=args.o_direct, read_bandwidth_limit=limit))
         else:
             bw = _h2d_bandwidth() if args.device.type == "cuda" else 1e15  # CPU: no transfer
-            cpu_share = 0.0
-        profile = CostProfile(read_bandwidth=bw, label=label, read_cpu_share=cpu_share, **compute)
-        print(f"#   profile {g.name} [{label}]: read {bw / 1e9:.3f} GB/s, per token per layer: project "
+            reads = {"read_bandwidth": bw, "kv_read_bandwidth": bw, "read_cpu_share": 0.0}
+        profile = CostProfile(label=label, **reads, **compute)
+        print(f"#   profile {g.name} [{label}]: read {profile.read_bandwidth / 1e9:.3f} GB/s hidden rows, "
+              f"{profile.kv_read_bandwidth / 1e9:.3f} GB/s K/V rows, per token per layer: project "
               f"{compute['project_s'] * 1e6:.1f} us, copy {compute['copy_s'] * 1e6:.2f} us, recompute "
-              f"{compute['recompute_s'] * 1e6:.0f} us; per layer {compute['layer_overhead_s'] * 1e6:.0f} us; "
-              f"read CPU share {cpu_share:.2f}", flush=True)
-        chosen = choose_plan(geometry, profile, Objective(args.objective), allow_recompute=True).plan
-        plans = sweep(geometry, profile, args.sweep_points, args.sweep_recompute)
+              f"{compute['recompute_s'] * 1e6:.0f} us + {compute['attention_s'] * 1e9:.1f} ns per attended token; per layer {compute['layer_overhead_s'] * 1e6:.0f} us; "
+              f"read CPU share {profile.read_cpu_share:.2f}", flush=True)
         full_r = LayerPlan((Method.RECOMPUTE,) * g.num_layers)
         for ctx in contexts:
-            n = ctx.tokens
+            n = ctx.tokens  # the planner plans for this restore length, as a server would for its own
+            chosen = choose_plan(geometry, profile, Objective(args.objective), allow_recompute=True, tokens=n).plan
+            plans = sweep(geometry, profile, args.sweep_points, args.sweep_recompute, n)
             measured = {}
             for plan in plans + ([chosen] if chosen not in plans else []):
                 measured[str(plan)] = measure_plan(store, ctx, plan, args.repeats)
@@ -323,7 +319,8 @@ def main() -> None:
             model = RandomModel(g, args.torch_dtype, args.device, max(args.tokens) + 1)
             geometry = g.planner_geometry(torch.empty((), dtype=args.torch_dtype).element_size())
             contexts = [Context(model, n, args.torch_dtype, args.device, MHATokenToKVPool) for n in args.tokens]
-            settings = [("pinned host memory", None)] if args.source == "host" else [
+            host = "pinned host memory" if args.device.type == "cuda" else "host memory"
+            settings = [(host, None)] if args.source == "host" else [
                 ("disk, O_DIRECT" if args.o_direct else "disk, buffered", None)]
             if args.source == "store" and args.throttle_gbps not in ("none", "auto"):
                 settings += [(f"THROTTLED {float(x):.3f} GB/s", float(x) * 1e9)

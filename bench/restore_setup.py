@@ -17,6 +17,7 @@ from hcache_sglang.backends.pool import aligned_buffer
 from hcache_sglang.kernels import KVProjection
 from hcache_sglang.kernels.reference import apply_rope, compute_kv, rms_norm
 from hcache_sglang.planner import Geometry
+from hcache_sglang.recompute import causal_attention
 from hcache_sglang.restore import LayerRestorer, RestoreJob
 
 
@@ -85,11 +86,8 @@ class RandomModel:
         v_cache.index_copy_(0, slots, v)
         q = apply_rope(F.linear(x, self.w_q).view(n, g.num_heads, g.head_dim), positions,
                        self.projections[layer].cos_sin_cache, g.head_dim, True)
-        rep = g.num_heads // g.num_kv_heads
-        attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(rep, 0),
-            v.transpose(0, 1).repeat_interleave(rep, 0), is_causal=True)
-        h = h + F.linear(attn.transpose(0, 1).reshape(n, -1), self.w_o)
+        attn = causal_attention(q, k, v, g.head_dim**-0.5)  # what a served recomputed layer runs
+        h = h + F.linear(attn.reshape(n, -1), self.w_o)
         gate, up = F.linear(rms_norm(h, self.norm, 1e-5), self.w_gate_up).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, self.w_down)
 

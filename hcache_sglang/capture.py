@@ -68,6 +68,57 @@ def kv_projections(model) -> list[KVProjection]:
     return [KVProjection.from_attention(layer.self_attn) for layer in _local_layers(model)]
 
 
+_QK_NORMS = ("q_norm", "k_norm", "qk_norm", "k_layernorm", "q_layernorm")
+
+
+def reprojection_unsupported(model) -> str | None:
+    """Why re-projecting this model's stored hidden states would not give the K/V its own forward
+    writes (None: it would). The restore models ``K, V = RoPE(x W_k + b_k), x W_v + b_v`` on the
+    ``qkv_proj`` input ``x``; a per-head Q/K norm (Qwen3, OLMo2, Gemma3) or a quantized ``qkv_proj``
+    is outside that. Stored K/V (and recomputed layers, where supported) do not depend on it."""
+    try:
+        layers = _local_layers(model)
+    except TypeError as e:
+        return str(e)
+    for i, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        missing = [p for p in ("qkv_proj", "rotary_emb", "q_size", "kv_size", "num_kv_heads", "head_dim")
+                   if not hasattr(attn, p)]
+        if missing:
+            return f"layer {i} ({type(attn).__name__}) lacks {', '.join(missing)}"
+        norms = [n for n in _QK_NORMS if getattr(attn, n, None) is not None]
+        if norms:
+            return f"layer {i}: per-head Q/K norms ({', '.join(norms)}) are applied after the projection"
+        weight = getattr(attn.qkv_proj, "weight", None)
+        if weight is None or not weight.is_floating_point() or weight.element_size() < 2:
+            return f"layer {i}: qkv_proj has no floating-point weight (quantized?)"
+        if not hasattr(attn.rotary_emb, "cos_sin_cache"):
+            return f"layer {i}: {type(attn.rotary_emb).__name__} has no cos_sin_cache"
+    return None
+
+
+def reprojection_error(capture: "HiddenStateCapture", projections: Sequence[KVProjection], k_buffers,
+                       v_buffers, slots: Tensor) -> tuple[int, float]:
+    """Re-project the captured hidden states of ``slots`` for every captured layer into scratch K/V;
+    returns the worst layer and its max |difference| to the pool's K/V, relative to the pool's max |K|
+    or |V| of those slots."""
+    positions = capture.positions.index_select(0, slots)
+    rows = torch.arange(slots.numel(), dtype=torch.int64, device=slots.device)
+    worst = (-1, 0.0)
+    for l, hidden in enumerate(capture.hidden):
+        if hidden is None:
+            continue
+        k_pool, v_pool = k_buffers[l].index_select(0, slots), v_buffers[l].index_select(0, slots)
+        k, v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
+        project_kv_into_cache(hidden.index_select(0, slots), positions, projections[l], k, v, rows)
+        for got, want in ((k, k_pool), (v, v_pool)):
+            scale = float(want.float().abs().max()) or 1.0
+            err = float((got.float() - want.float()).abs().max()) / scale
+            if err > worst[1] or worst[0] < 0:
+                worst = (l, err)
+    return worst
+
+
 class HiddenStateCapture:
     """Per-layer post-norm hidden states of every token, at the token's KV slot.
 

@@ -41,7 +41,8 @@ from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
 from sglang.srt.mem_cache.unified_cache.unified_cache_linker import LayerWiseLoadCounter, UnifiedCacheLinker
 
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
-from hcache_sglang.capture import HiddenStateCapture, kv_projections
+from hcache_sglang.backends.host_buffers import HostBuffers, carve, carved_bytes
+from hcache_sglang.capture import HiddenStateCapture, kv_projections, reprojection_error
 from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
@@ -117,6 +118,8 @@ class HCacheLinker(UnifiedCacheLinker):
             from hcache_sglang.recompute import LeadingLayers
 
             recompute = LeadingLayers(runner.model, self.kvcache.k_buffer, self.kvcache.v_buffer, self.recomputed)
+        pin = self.device.type == "cuda" if isinstance(self.device, torch.device) else "cuda" in str(self.device)
+        self.host_buffers = HostBuffers(pin)  # restore reads land here (resident or pinned, reused)
         self.restorer = LayerRestorer(
             self.projections, self.kvcache.k_buffer, self.kvcache.v_buffer, self.device, capture=self.capture,
             recompute=recompute,
@@ -134,6 +137,11 @@ class HCacheLinker(UnifiedCacheLinker):
             f"; READS THROTTLED to {format_size(self.config.read_bandwidth_limit)}/s"
             if self.config.read_bandwidth_limit else "",
         )
+
+        # Before the first hidden state is stored: does re-projecting it give the K/V the model's own
+        # forward wrote? (A model quirk the restore does not model must cost recomputes, never answers.)
+        self._reprojection_checked = not self.plan.hidden_layers
+        self.reprojection_failure: Optional[str] = None
 
         self._pending: dict[str, RestoreJob] = {}
         self._spill_queue: queue.Queue = queue.Queue()
@@ -156,7 +164,7 @@ class HCacheLinker(UnifiedCacheLinker):
 
     def lookup(self, rid: str, transfers: list[PoolTransfer]) -> list[int]:
         kv = _kv_transfer(transfers)
-        if kv is None or not kv.keys:
+        if kv is None or not kv.keys or self.reprojection_failure:
             return []
         hit = self.store.lookup(self.namespace, kv.keys)
         self.restore_stats.record_lookup(len(kv.keys), hit.num_pages)
@@ -195,22 +203,36 @@ class HCacheLinker(UnifiedCacheLinker):
         if r and (context is None or len(context[1]) != num_tokens or len(context[0]) != context[2]):
             logger.warning("hcache: load for %s refused: no request context for its recomputed layers", rid)
             return False
-        pin = self.device.type == "cuda" if isinstance(self.device, torch.device) else "cuda" in str(self.device)
-        stored = [self._host_buffer(kind, num_tokens, pin) for kind in hit.layer_kinds]
-        positions = torch.empty(num_tokens, dtype=torch.int64, pin_memory=pin)
-        token_ids = torch.empty(num_tokens, dtype=torch.int32, pin_memory=pin)
+        ns = self.namespace
+        specs = [((num_tokens, *ns.row_shape(kind)), self.kvcache.dtype) for kind in hit.layer_kinds]
+        specs += [((num_tokens,), torch.int64), ((num_tokens,), torch.int32)]
+        lease = self.host_buffers.lease(carved_bytes(specs))
+        try:
+            return self._start_load(rid, kv, hit, num_tokens, context, lease, *carve(lease.buffer, specs))
+        finally:
+            lease.drop()  # the restore thread holds it on until its reads and copies are done
+
+    def _start_load(self, rid: str, kv: PoolTransfer, hit, num_tokens: int, context, lease,
+                    *buffers: torch.Tensor) -> bool:
+        *stored, positions, token_ids = buffers
+        r = self.recomputed
         read = self.store.read(self.namespace, kv.keys, stored, positions, token_ids)
-        job = RestoreJob(kv.device_indices, positions, token_ids, [None] * r + stored,
-                         (None,) * r + tuple(hit.layer_kinds), read, RestoreProgress())
-        if r:  # the request's own tokens and positions; the stored ones are checked against them
-            prefix_slots, ids, start = context
-            job.read, job.ids_known, job.prefix_slots = ShiftedRead(read, r), True, prefix_slots
-            job.positions = torch.arange(start, start + num_tokens, dtype=torch.int64)
-            job.token_ids = torch.tensor(ids, dtype=torch.int32)
-            job.stored_ids = (positions, token_ids)
-            if pin:  # the restore stream reads the prefix K/V after the forward stream wrote them
-                job.prefix_ready = torch.cuda.Event()
-                job.prefix_ready.record(self.forward_stream or torch.cuda.current_stream(self.device))
+        try:
+            job = RestoreJob(kv.device_indices, positions, token_ids, [None] * r + stored,
+                             (None,) * r + tuple(hit.layer_kinds), read, RestoreProgress(), lease=lease)
+            if r:  # the request's own tokens and positions; the stored ones are checked against them
+                prefix_slots, ids, start = context
+                job.read, job.ids_known, job.prefix_slots = ShiftedRead(read, r), True, prefix_slots
+                job.positions = torch.arange(start, start + num_tokens, dtype=torch.int64)
+                job.token_ids = torch.tensor(ids, dtype=torch.int32)
+                job.stored_ids = (positions, token_ids)
+                if self.host_buffers.pin:  # the restore stream reads the prefix K/V once the forward wrote them
+                    job.prefix_ready = torch.cuda.Event()
+                    job.prefix_ready.record(self.forward_stream or torch.cuda.current_stream(self.device))
+        except BaseException:
+            read.wait()  # no read may still land in the buffer once it is back in the pool
+            raise
+        lease.hold()
         self._restore_queue.put(job)  # the restore starts as the first layer's bytes land
         accepted = False
         try:
@@ -241,12 +263,6 @@ class HCacheLinker(UnifiedCacheLinker):
             return False
         return True
 
-    def _host_buffer(self, kind: LayerKind, num_tokens: int, pin: bool) -> torch.Tensor:
-        ns = self.namespace
-        shape = (num_tokens, ns.hidden_size) if kind is LayerKind.HIDDEN else (
-            num_tokens, 2, ns.num_kv_heads, ns.head_dim)
-        return torch.empty(shape, dtype=self.kvcache.dtype, pin_memory=pin)
-
     def cancel_queued_load(self, rid: str) -> bool:
         job = self._pending.pop(rid, None)
         if job is None:
@@ -268,7 +284,16 @@ class HCacheLinker(UnifiedCacheLinker):
     # ---- restore and release threads --------------------------------------------------------
 
     def _restore_one(self, job: RestoreJob) -> None:
-        """Restore thread: jobs in load order, each layer by layer as its bytes land."""
+        """Restore thread: jobs in load order, each layer by layer as its bytes land; the job's host
+        buffers go back to the pool once its reads are over (a stopped restore may leave some)."""
+        try:
+            self._run_restore(job)
+        finally:
+            if job.read is not None:
+                job.read.wait()
+            job.lease.drop()
+
+    def _run_restore(self, job: RestoreJob) -> None:
         progress = job.progress
         if not progress.begin():
             return  # cancelled before it started
@@ -327,6 +352,10 @@ class HCacheLinker(UnifiedCacheLinker):
             # Some slot holds no captured hidden state for a HIDDEN layer (restored from a chunk saved
             # under another plan): saving it would store garbage. The pages stay on the device.
             return False
+        if not self._reprojection_checked:
+            self._check_reprojection(slots[: self.page_size])
+        if self.reprojection_failure:
+            return False
         stored = [(l, kind) for l, kind in enumerate(self.kinds) if kind is not None]
         layers = [
             self.capture.hidden[l] if kind is LayerKind.HIDDEN else (self.kvcache.k_buffer[l], self.kvcache.v_buffer[l])
@@ -341,6 +370,25 @@ class HCacheLinker(UnifiedCacheLinker):
             layer_kinds=tuple(kind for _, kind in stored),
             rows=slots,
         )
+
+    def _check_reprojection(self, slots: torch.Tensor) -> None:
+        """Once, before the first save: re-project one page's captured hidden states of every HIDDEN
+        layer and compare with the K/V the forward wrote. Beyond rounding (``_REPROJECTION_TOL`` of the
+        layer's largest |K| or |V|, by K/V element size) nothing is stored or restored from then on."""
+        layer, err = reprojection_error(self.capture, self.projections, self.kvcache.k_buffer,
+                                        self.kvcache.v_buffer, slots)
+        tol = _REPROJECTION_TOL.get(self.kvcache.k_buffer[0].element_size(), 2**-9)
+        self._reprojection_checked = True
+        if err > tol:
+            self.reprojection_failure = (
+                f"re-projecting layer {layer}'s hidden states misses the K/V the model wrote by {err:.3g} of "
+                f"their largest value (tolerance {tol:.3g})")
+            logger.error("hcache: %s; this model's attention does something the restore does not model: "
+                         "nothing is stored or restored (evicted prefixes are recomputed). Serve it with "
+                         "--hcache-layer-plan kv.", self.reprojection_failure)
+        else:
+            logger.info("hcache: re-projection check passed (max error %.3g of the largest K/V, layer %d)",
+                        err, layer)
 
     def num_completed_offloads(self) -> int:
         return self._spill_done.qsize()
@@ -375,6 +423,11 @@ class HCacheLinker(UnifiedCacheLinker):
             self._metrics.stop()
         self.store.close()
         self.capture.detach()
+
+
+# Re-projection vs the pool, relative to the largest |K| / |V|, by K/V element size: a few units in the
+# last place of the largest value (the GEMMs may differ in accumulation order, TF32 on GPUs).
+_REPROJECTION_TOL = {1: 2**-3, 2: 2**-6, 4: 2**-9}
 
 
 def _work(tasks: queue.Queue, handle) -> None:

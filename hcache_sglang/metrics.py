@@ -8,7 +8,8 @@ this runs), and SGLang's HTTP server collects it, so the gauges below appear bes
 
 Without an HTTP server (``hcache_sglang.Engine``), the scheduler RPC ``hcache_stats(out_path)``
 (installed by :func:`install_stats_rpc`) writes the same numbers as JSON
-``{"store": {...}, "restore": {...}}``: ``engine.collective_rpc("hcache_stats", out_path=P)``.
+``{"store": {...}, "restore": {...}, "plan": "HHK...", "reprojection_failure": null}``:
+``engine.collective_rpc("hcache_stats", out_path=P)``.
 """
 
 from __future__ import annotations
@@ -144,6 +145,8 @@ def _hcache_stats(self: Any, out_path: str) -> None:
     result = {
         "store": dataclasses.asdict(linker.store.stats()),
         "restore": dataclasses.asdict(linker.restore_stats.snapshot()),
+        "plan": str(linker.plan),
+        "reprojection_failure": linker.reprojection_failure,
     }
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)

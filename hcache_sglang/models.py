@@ -32,9 +32,9 @@ BUILD_RECIPE = 2
 
 # Architectures SGLang 0.5.23 serves that this project can capture and re-project
 # (dense decoder, per-layer qkv_proj + rotary_emb, no q/k norm).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 CHAT_TEMPLATE = (
@@ -104,6 +104,8 @@ GEOMETRIES: dict[str, ModelGeometry] = {
     "tiny-qwen2": ModelGeometry(
         "Qwen2ForCausalLM", num_kv_heads=2, attention_bias=True, rope_theta=1e6, **_TINY
     ),
+    # per-head Q/K RMSNorms: K is not a projection of the hidden state (stored K/V layers only)
+    "tiny-qwen3": ModelGeometry("Qwen3ForCausalLM", num_kv_heads=2, rope_theta=1e6, **_TINY),
     "tiny-llama-llama3rope": ModelGeometry(
         "LlamaForCausalLM",
         num_kv_heads=2,
@@ -276,6 +278,9 @@ def _hf_config(g: ModelGeometry, tokenizer: Any) -> dict:
     }
     if g.architecture == "LlamaForCausalLM":
         config.update(attention_bias=g.attention_bias, mlp_bias=False)
+    elif g.architecture == "Qwen3ForCausalLM":
+        config.update(attention_bias=g.attention_bias, use_sliding_window=False, sliding_window=None,
+                      max_window_layers=g.num_layers)
     else:
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=g.num_layers)
     return config
@@ -308,6 +313,9 @@ def _random_weights(g: ModelGeometry) -> dict[str, torch.Tensor]:
             w[p + "self_attn.q_proj.bias"] = normal(q, std=0.1)
             w[p + "self_attn.k_proj.bias"] = normal(kv, std=0.1)
             w[p + "self_attn.v_proj.bias"] = normal(kv, std=0.1)
+        if g.architecture == "Qwen3ForCausalLM":
+            w[p + "self_attn.q_norm.weight"] = 1.0 + normal(d, std=0.1)
+            w[p + "self_attn.k_norm.weight"] = 1.0 + normal(d, std=0.1)
         w[p + "self_attn.o_proj.weight"] = linear(h, q)
         w[p + "post_attention_layernorm.weight"] = 1.0 + normal(h, std=0.1)
         w[p + "mlp.gate_proj.weight"] = linear(g.intermediate_size, h)

@@ -96,13 +96,17 @@ class Geometry:
         """Per token per layer: K and V GEMMs."""
         return 2 * self.hidden_size * 2 * self.kv_dim
 
-    def layer_flops(self, context_tokens: int) -> int:
-        """Per token per layer of a full forward (linear layers + attention at this context)."""
+    @property
+    def linear_flops(self) -> int:
+        """Per token per layer of a full forward, without attention: QKV, O and the gated MLP."""
         d, i = self.hidden_size, self.intermediate_size or int(8 * self.hidden_size / 3)
         q_dim = d
-        linear = 2 * d * (q_dim + 2 * self.kv_dim) + 2 * q_dim * d + 2 * 3 * d * i
-        attention = 2 * 2 * q_dim * context_tokens // 2  # QK^T and PV over half the context on average
-        return linear + attention
+        return 2 * d * (q_dim + 2 * self.kv_dim) + 2 * q_dim * d + 2 * 3 * d * i
+
+    @property
+    def attention_flops_per_pair(self) -> int:
+        """Per (query, key) pair per layer: QK^T and PV."""
+        return 2 * 2 * self.hidden_size
 
 
 @dataclass(frozen=True)
@@ -121,15 +125,17 @@ class CostProfile:
     read_bandwidth: float
     project_s: float
     copy_s: float
-    recompute_s: float
+    recompute_s: float  # a recomputed layer's linear part (QKV, O, MLP, norms), per token
     label: str = "measured"
     layer_overhead_s: float = 0.0
     read_cpu_share: float = 0.0
+    attention_s: float = 0.0  # a recomputed layer's attention, per (query, key) pair
+    kv_read_bandwidth: float = 0.0  # bytes/s reading K/V rows, where not ``read_bandwidth`` (0)
 
     @classmethod
     def from_hardware(
         cls, geometry: Geometry, *, tflops: float, read_gbps: float, copy_gbps: float,
-        context_tokens: int = 2048, efficiency: float = 1.0, label: str = "described",
+        efficiency: float = 1.0, label: str = "described",
     ) -> "CostProfile":
         """A described machine: achieved GEMM TFLOP/s, store->host read GB/s, K/V copy GB/s."""
         flops = tflops * 1e12 * efficiency
@@ -137,9 +143,22 @@ class CostProfile:
             read_bandwidth=read_gbps * 1e9,
             project_s=geometry.projection_flops / flops,
             copy_s=geometry.kv_bytes / (copy_gbps * 1e9),
-            recompute_s=geometry.layer_flops(context_tokens) / flops,
+            recompute_s=geometry.linear_flops / flops,
+            attention_s=geometry.attention_flops_per_pair / flops,
             label=label,
         )
+
+    def bandwidth(self, method: "Method") -> float:
+        """Read bytes/s of a layer stored as ``method`` (HIDDEN or KV)."""
+        if method is Method.KV and self.kv_read_bandwidth > 0:
+            return self.kv_read_bandwidth
+        return self.read_bandwidth
+
+    def recompute_seconds(self, tokens: int, prefix_tokens: int = 0) -> float:
+        """One recomputed layer over ``tokens`` restored tokens behind ``prefix_tokens`` device-resident
+        ones: linear in the tokens, plus every causal (query, key) pair of its attention."""
+        pairs = tokens * prefix_tokens + tokens * (tokens + 1) // 2
+        return self.recompute_s * tokens + self.attention_s * pairs + self.layer_overhead_s
 
 
 @dataclass(frozen=True)
@@ -151,21 +170,25 @@ class Prediction:
     bytes_per_token: int
 
 
-def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: int = 1000) -> Prediction:
-    """Simulate the restore pipeline for ``tokens`` tokens: reads in layer order on one resource,
-    recompute / projection / copy in layer order on the other; a stored layer's compute starts when
-    its bytes are in and the previous layer's compute is done."""
+PLAN_TOKENS = 1000  # the restore length a server's plan is chosen for (recompute cost grows with it)
+
+
+def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: int = PLAN_TOKENS,
+            prefix_tokens: int = 0) -> Prediction:
+    """Simulate the restore pipeline for ``tokens`` tokens (behind ``prefix_tokens`` already on the
+    device): reads in layer order on one resource, recompute / projection / copy in layer order on the
+    other; a stored layer's compute starts when its bytes are in and the previous layer's is done."""
     io_end = compute_end = io_total = compute_total = 0.0
     stored = 0
     for method in plan.methods:
         if method is Method.RECOMPUTE:
-            cost = profile.recompute_s * tokens + profile.layer_overhead_s
+            cost = profile.recompute_seconds(tokens, prefix_tokens)
             compute_end += cost
             compute_total += cost
             continue
         size = geometry.hidden_bytes if method is Method.HIDDEN else geometry.kv_bytes
         stored += size
-        io = size * tokens / profile.read_bandwidth
+        io = size * tokens / profile.bandwidth(method)
         io_end += io
         io_total += io
         per_token = profile.project_s if method is Method.HIDDEN else profile.copy_s
@@ -200,18 +223,22 @@ def _spread(n: int, k: int) -> tuple[Method, ...]:
 
 
 def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective,
-                allow_recompute: bool = True) -> Prediction:
-    """The fastest predicted plan allowed by ``objective`` (and by the restore path: a server whose
-    model or parallel setup cannot rerun layers passes ``allow_recompute=False``)."""
-    smaller = Method.HIDDEN if geometry.hidden_bytes <= geometry.kv_bytes else Method.KV
-    space_bytes = geometry.num_layers * min(geometry.hidden_bytes, geometry.kv_bytes)
+                allow_recompute: bool = True, tokens: int = PLAN_TOKENS, allow_hidden: bool = True) -> Prediction:
+    """The fastest predicted plan for restores of ``tokens`` tokens allowed by ``objective`` and by the
+    restore path: a server whose model or parallel setup cannot rerun layers passes
+    ``allow_recompute=False``; one whose model's K/V are not a projection of the stored hidden state
+    (per-head K norms, quantized weights) passes ``allow_hidden=False``."""
+    smaller = Method.HIDDEN if allow_hidden and geometry.hidden_bytes <= geometry.kv_bytes else Method.KV
+    space_bytes = geometry.num_layers * (geometry.hidden_bytes if smaller is Method.HIDDEN else geometry.kv_bytes)
     best: Optional[Prediction] = None
     for plan in candidate_plans(geometry.num_layers):
         if plan.count(Method.RECOMPUTE) == geometry.num_layers:
             continue  # that is not a restore
         if not allow_recompute and Method.RECOMPUTE in plan.methods:
             continue
-        pred = predict(plan, geometry, profile)
+        if not allow_hidden and Method.HIDDEN in plan.methods:
+            continue
+        pred = predict(plan, geometry, profile, tokens)
         if objective is Objective.SPACE and any(
             m not in (smaller, Method.RECOMPUTE) for m in plan.methods
         ):
@@ -243,9 +270,11 @@ def static_plan(num_layers: int, hidden_size: int, kv_dim: int, config: HCacheCo
     return LayerPlan((method,) * num_layers)
 
 
-def check_servable(plan: LayerPlan, recompute_refused: Optional[str] = None) -> LayerPlan:
+def check_servable(plan: LayerPlan, recompute_refused: Optional[str] = None,
+                   hidden_refused: Optional[str] = None) -> LayerPlan:
     """A plan the serving restore path can run: RECOMPUTE layers lead (nothing stored for them) and
-    are refused with ``recompute_refused`` (the reason) where this model / setup cannot rerun them."""
+    are refused with ``recompute_refused`` (the reason) where this model / setup cannot rerun them;
+    HIDDEN layers are refused with ``hidden_refused`` where re-projection would not give the model's K/V."""
     r = plan.count(Method.RECOMPUTE)
     if any(m is Method.RECOMPUTE for m in plan.methods[r:]):
         raise ValueError(f"hcache: layer plan {plan}: recomputed layers (R) must be the leading ones")
@@ -254,6 +283,9 @@ def check_servable(plan: LayerPlan, recompute_refused: Optional[str] = None) -> 
     if r and recompute_refused:
         raise ValueError(f"hcache: layer plan {plan} recomputes layers (R), which this server cannot: "
                          f"{recompute_refused}")
+    if plan.count(Method.HIDDEN) and hidden_refused:
+        raise ValueError(f"hcache: layer plan {plan} restores layers from hidden states (H), which this model "
+                         f"cannot: {hidden_refused}; use stored K/V (--hcache-layer-plan kv)")
     return plan
 
 
@@ -266,11 +298,14 @@ def _recompute_refused(runner: Any, num_layers: int) -> Optional[str]:
 
 def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
     """The plan a server runs with: forced by ``layer_plan``, else chosen from measured costs."""
+    from hcache_sglang.capture import reprojection_unsupported
+
     num_layers, hidden, kv_dim = model_dims(runner.model_config.hf_config)
+    hidden_refused = reprojection_unsupported(runner.model)
     if config.layer_plan:
         plan = static_plan(num_layers, hidden, kv_dim, config)
         r = plan.count(Method.RECOMPUTE)
-        return check_servable(plan, _recompute_refused(runner, r) if r else None)
+        return check_servable(plan, _recompute_refused(runner, r) if r else None, hidden_refused)
     import torch
 
     from hcache_sglang.capture import kv_projections
@@ -292,7 +327,10 @@ def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
     refused = _recompute_refused(runner, num_layers - 1)
     if refused:
         logger.info("hcache: plans with recomputed layers are off: %s", refused)
-    best = choose_plan(geometry, profile, config.objective, allow_recompute=refused is None)
+    if hidden_refused:
+        logger.warning("hcache: hidden-state layers are off (stored K/V instead): %s", hidden_refused)
+    best = choose_plan(geometry, profile, config.objective, allow_recompute=refused is None,
+                       allow_hidden=hidden_refused is None)
     logger.info(
         "hcache: plan %s predicted %.1f ms per 1K tokens (%s, objective %s)",
         best.plan, best.seconds_per_1k_tokens * 1e3, profile.label, config.objective.value,

@@ -1,12 +1,16 @@
 """Measured restore costs on this machine, model and dtype (the planner's input), cached on disk.
 
-``measure_profile`` times, in a few seconds:
+``load_or_measure`` times, in a few seconds:
 - the chunk store's read bandwidth (chunks written then read back through a scratch ``ChunkStore``
-  beside the pool, with the configured read throttle and O_DIRECT mode applied);
+  beside the pool, with the configured read throttle and O_DIRECT mode applied), for hidden-state
+  rows and for K/V rows (per-segment costs make small rows slower), over 128 MiB: more than a CPU's
+  last-level cache, as a restore's reads are (smaller samples read 1.5x faster than an 8K-token
+  restore does on the page cache);
 - re-projection of one layer (``project_kv_into_cache``) per token;
 - the K/V copy of one layer (``copy_kv_into_cache``) per token;
-- a full Llama-style layer forward per token (RMSNorms, QKV, RoPE, K/V write, causal attention over
-  the context, O, residuals, gated MLP), the cost of recomputing a leading layer from its input;
+- a recomputed layer (a Llama-style layer forward: RMSNorms, QKV, RoPE, K/V write, causal attention,
+  O, residuals, gated MLP) in two parts, per token and per causal (query, key) pair of its attention,
+  so its predicted cost grows with the restore length as it does;
 - the fixed cost of restoring one layer (a K/V copy of a single page: launches and hand-offs);
 - the CPU time a read burns per second of reading (``read_cpu_share``), charged to the compute side
   on a CPU device, where page-cache copies and the restore's GEMMs share the cores.
@@ -35,7 +39,7 @@ from hcache_sglang.planner import CostProfile, Geometry
 
 logger = logging.getLogger(__name__)
 
-PROFILE_VERSION = 2  # 2: layer_overhead_s, read_cpu_share
+PROFILE_VERSION = 3  # 2: layer_overhead_s, read_cpu_share; 3: attention_s, kv_read_bandwidth, 128 MiB samples
 
 
 def _median_seconds(fn: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
@@ -67,8 +71,10 @@ def profile_path(geometry: Geometry, dtype: torch.dtype, device: torch.device, s
 
 @torch.inference_mode()
 def measure_compute(projection, geometry: Geometry, dtype: torch.dtype, device: torch.device,
-                    tokens: int = 512, context: int = 2048) -> dict[str, float]:
-    """Seconds per token per layer for projection, K/V copy and a full layer forward."""
+                    tokens: int = 512) -> dict[str, float]:
+    """Seconds per token per layer for projection and K/V copy (over ``tokens`` tokens), per restored
+    layer (``layer_overhead_s``), and a recomputed layer's two parts (``recompute_s`` per token,
+    ``attention_s`` per causal (query, key) pair)."""
     from hcache_sglang.kernels import copy_kv_into_cache, project_kv_into_cache
 
     heads, head_dim = projection.num_kv_heads, projection.head_dim
@@ -85,56 +91,60 @@ def measure_compute(projection, geometry: Geometry, dtype: torch.dtype, device: 
     page = min(16, tokens)
     overhead = _median_seconds(
         lambda: copy_kv_into_cache(kv[:page], k_cache, v_cache, slots[:page]), device, repeats=5)
+    return {"project_s": project / tokens, "copy_s": copy / tokens, "layer_overhead_s": overhead,
+            **measure_recompute(projection, geometry, dtype, device)}
 
-    d = geometry.hidden_size
+
+def measure_recompute(projection, geometry: Geometry, dtype: torch.dtype, device: torch.device,
+                      tokens: int = 256, prefix: int = 1792) -> dict[str, float]:
+    """A Llama-style decoder layer (RMSNorms, QKV, RoPE, K/V write, ``recompute.causal_attention``,
+    O, residuals, gated MLP) timed over ``tokens`` tokens alone and behind ``prefix`` more: the
+    difference is the attention's cost per (query, key) pair, the rest its cost per token."""
+    from hcache_sglang.recompute import causal_attention
+
+    d, head_dim = geometry.hidden_size, projection.head_dim
     inter = geometry.intermediate_size or int(8 * d / 3)
     num_heads = geometry.num_heads or max(d // head_dim, 1)
-    kv_heads_total = max(geometry.kv_dim // head_dim, 1)
-    w_qkv = torch.randn(d, num_heads * head_dim + 2 * geometry.kv_dim, dtype=dtype, device=device) * 0.02
-    w_o = torch.randn(num_heads * head_dim, d, dtype=dtype, device=device) * 0.02
-    w_up = torch.randn(d, 2 * inter, dtype=dtype, device=device) * 0.02
-    w_down = torch.randn(inter, d, dtype=dtype, device=device) * 0.02
+    kv_heads = max(geometry.kv_dim // head_dim, 1)
+    q_dim, kv_dim = num_heads * head_dim, kv_heads * head_dim
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=dtype, device=device) * 0.02
+
+    w_qkv, w_o, w_up, w_down = rand(q_dim + 2 * kv_dim, d), rand(d, q_dim), rand(2 * inter, d), rand(d, inter)
     norm_w = torch.ones(d, dtype=dtype, device=device)
-    # The restored tokens attend causally to themselves (and to a device prefix, ignored here).
-    prefix_k = torch.randn(1, kv_heads_total, context - tokens, head_dim, dtype=dtype, device=device) \
-        if context > tokens else None
+    hidden = rand(tokens, d) * 5
+    positions = torch.arange(prefix, prefix + tokens, device=device) % projection.cos_sin_cache.shape[0]
+    k_cache = rand(prefix + tokens, kv_heads, head_dim)
+    v_cache = rand(prefix + tokens, kv_heads, head_dim)
     cos_sin = projection.cos_sin_cache
+    half = projection.rotary_dim // 2
 
     def rms(x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * norm_w
 
     def rope(x: torch.Tensor) -> torch.Tensor:
-        half = projection.rotary_dim // 2
-        cs = cos_sin.index_select(0, positions).to(device)
+        cs = cos_sin.index_select(0, positions.to(cos_sin.device)).to(device)
         cos, sin = cs[:, None, :half], cs[:, None, half:]
         x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:].float()], -1).to(dtype)
 
-    def layer_forward() -> None:
-        """A Llama-style decoder layer over the restored tokens: what recomputing one layer costs."""
-        residual = hidden
-        qkv = rms(hidden) @ w_qkv
-        q = rope(qkv[:, : num_heads * head_dim].view(tokens, num_heads, head_dim))
-        k = rope(qkv[:, num_heads * head_dim: num_heads * head_dim + geometry.kv_dim].view(tokens, -1, head_dim))
-        v = qkv[:, num_heads * head_dim + geometry.kv_dim:].view(tokens, -1, head_dim)
-        k_cache.index_copy_(0, slots, k[:, :heads])  # the K/V write into the pool
-        k = k.transpose(0, 1).unsqueeze(0)
-        v = v.transpose(0, 1).unsqueeze(0)
-        if prefix_k is not None:
-            k = torch.cat([prefix_k, k], 2)
-            v = torch.cat([prefix_k, v], 2)
-        rep = num_heads // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        mask = torch.ones(tokens, k.shape[2], dtype=torch.bool, device=device).tril(k.shape[2] - tokens)
-        attn = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask)
-        h = residual + attn[0].transpose(0, 1).reshape(tokens, -1) @ w_o
-        gate_up = rms(h) @ w_up
-        h + (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w_down
+    def layer(context: int) -> None:
+        qkv = torch.nn.functional.linear(rms(hidden), w_qkv)
+        q = rope(qkv[:, :q_dim].view(tokens, num_heads, head_dim))
+        k_cache[context:context + tokens] = rope(qkv[:, q_dim:q_dim + kv_dim].view(tokens, kv_heads, head_dim))
+        v_cache[context:context + tokens] = qkv[:, q_dim + kv_dim:].view(tokens, kv_heads, head_dim)
+        attn = causal_attention(q, k_cache[:context + tokens], v_cache[:context + tokens], head_dim**-0.5)
+        h = hidden + torch.nn.functional.linear(attn.reshape(tokens, q_dim), w_o)
+        gate, up = torch.nn.functional.linear(rms(h), w_up).chunk(2, dim=-1)
+        h + torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w_down)
 
-    recompute = _median_seconds(layer_forward, device, repeats=2)
-    return {"project_s": project / tokens, "copy_s": copy / tokens, "recompute_s": recompute / tokens,
-            "layer_overhead_s": overhead}
+    alone = _median_seconds(lambda: layer(0), device)
+    behind = _median_seconds(lambda: layer(prefix), device)
+    own_pairs = tokens * (tokens + 1) // 2
+    attention = max(behind - alone, 0.0) / (tokens * prefix)
+    return {"recompute_s": max(alone - attention * own_pairs, 0.0) / tokens, "attention_s": attention}
 
 
 @dataclass(frozen=True)
@@ -143,11 +153,24 @@ class ReadSample:
     cpu_share: float  # process CPU seconds per second of the read (reader threads; 0..1 after capping)
 
 
+READ_SAMPLE_BYTES = 128 << 20
+
+
+def read_sample_bytes(read_bandwidth_limit: Optional[float]) -> int:
+    """Bytes per read sample: ``READ_SAMPLE_BYTES``, or about 2 s of a throttled read (at least 4 MiB)."""
+    if read_bandwidth_limit is None:
+        return READ_SAMPLE_BYTES
+    return int(min(READ_SAMPLE_BYTES, max(4 << 20, 2 * read_bandwidth_limit)))
+
+
 def measure_read_bandwidth(directory: str, layer_bytes: int, *, o_direct: bool,
-                           read_bandwidth_limit: Optional[float], total_bytes: int = 48 << 20) -> ReadSample:
+                           read_bandwidth_limit: Optional[float],
+                           total_bytes: int = READ_SAMPLE_BYTES) -> ReadSample:
     """``ChunkStore.read`` of freshly saved chunks in a scratch store beside the pool: bytes/s, and
     the CPU it burns (the caller waits blocked, so the process's CPU time is the readers')."""
     from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
+    from hcache_sglang.backends.host_buffers import carve, carved_bytes
+    from hcache_sglang.backends.pool import aligned_buffer
 
     page, layers = 64, 4
     hidden = max(layer_bytes // 2, 64)
@@ -167,8 +190,9 @@ def measure_read_bandwidth(directory: str, layer_bytes: int, *, o_direct: bool,
                            layers=[data] * layers, layer_kinds=[LayerKind.HIDDEN] * layers)
             store.flush()
             n = chunks * page
-            out = [torch.empty(n, hidden, dtype=torch.bfloat16) for _ in range(layers)]
-            positions = torch.empty(n, dtype=torch.int64)
+            # resident landing buffers, as the serving linker's (HostBuffers) are
+            specs = [((n, hidden), torch.bfloat16)] * layers + [((n,), torch.int64)]
+            *out, positions = carve(aligned_buffer(carved_bytes(specs), populate=True), specs)
             start, cpu_start = time.perf_counter(), time.process_time()
             handle = store.read(ns, keys, out, positions)
             if not handle.wait():
@@ -185,6 +209,25 @@ def shared_read_cpu(samples: list[ReadSample], device: torch.device) -> float:
     return statistics.median(s.cpu_share for s in samples) if device.type == "cpu" else 0.0
 
 
+def measure_reads(directory: str, geometry: Geometry, device: torch.device, *, o_direct: bool,
+                  read_bandwidth_limit: Optional[float], repeats: int = 3) -> dict[str, float]:
+    """The ``CostProfile`` read terms: the median of ``repeats`` samples per stored row size (a layer's
+    segment of a chunk is 64 rows, so reads of 1 KiB K/V rows run at half the rate of 4 KiB hidden
+    rows on a page cache: per-segment costs). A throttled read is paced per byte: one size suffices."""
+    def median_of(row_bytes: int) -> list[ReadSample]:
+        return [measure_read_bandwidth(directory, row_bytes, o_direct=o_direct,
+                                       read_bandwidth_limit=read_bandwidth_limit,
+                                       total_bytes=read_sample_bytes(read_bandwidth_limit))
+                for _ in range(repeats)]
+
+    hidden = median_of(geometry.hidden_bytes)
+    kv = hidden if read_bandwidth_limit or geometry.kv_bytes == geometry.hidden_bytes \
+        else median_of(geometry.kv_bytes)
+    return {"read_bandwidth": statistics.median(s.bandwidth for s in hidden),
+            "kv_read_bandwidth": statistics.median(s.bandwidth for s in kv),
+            "read_cpu_share": shared_read_cpu(hidden + kv, device)}
+
+
 def load_or_measure(projection, geometry: Geometry, dtype: torch.dtype, device: torch.device, *,
                     store_dir: str, o_direct: bool, read_bandwidth_limit: Optional[float],
                     refresh: bool = False) -> CostProfile:
@@ -198,14 +241,11 @@ def load_or_measure(projection, geometry: Geometry, dtype: torch.dtype, device: 
     start = time.perf_counter()
     Path(store_dir).mkdir(parents=True, exist_ok=True)
     compute = measure_compute(projection, geometry, dtype, device)
-    # Disks are noisy: the median of three samples.
-    samples = [measure_read_bandwidth(store_dir, geometry.hidden_bytes, o_direct=o_direct,
-                                      read_bandwidth_limit=read_bandwidth_limit, total_bytes=24 << 20)
-               for _ in range(3)]
+    reads = measure_reads(store_dir, geometry, device, o_direct=o_direct,
+                          read_bandwidth_limit=read_bandwidth_limit)
     label = "measured" + (f", reads throttled to {read_bandwidth_limit / 1e9:.2f} GB/s"
                           if read_bandwidth_limit else "")
-    profile = CostProfile(read_bandwidth=statistics.median(s.bandwidth for s in samples), label=label,
-                          read_cpu_share=shared_read_cpu(samples, device), **compute)
+    profile = CostProfile(label=label, **reads, **compute)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(profile), indent=1))

@@ -48,6 +48,7 @@ class RestoreJob:
     residual: Optional[torch.Tensor] = None  # RECOMPUTE: the residual stream between layers
     prefix_ready: Any = None  # RECOMPUTE on a GPU: event after which the prefix K/V are in the pool
     stored_ids: Optional[tuple] = None  # (positions, token_ids) as read, checked against ids_known ones
+    lease: Any = None  # backends.host_buffers.Lease behind the host buffers (the serving linker's)
 
     @property
     def num_tokens(self) -> int:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import asdict
 
 from hcache_sglang.config import Objective
-from hcache_sglang.planner import CostProfile, Geometry, Method, choose_plan, predict, LayerPlan
+from hcache_sglang.planner import PLAN_TOKENS, CostProfile, Geometry, LayerPlan, Method, choose_plan, predict
 
 # Layer geometries of public models (per TP rank = whole model here), bf16.
 MODELS: dict[str, Geometry] = {
@@ -40,7 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tflops", type=float, help="achieved GEMM TFLOP/s")
     parser.add_argument("--read-gbps", type=float, help="store read bandwidth into device memory, GB/s")
     parser.add_argument("--copy-gbps", type=float, help="K/V scatter bandwidth, GB/s")
-    parser.add_argument("--context", type=int, default=2048, help="context length for recompute costs")
+    parser.add_argument("--context", type=int, default=PLAN_TOKENS,
+                        help="tokens per restore (recomputed layers' attention grows with it)")
     parser.add_argument("--objective", choices=[o.value for o in Objective], default=Objective.BALANCED.value)
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
@@ -50,24 +51,22 @@ def main(argv=None) -> int:
         if getattr(args, key) is not None:
             figures[key] = getattr(args, key)
     geometry = MODELS[args.model]
-    profile = CostProfile.from_hardware(
-        geometry, context_tokens=args.context, label=args.hardware or "described", **figures
-    )
-    best = choose_plan(geometry, profile, Objective(args.objective))
+    profile = CostProfile.from_hardware(geometry, label=args.hardware or "described", **figures)
+    best = choose_plan(geometry, profile, Objective(args.objective), tokens=args.context)
     pure = {
-        name: predict(LayerPlan((method,) * geometry.num_layers), geometry, profile)
+        name: predict(LayerPlan((method,) * geometry.num_layers), geometry, profile, args.context)
         for name, method in (("all hidden", Method.HIDDEN), ("all K/V", Method.KV), ("recompute", Method.RECOMPUTE))
     }
     if args.json:
         print(json.dumps({
-            "model": args.model, "figures": figures, "objective": args.objective, "plan": str(best.plan),
+            "model": args.model, "figures": figures, "tokens": args.context, "objective": args.objective, "plan": str(best.plan),
             "predicted_ms_per_1k_tokens": best.seconds_per_1k_tokens * 1e3,
             "bytes_per_token": best.bytes_per_token,
             "pure_ms_per_1k_tokens": {k: v.seconds_per_1k_tokens * 1e3 for k, v in pure.items()},
         }, indent=2))
         return 0
     print(f"model {args.model}: {asdict(geometry)}")
-    print(f"machine ({profile.label}): {figures}  objective: {args.objective}")
+    print(f"machine ({profile.label}): {figures}  objective: {args.objective}  restores of {args.context} tokens")
     print(f"plan: {best.plan.describe()}  [{best.plan}]")
     print(f"predicted restore: {best.seconds_per_1k_tokens * 1e3:.2f} ms per 1K tokens "
           f"(IO {best.io_seconds_per_1k * 1e3:.2f} ms, compute {best.compute_seconds_per_1k * 1e3:.2f} ms), "

@@ -121,7 +121,7 @@ def start_engine(model_path: str, page_size: int, pool_dir: Optional[str], **ext
     from hcache_sglang import Engine
 
     kw = dict(model_path=model_path, dtype="float32", page_size=page_size,
-              max_total_tokens=MAX_TOTAL_TOKENS, log_level="error", **extra)
+              max_total_tokens=MAX_TOTAL_TOKENS, **{"log_level": "error", **extra})
     if pool_dir is None:
         kw.update(hierarchical_cache="off", disable_radix_cache=True)
     else:

@@ -45,6 +45,25 @@ def test_io_bound_machine_recomputes_leading_layers():
     assert n_r > 0 and all(m is Method.RECOMPUTE for m in plan.methods[:n_r])
 
 
+def test_recomputed_layers_cost_more_per_token_in_longer_restores():
+    """Attention makes recompute superlinear in the restore length: a slow disk that makes leading
+    recomputed layers pay off for short restores makes fewer of them pay off for long ones."""
+    geometry = MODELS["llama-3-8b"]
+    slow_disk = CostProfile.from_hardware(geometry, tflops=700, read_gbps=3, copy_gbps=3000)
+    flops = 700e12
+    one_k = slow_disk.recompute_seconds(1024)
+    assert one_k == pytest.approx((1024 * geometry.linear_flops + 1024 * 1025 // 2
+                                   * geometry.attention_flops_per_pair) / flops)
+    # behind a device-resident prefix, every restored token also attends to the prefix
+    assert slow_disk.recompute_seconds(1024, prefix_tokens=4096) > one_k + 1024 * 4096 * slow_disk.attention_s * 0.99
+    r_short = choose_plan(geometry, slow_disk, Objective.SPEED, tokens=512).plan.count(Method.RECOMPUTE)
+    r_long = choose_plan(geometry, slow_disk, Objective.SPEED, tokens=32768).plan.count(Method.RECOMPUTE)
+    assert r_short > r_long
+    full = LayerPlan((Method.RECOMPUTE,) * 32)
+    per_token = [predict(full, geometry, slow_disk, n).seconds_per_1k_tokens for n in (1024, 32768)]
+    assert per_token[1] > 1.4 * per_token[0]
+
+
 def test_objectives_trade_time_for_space():
     geometry, profile = MODELS["llama-2-7b"], _profile("llama-2-7b")
     speed = choose_plan(geometry, profile, Objective.SPEED)

@@ -24,10 +24,12 @@ def test_profile_is_measured_cached_and_refreshable(tmp_path, monkeypatch):
     geometry = Geometry(2, 128, 64, 4, 256, 4)
     kwargs = dict(store_dir=str(tmp_path / "pool"), o_direct=False, read_bandwidth_limit=None)
     first = load_or_measure(_projection(), geometry, torch.float32, torch.device("cpu"), **kwargs)
-    for value in (first.read_bandwidth, first.project_s, first.copy_s, first.recompute_s):
+    for value in (first.read_bandwidth, first.project_s, first.copy_s, first.recompute_s, first.attention_s):
         assert value > 0
-    # Recomputing a whole layer costs more than re-projecting K and V from its input.
+    # Recomputing a whole layer costs more than re-projecting K and V from its input, and more per
+    # token the longer the restore (its attention sees more keys).
     assert first.recompute_s > first.project_s
+    assert first.recompute_seconds(4096) / 4096 > first.recompute_seconds(256) / 256
     path = profile_path(geometry, torch.float32, torch.device("cpu"),
                         "odirect=False|limit=None|dir=" + kwargs["store_dir"])
     assert path.exists()

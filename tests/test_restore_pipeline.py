@@ -199,21 +199,31 @@ def test_cancelled_restore_stops_writing_before_cancel_returns(tmp_path):
         s.close()
 
 
-def test_causal_attention_of_a_tail_behind_a_prefix_matches_a_loop():
-    """Recomputed layers: the restored tokens attend to the prefix and to the tokens before them."""
-    from hcache_sglang.recompute import causal_attention
+@pytest.mark.parametrize("n,total,heads,kv_heads", [(5, 12, 4, 2), (40, 100, 4, 1), (37, 37, 2, 2)])
+def test_causal_attention_of_a_tail_behind_a_prefix_matches_a_loop(monkeypatch, n, total, heads, kv_heads):
+    """Recomputed layers: the restored tokens attend to the prefix and to the tokens before them
+    (query blocks of 16 on the CPU path: one block, blocks behind a prefix, no prefix at all)."""
+    from hcache_sglang import recompute
 
+    monkeypatch.setattr(recompute, "_SCORES_BUDGET", 1)  # the smallest block (16 queries)
     gen = torch.Generator().manual_seed(0)
-    n, total, heads, kv_heads, d = 5, 12, 4, 2, 8
+    d = 8
     q = torch.randn(n, heads, d, generator=gen)
     k, v = torch.randn(total, kv_heads, d, generator=gen), torch.randn(total, kv_heads, d, generator=gen)
-    got = causal_attention(q, k, v, scale=d**-0.5)
+    got = recompute.causal_attention(q, k, v, scale=d**-0.5)
+    assert got.shape == q.shape and got.dtype == q.dtype
     for i in range(n):
         seen = total - n + i + 1
         for h in range(heads):
             kh, vh = k[:seen, h // (heads // kv_heads)], v[:seen, h // (heads // kv_heads)]
             want = torch.softmax(kh @ q[i, h] * d**-0.5, dim=0) @ vh
             torch.testing.assert_close(got[i, h], want, rtol=1e-5, atol=1e-5)
+    # bf16 inputs: float32 inside, as close to the float32 result as bf16 output rounding allows
+    got16 = recompute.causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=d**-0.5)
+    want16 = recompute.causal_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(),
+                                        scale=d**-0.5)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), want16, rtol=2**-7, atol=2**-7)
 
 
 def test_namespace_of_a_recomputing_plan_is_its_own_and_old_keys_are_kept():
