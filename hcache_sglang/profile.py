@@ -165,21 +165,23 @@ def read_sample_bytes(read_bandwidth_limit: Optional[float]) -> int:
 
 def measure_read_bandwidth(directory: str, layer_bytes: int, *, o_direct: bool,
                            read_bandwidth_limit: Optional[float],
-                           total_bytes: int = READ_SAMPLE_BYTES) -> ReadSample:
+                           total_bytes: int = READ_SAMPLE_BYTES, layers: int = 16) -> ReadSample:
     """``ChunkStore.read`` of freshly saved chunks in a scratch store beside the pool: bytes/s, and
     the CPU it burns (the caller waits blocked, so the process's CPU time is the readers')."""
     from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
     from hcache_sglang.backends.host_buffers import carve, carved_bytes
     from hcache_sglang.backends.pool import aligned_buffer
 
-    page, layers = 64, 4
+    page = 64  # ``layers`` per chunk: one read task each, spread over the reader threads as a restore's
     hidden = max(layer_bytes // 2, 64)
     ns = Namespace("profile", layers, hidden, 1, 64, "bfloat16", page)
-    chunks = max(4, total_bytes // (page * hidden * 2 * layers))
+    chunk_bytes = page * hidden * 2 * layers
+    chunks = max(4, total_bytes // chunk_bytes)
+    total_bytes = chunks * chunk_bytes
     scratch = Path(tempfile.mkdtemp(prefix="profile-", dir=directory))
     try:
         config = StoreConfig(directory=str(scratch), capacity_bytes=max(64 << 20, 3 * total_bytes),
-                             staging_bytes=max(16 << 20, total_bytes // 2), o_direct=o_direct,
+                             staging_bytes=max(16 << 20, total_bytes // 2, 2 * chunk_bytes), o_direct=o_direct,
                              read_bandwidth_limit=read_bandwidth_limit, max_save_block_s=5.0)
         with ChunkStore(config) as store:
             keys = [hashlib.sha256(f"profile-{i}".encode()).hexdigest() for i in range(chunks)]
@@ -217,7 +219,8 @@ def measure_reads(directory: str, geometry: Geometry, device: torch.device, *, o
     def median_of(row_bytes: int) -> list[ReadSample]:
         return [measure_read_bandwidth(directory, row_bytes, o_direct=o_direct,
                                        read_bandwidth_limit=read_bandwidth_limit,
-                                       total_bytes=read_sample_bytes(read_bandwidth_limit))
+                                       total_bytes=read_sample_bytes(read_bandwidth_limit),
+                                       layers=geometry.num_layers)
                 for _ in range(repeats)]
 
     hidden = median_of(geometry.hidden_bytes)
