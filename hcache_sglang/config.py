@@ -111,6 +111,7 @@ class HCacheConfig:
     read_bandwidth_limit: Optional[float] = None  # bytes/s; emulates a slower disk (labelled)
     o_direct: bool = False
     refresh_profile: bool = False
+    plan_tokens: int = 1000  # the restore length the planner plans for (see planner.PLAN_TOKENS)
 
     def __post_init__(self) -> None:
         if not self.directory:
@@ -125,6 +126,8 @@ class HCacheConfig:
             raise ValueError(
                 f"hcache: read bandwidth limit must be positive, got {self.read_bandwidth_limit}"
             )
+        if not isinstance(self.plan_tokens, int) or self.plan_tokens < 16:
+            raise ValueError(f"hcache: plan tokens {self.plan_tokens!r}; expected an integer >= 16")
         if self.layer_plan is not None:
             plan = self.layer_plan.strip()
             if plan.lower() not in ("hidden", "kv") and not re.fullmatch(r"[HKR]+", plan):

@@ -26,6 +26,7 @@ _HCACHE_KEYS = {
     "hcache_read_bandwidth": "read_bandwidth_limit",
     "hcache_o_direct": "o_direct",
     "hcache_refresh_profile": "refresh_profile",
+    "hcache_plan_tokens": "plan_tokens",
 }
 
 

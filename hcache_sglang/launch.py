@@ -61,6 +61,11 @@ def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--hcache-o-direct", action="store_true", help="bypass the page cache for pool IO")
     group.add_argument("--hcache-refresh-profile", action="store_true", help="re-measure restore costs")
+    group.add_argument(
+        "--hcache-plan-tokens", type=int, default=1000,
+        help="typical tokens per restore, which the planner plans for (recomputed layers cost more per "
+             "token in longer restores)",
+    )
 
 
 def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
@@ -76,6 +81,7 @@ def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
         read_bandwidth_limit=float(parse_size(args.hcache_read_bandwidth)) if args.hcache_read_bandwidth else None,
         o_direct=args.hcache_o_direct,
         refresh_profile=args.hcache_refresh_profile,
+        plan_tokens=args.hcache_plan_tokens,
     )
 
 

@@ -170,7 +170,8 @@ class Prediction:
     bytes_per_token: int
 
 
-PLAN_TOKENS = 1000  # the restore length a server's plan is chosen for (recompute cost grows with it)
+PLAN_TOKENS = 1000  # default restore length a plan is chosen for (recompute cost grows with it);
+# a server's is ``HCacheConfig.plan_tokens`` (``--hcache-plan-tokens``)
 
 
 def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: int = PLAN_TOKENS,
@@ -330,10 +331,10 @@ def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
     if hidden_refused:
         logger.warning("hcache: hidden-state layers are off (stored K/V instead): %s", hidden_refused)
     best = choose_plan(geometry, profile, config.objective, allow_recompute=refused is None,
-                       allow_hidden=hidden_refused is None)
+                       tokens=config.plan_tokens, allow_hidden=hidden_refused is None)
     logger.info(
-        "hcache: plan %s predicted %.1f ms per 1K tokens (%s, objective %s)",
-        best.plan, best.seconds_per_1k_tokens * 1e3, profile.label, config.objective.value,
+        "hcache: plan %s predicted %.1f ms per 1K tokens for %d-token restores (%s, objective %s)",
+        best.plan, best.seconds_per_1k_tokens * 1e3, config.plan_tokens, profile.label, config.objective.value,
     )
     return best.plan
 

@@ -15,7 +15,8 @@ def _flag_value(argv, flag):
 def test_hcache_mode_configures_the_external_linker(tmp_path):
     argv, mode, cfg = build_server_argv(
         ["--model-path", "/m", "--hierarchical-cache", "hcache", "--hcache-dir", str(tmp_path),
-         "--hcache-capacity", "2G", "--hcache-objective", "space", "--page-size", "16"]
+         "--hcache-capacity", "2G", "--hcache-objective", "space", "--hcache-plan-tokens", "4096",
+         "--page-size", "16"]
     )
     assert mode.value == "hcache"
     assert "--enable-unified-cache-external-linker" in argv
@@ -25,6 +26,7 @@ def test_hcache_mode_configures_the_external_linker(tmp_path):
     restored = HCacheConfig.from_dict(linker["linker_extra_config"])
     assert restored == cfg
     assert restored.capacity_bytes == 2 << 30 and restored.objective is Objective.SPACE
+    assert restored.plan_tokens == 4096
     assert restored.directory == str(tmp_path.resolve())
     # SGLang's own flags pass through untouched, and the CPU defaults are added on this host.
     assert _flag_value(argv, "--page-size") == "16"
@@ -81,5 +83,19 @@ def test_bad_config_values_name_what_was_expected():
         HCacheConfig.create(directory="/tmp/x", capacity="1G", objective="fastest")
     with pytest.raises(ValueError, match="layer plan"):
         HCacheConfig.create(directory="/tmp/x", capacity="1G", layer_plan="XYZ")
+    with pytest.raises(ValueError, match="plan tokens"):
+        HCacheConfig.create(directory="/tmp/x", capacity="1G", plan_tokens=0)
     with pytest.raises(ValueError, match="unknown fields"):
         HCacheConfig.from_dict({"directory": "/tmp/x", "capacity_bytes": 1 << 30, "colour": "red"})
+
+
+def test_engine_keywords_reach_the_hcache_config(tmp_path):
+    from hcache_sglang.engine import resolve_engine_kwargs
+
+    kwargs, mode, cfg = resolve_engine_kwargs(dict(
+        model_path="/m", hierarchical_cache="hcache", hcache_dir=str(tmp_path), hcache_capacity="1G",
+        hcache_plan_tokens=8192, hcache_read_bandwidth="100M", page_size=16))
+    assert mode.value == "hcache" and cfg.plan_tokens == 8192 and cfg.read_bandwidth_limit == 100 << 20
+    assert kwargs["page_size"] == 16 and not any(k.startswith("hcache_") for k in kwargs)
+    with pytest.raises(ValueError, match="need hierarchical_cache='hcache'"):
+        resolve_engine_kwargs(dict(model_path="/m", hierarchical_cache="off", hcache_plan_tokens=8192))
