@@ -42,7 +42,7 @@ from sglang.srt.mem_cache.unified_cache.unified_cache_linker import LayerWiseLoa
 
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.backends.host_buffers import HostBuffers, carve, carved_bytes
-from hcache_sglang.capture import HiddenStateCapture, kv_projections, reprojection_error
+from hcache_sglang.capture import HiddenStateCapture, check_reprojection, kv_projections
 from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
@@ -352,8 +352,11 @@ class HCacheLinker(UnifiedCacheLinker):
             # Some slot holds no captured hidden state for a HIDDEN layer (restored from a chunk saved
             # under another plan): saving it would store garbage. The pages stay on the device.
             return False
-        if not self._reprojection_checked:
-            self._check_reprojection(slots[: self.page_size])
+        if not self._reprojection_checked:  # once, before the first save, on one page
+            self._reprojection_checked = True
+            self.reprojection_failure = check_reprojection(
+                self.capture, self.projections, self.kvcache.k_buffer, self.kvcache.v_buffer,
+                slots[: self.page_size])
         if self.reprojection_failure:
             return False
         stored = [(l, kind) for l, kind in enumerate(self.kinds) if kind is not None]
@@ -370,25 +373,6 @@ class HCacheLinker(UnifiedCacheLinker):
             layer_kinds=tuple(kind for _, kind in stored),
             rows=slots,
         )
-
-    def _check_reprojection(self, slots: torch.Tensor) -> None:
-        """Once, before the first save: re-project one page's captured hidden states of every HIDDEN
-        layer and compare with the K/V the forward wrote. Beyond rounding (``_REPROJECTION_TOL`` of the
-        layer's largest |K| or |V|, by K/V element size) nothing is stored or restored from then on."""
-        layer, err = reprojection_error(self.capture, self.projections, self.kvcache.k_buffer,
-                                        self.kvcache.v_buffer, slots)
-        tol = _REPROJECTION_TOL.get(self.kvcache.k_buffer[0].element_size(), 2**-9)
-        self._reprojection_checked = True
-        if err > tol:
-            self.reprojection_failure = (
-                f"re-projecting layer {layer}'s hidden states misses the K/V the model wrote by {err:.3g} of "
-                f"their largest value (tolerance {tol:.3g})")
-            logger.error("hcache: %s; this model's attention does something the restore does not model: "
-                         "nothing is stored or restored (evicted prefixes are recomputed). Serve it with "
-                         "--hcache-layer-plan kv.", self.reprojection_failure)
-        else:
-            logger.info("hcache: re-projection check passed (max error %.3g of the largest K/V, layer %d)",
-                        err, layer)
 
     def num_completed_offloads(self) -> int:
         return self._spill_done.qsize()
@@ -423,11 +407,6 @@ class HCacheLinker(UnifiedCacheLinker):
             self._metrics.stop()
         self.store.close()
         self.capture.detach()
-
-
-# Re-projection vs the pool, relative to the largest |K| / |V|, by K/V element size: a few units in the
-# last place of the largest value (the GEMMs may differ in accumulation order, TF32 on GPUs).
-_REPROJECTION_TOL = {1: 2**-3, 2: 2**-6, 4: 2**-9}
 
 
 def _work(tasks: queue.Queue, handle) -> None:
