@@ -100,6 +100,7 @@ def measure_recompute(projection, geometry: Geometry, dtype: torch.dtype, device
     """A Llama-style decoder layer (RMSNorms, QKV, RoPE, K/V write, ``recompute.causal_attention``,
     O, residuals, gated MLP) timed over ``tokens`` tokens alone and behind ``prefix`` more: the
     difference is the attention's cost per (query, key) pair, the rest its cost per token."""
+    from hcache_sglang.kernels.reference import apply_rope, rms_norm
     from hcache_sglang.recompute import causal_attention
 
     d, head_dim = geometry.hidden_size, projection.head_dim
@@ -117,18 +118,12 @@ def measure_recompute(projection, geometry: Geometry, dtype: torch.dtype, device
     positions = torch.arange(prefix, prefix + tokens, device=device) % projection.cos_sin_cache.shape[0]
     k_cache = rand(prefix + tokens, kv_heads, head_dim)
     v_cache = rand(prefix + tokens, kv_heads, head_dim)
-    cos_sin = projection.cos_sin_cache
-    half = projection.rotary_dim // 2
 
     def rms(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * norm_w
+        return rms_norm(x, norm_w, 1e-6)
 
     def rope(x: torch.Tensor) -> torch.Tensor:
-        cs = cos_sin.index_select(0, positions.to(cos_sin.device)).to(device)
-        cos, sin = cs[:, None, :half], cs[:, None, half:]
-        x1, x2 = x[..., :half].float(), x[..., half:2 * half].float()
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., 2 * half:].float()], -1).to(dtype)
+        return apply_rope(x, positions, projection.cos_sin_cache, projection.rotary_dim, projection.is_neox_style)
 
     def layer(context: int) -> None:
         qkv = torch.nn.functional.linear(rms(hidden), w_qkv)
