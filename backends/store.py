@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
 import queue
 import threading
 import time
@@ -22,11 +21,12 @@ from typing import NamedTuple
 
 import torch
 
-from .index import ChunkIndex, ChunkRecord
+from .index import ChunkRecord
 from .layout import LayerKind, Namespace, chunk_layout, digest, split_chunks
 from .lru import ChainLRU
-from .pool import ExtentAllocator, FilePool
+from .pool import GROW_BYTES, ExtentAllocator, FilePool
 from .reader import ReadHandle, _ReadJob, check_out_buffers, plan_pieces
+from .recovery import open_index
 from .staging import StagedChunk, StagedSave, StagingArea, check_save, stage_chunks
 from .stats import StatsRecorder, StoreStats
 
@@ -37,6 +37,10 @@ _BATCH_BYTES = 64 << 20  # a writer gathers queued saves up to this many bytes p
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """``capacity_bytes`` is a limit: the pool file grows to it in ``grow_bytes`` steps as chunks
+    are written, while the disk keeps ``disk_reserve_bytes`` free (None: 5% of the filesystem, at
+    most 4 GiB); past that, saves evict as if the pool were full."""
+
     directory: str
     capacity_bytes: int
     staging_bytes: int = 256 << 20
@@ -46,12 +50,14 @@ class StoreConfig:
     o_direct: bool = False
     chunk_tokens: int = 64
     read_bandwidth_limit: float | None = None  # bytes/s throttle for what-if runs
+    grow_bytes: int = GROW_BYTES
+    disk_reserve_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.directory:
             raise ValueError("StoreConfig.directory: expected a path, got an empty string")
         for name in ("capacity_bytes", "staging_bytes", "writer_threads", "reader_threads",
-                     "chunk_tokens"):
+                     "chunk_tokens", "grow_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"StoreConfig.{name}={v!r}: expected a positive int")
@@ -62,6 +68,9 @@ class StoreConfig:
         if self.read_bandwidth_limit is not None and self.read_bandwidth_limit <= 0:
             raise ValueError(f"StoreConfig.read_bandwidth_limit={self.read_bandwidth_limit}: "
                              "expected None or > 0 bytes/s")
+        if self.disk_reserve_bytes is not None and self.disk_reserve_bytes < 0:
+            raise ValueError(f"StoreConfig.disk_reserve_bytes={self.disk_reserve_bytes}: "
+                             "expected None or >= 0")
 
 
 class Hit(NamedTuple):
@@ -71,22 +80,37 @@ class Hit(NamedTuple):
     layer_kinds: tuple[LayerKind, ...]
 
 
+class OpenReport(NamedTuple):
+    """What opening the store found (``ChunkStore.opened``)."""
+
+    chunks: int  # committed chunks kept
+    seconds: float  # time the open took
+    cold_start: str | None  # why the index found was set aside and the cache starts cold, or None
+    set_aside: str | None  # where that index went (kept for inspection)
+    evicted: int  # least-recently-used chunks evicted to fit a smaller capacity
+
+
 class ChunkStore:
     def __init__(self, config: StoreConfig):
+        t0 = time.perf_counter()
         self.config = config
         self._stats = StatsRecorder()
         self.pool = FilePool(config.directory, config.capacity_bytes, config.o_direct,
-                             config.read_bandwidth_limit)
+                             config.read_bandwidth_limit, grow_bytes=config.grow_bytes,
+                             disk_reserve=config.disk_reserve_bytes)
         try:
-            self.index = ChunkIndex(os.path.join(config.directory, "index"))
+            opened = open_index(config.directory, self.pool)
         except Exception:
             self.pool.close()
             raise
+        self.index = opened.index
         self._space = threading.Lock()  # allocator, LRU, _records, _pending
         self._records: dict[int, ChunkRecord] = {}
         self._pending: set[bytes] = set()
         self._lru = ChainLRU()
-        self._recover()
+        evicted = self._recover(opened.records)
+        self.opened = OpenReport(len(self._records), time.perf_counter() - t0, opened.problem,
+                                 opened.set_aside, evicted)
         self.staging = StagingArea(config.staging_bytes)
         self._queue: queue.Queue[StagedSave | None] = queue.Queue()
         self._outstanding = 0
@@ -97,30 +121,30 @@ class ChunkStore:
         for t in self._writers:
             t.start()
         self._closed = False
+        self._last_drop_log = -float("inf")
 
     # ---- open -------------------------------------------------------------------------------
-    def _recover(self) -> None:
-        """Rebuild allocator and LRU from committed entries; drop those past the file or overlapping."""
-        if self.index.dropped_at_open:
-            logger.warning("index of another format: dropped its %d chunks (their space is free)",
-                           self.index.dropped_at_open)
-        limit = min(self.pool.capacity, self.pool.size_at_open or self.pool.capacity)
-        keep, drop, pos = [], [], 0
-        for rec in sorted(self.index.records(), key=lambda r: r.offset):
-            if rec.offset < pos or rec.offset + rec.nbytes > limit:
-                drop.append(rec)
-            else:
-                keep.append(rec)
-                pos = rec.offset + rec.nbytes
-        if drop:
-            logger.warning("dropping %d index entries past the pool end or overlapping", len(drop))
-            self.index.delete(drop)
-            self._stats.add(corrupt=len(drop))
-        self.alloc = ExtentAllocator.from_used(self.pool.capacity, [(r.offset, r.nbytes) for r in keep])
-        for rec in sorted(keep, key=lambda r: r.chunk_id):
+    def _recover(self, records: list[ChunkRecord]) -> int:
+        """Rebuild LRU and allocator from the committed records; evict least-recently-used chains
+        down to the capacity; cut the file after the last kept extent. Returns chunks evicted."""
+        for rec in sorted(records, key=lambda r: r.chunk_id):
             self._records[rec.chunk_id] = rec
             self._lru.add(rec.chunk_id, rec.parent_id)
         self._lru.restore_order(self.index.lru_order())
+        used, victims = sum(r.nbytes for r in records), []
+        while used > self.pool.capacity and (cid := self._lru.victim()) is not None:
+            victims.append(self._records.pop(cid))
+            self._lru.remove(cid)
+            used -= victims[-1].nbytes
+        if victims:
+            self.index.delete(victims)
+            self._stats.add(chunks_evicted=len(victims), bytes_evicted=sum(r.nbytes for r in victims))
+            logger.info("hcache store: capacity %d bytes is less than the pool held: evicted its %d "
+                        "least recently used chunks", self.pool.capacity, len(victims))
+        kept = [(r.offset, r.nbytes) for r in self._records.values()]
+        self.alloc = ExtentAllocator.from_used(self.pool.capacity, kept)
+        self.pool.shrink(max((off + n for off, n in kept), default=0))
+        return len(victims)
 
     # ---- lookup / read ----------------------------------------------------------------------
     def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
@@ -224,7 +248,11 @@ class ChunkStore:
             self._idle.wait_for(lambda: self._outstanding == 0)
         with self._space:
             order = self._lru.order()
-        self.index.save_lru_order(order)
+        try:
+            self.index.save_lru_order(order)
+        except Exception as e:  # noqa: BLE001 - a full disk or a damaged index: the order is a hint
+            logger.warning("hcache store: could not record the LRU order in %s (%s)",
+                           self.index.path, e)
 
     # ---- writers ----------------------------------------------------------------------------
     def _writer_main(self) -> None:
@@ -285,21 +313,30 @@ class ChunkStore:
             for off, bufs in _contiguous_runs(view, placed):
                 self.pool.write_at(bufs, off)
             self.pool.sync()
-        except OSError as e:
-            logger.error("pool write failed (%s): dropping %d chunks", e, len(placed))
-            with self._space:
-                for _, c, _, off in placed:
-                    self.alloc.free(off, c.layout.total_bytes)
-            self._stats.add(chunks_dropped=len(placed))
+            records = self._make_records(placed)
+            self.index.commit(records)
+        except Exception as e:  # noqa: BLE001 - ENOSPC (pool or index), EIO: these chunks are lost
+            self._drop_placed(placed, e)
             return
-        records = self._make_records(placed)
-        self.index.commit(records)
         with self._space:
             for rec in records:
                 self._records[rec.chunk_id] = rec
                 self._lru.add(rec.chunk_id, rec.parent_id)
         self._stats.add(chunks_written=len(records), bytes_written=sum(r.nbytes for r in records))
         self._stats.observe("write", time.perf_counter() - t0)
+
+    def _drop_placed(self, placed, error: Exception) -> None:
+        """A batch whose write or commit failed: its extents are free again, its chunks counted."""
+        with self._space:
+            for _, c, _, off in placed:
+                self.alloc.free(off, c.layout.total_bytes)
+        self._stats.add(chunks_dropped=len(placed))
+        now = time.monotonic()
+        if now - self._last_drop_log >= 60:  # a full disk fails every batch: log once a minute
+            self._last_drop_log = now
+            logger.error("hcache store: writing to %s failed (%s): dropped %d chunks; reads go on "
+                         "(hcache_store_chunks_dropped counts every drop)", self.pool.directory,
+                         error, len(placed))
 
     def _make_records(self, placed) -> list[ChunkRecord]:
         ids = self.index.new_ids(len(placed))
@@ -323,14 +360,16 @@ class ChunkStore:
         return records
 
     def _allocate(self, sizes: list[int]) -> list[int | None]:
-        """Extents for each size, evicting LRU chain tails (deleted from the index first)."""
+        """Extents for each size inside what the pool file may grow to, evicting LRU chain tails
+        (deleted from the index first)."""
         out: list[int | None] = []
         with self._space:
+            end = self.pool.size + self.pool.room()  # the disk's free space, checked per batch
             for i, n in enumerate(sizes):
-                off = self.alloc.alloc(n)
+                off = self.alloc.alloc(n, end)
                 while off is None:
                     need, victims = sum(sizes[i:]), []
-                    freed = self.alloc.free_bytes
+                    freed = self.alloc.free_below(end)
                     # At least one victim per round: with enough free bytes in total but no gap
                     # large enough (fragmentation), evicting must still make progress.
                     while freed < need or not victims:
@@ -348,7 +387,7 @@ class ChunkStore:
                         self.alloc.free(rec.offset, rec.nbytes)
                     self._stats.add(chunks_evicted=len(victims),
                                     bytes_evicted=sum(r.nbytes for r in victims))
-                    off = self.alloc.alloc(n)
+                    off = self.alloc.alloc(n, end)
                 out.append(off)
         return out
 
@@ -372,7 +411,7 @@ class ChunkStore:
 
     def stats(self) -> StoreStats:
         with self._space:
-            used = self.alloc.capacity - self.alloc.free_bytes
+            used = self.alloc.used_bytes
             stored = len(self._records)
         return self._stats.snapshot(used_bytes=used, capacity_bytes=self.alloc.capacity,
                                     staging_used_bytes=self.staging.used_bytes, chunks_stored=stored)
