@@ -205,7 +205,7 @@ class FilePool:
         self._grow = threading.Lock()
         self.write_calls = 0  # write_at calls so far, each one gathered pwritev
         self.disk_reserve = default_disk_reserve(self.fd) if disk_reserve is None else disk_reserve
-        self.growth_capped = False  # the disk reserve stopped the last growth (logged once per cap)
+        self.growth_capped = False  # the disk reserve limits growth now (logged when it starts to)
         self.id, self.problem = self._check_header()
         self.size = max(0, os.fstat(self.fd).st_size - HEADER_BYTES)  # data bytes in the file
         self.o_direct = False
@@ -247,8 +247,15 @@ class FilePool:
     def room(self) -> int:
         """Data bytes the file may still grow by: up to capacity, keeping the disk reserve free."""
         disk = os.fstatvfs(self.fd)
-        free = disk.f_bavail * disk.f_frsize - self.disk_reserve
-        return max(0, min(self.capacity - self.size, free // ALIGN * ALIGN))
+        free = (disk.f_bavail * disk.f_frsize - self.disk_reserve) // ALIGN * ALIGN
+        capped = free < self.capacity - self.size
+        if capped and not self.growth_capped:
+            logger.warning("hcache store: the disk holding %s has %d bytes free and keeps %d of them "
+                           "for other users: the pool stops growing at %d bytes (capacity %d) and "
+                           "evicts to make room", self.path, disk.f_bavail * disk.f_frsize,
+                           self.disk_reserve, self.size + max(0, free), self.capacity)
+        self.growth_capped = capped
+        return max(0, min(self.capacity - self.size, free))
 
     def grow(self, end: int) -> None:
         """Make the data region reach ``end``, in ``grow_bytes`` steps where room allows; raises
@@ -258,11 +265,6 @@ class FilePool:
                 return
             room = self.room()
             if end - self.size > room:
-                if not self.growth_capped:
-                    logger.warning("hcache store: the disk holding %s keeps %d bytes free for other "
-                                   "users; the pool stops growing at %d bytes and evicts to make room",
-                                   self.path, self.disk_reserve, self.size)
-                self.growth_capped = True
                 raise OSError(errno.ENOSPC, f"pool growth to {end} bytes would cut into the disk "
                                             f"reserve of {self.disk_reserve} bytes")
             target = min(align_up(end, self.grow_bytes), self.size + room)
@@ -272,7 +274,7 @@ class FilePool:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 os.ftruncate(self.fd, HEADER_BYTES + target)  # the writes allocate the blocks
-            self.size, self.growth_capped = target, False
+            self.size = target
 
     def shrink(self, end: int) -> None:
         """Cut the data region back to ``end`` bytes (the caller knows nothing lies past it)."""

@@ -32,7 +32,8 @@ KEEP_DAMAGED = 3  # damaged indexes kept for inspection per store directory
 _LMDB_MAGIC = 0xBEEFC0DE
 _META = struct.Struct("<II")  # mm_magic, mm_version: after the 16-byte page header
 _META_PSIZE = 40  # mm_dbs[FREE_DBI].md_pad holds the page size
-_META_LAST = struct.Struct("<QQ")  # mm_last_pg, mm_txnid
+_META_LAST = struct.Struct("<QQ")  # mm_last_pg, mm_txnid at byte 136 of a meta page
+_META_END = 136 + _META_LAST.size
 
 
 class OpenedIndex(NamedTuple):
@@ -130,17 +131,19 @@ def _lmdb_file_problem(path: str) -> str | None:
     try:
         size = os.path.getsize(data)
         with open(data, "rb") as f:
-            head = f.read(2 << 16)
+            metas = [f.read(_META_END)]
+            psize = struct.unpack_from("<I", metas[0], _META_PSIZE)[0] if len(metas[0]) == _META_END else 0
+            if psize:
+                f.seek(psize)
+                metas.append(f.read(_META_END))
     except FileNotFoundError:
         return None
-    if len(head) < _META_LAST.size + 136 or _META.unpack_from(head, 16)[0] != _LMDB_MAGIC:
+    if not psize or _META.unpack_from(metas[0], 16)[0] != _LMDB_MAGIC:
         return None
-    psize = struct.unpack_from("<I", head, _META_PSIZE)[0]
     if psize < 512 or psize & (psize - 1) or size < 2 * psize:
         return f"the index file {data} is {size} bytes with page size {psize} (damaged or truncated)"
-    metas = [_META_LAST.unpack_from(head, base + 136)[::-1] for base in (0, psize)
-             if _META.unpack_from(head, base + 16)[0] == _LMDB_MAGIC]
-    _, last_page = max(metas)
+    _, last_page = max(_META_LAST.unpack_from(m, 136)[::-1] for m in metas
+                       if len(m) == _META_END and _META.unpack_from(m, 16)[0] == _LMDB_MAGIC)
     if size < (last_page + 1) * psize:
         return (f"the index file {data} is {size} bytes, shorter than the {(last_page + 1) * psize} "
                 "its meta page records (truncated)")

@@ -1,9 +1,10 @@
 """ChunkStore: the facade over staging, writers, pool, index, LRU and readers.
 
 Call order for a context: ``lookup`` (leading pages present) -> ``read`` (per-layer futures) ...
-``save`` (copy to staging, return) -> writer threads, per batch of queued saves: digest -> allocate
-(evicting LRU chain tails) -> one pwritev per contiguous run of extents -> one fdatasync -> one index
-commit -> release staging. ``flush`` waits for all accepted saves.
+``save`` (copy to staging, return) -> writer threads (``writers``), per batch of queued saves: digest
+-> allocate (evicting LRU chain tails) -> one pwritev per contiguous run of extents (growing the pool
+file) -> one fdatasync -> one index commit -> release staging. ``flush`` waits for all accepted saves.
+Open (``recovery``): damaged state is set aside, the cache starts cold; a smaller capacity evicts.
 Durability: an index entry is committed only after its bytes are synced; space is freed only after
 the index delete that unreferences it commits; at open, free space = everything no entry references.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -29,10 +29,9 @@ from .reader import ReadHandle, _ReadJob, check_out_buffers, plan_pieces
 from .recovery import open_index
 from .staging import StagedChunk, StagedSave, StagingArea, check_save, stage_chunks
 from .stats import StatsRecorder, StoreStats
+from .writers import Writers, contiguous_runs
 
 logger = logging.getLogger(__name__)
-
-_BATCH_BYTES = 64 << 20  # a writer gathers queued saves up to this many bytes per sync+commit
 
 
 @dataclass(frozen=True)
@@ -112,14 +111,8 @@ class ChunkStore:
         self.opened = OpenReport(len(self._records), time.perf_counter() - t0, opened.problem,
                                  opened.set_aside, evicted)
         self.staging = StagingArea(config.staging_bytes)
-        self._queue: queue.Queue[StagedSave | None] = queue.Queue()
-        self._outstanding = 0
-        self._idle = threading.Condition()
         self._readers = cf.ThreadPoolExecutor(config.reader_threads, "hcache-read")
-        self._writers = [threading.Thread(target=self._writer_main, name=f"hcache-write-{i}",
-                                          daemon=True) for i in range(config.writer_threads)]
-        for t in self._writers:
-            t.start()
+        self._writers = Writers(config.writer_threads, self._write_batch, self._release)
         self._closed = False
         self._last_drop_log = -float("inf")
 
@@ -131,19 +124,13 @@ class ChunkStore:
             self._records[rec.chunk_id] = rec
             self._lru.add(rec.chunk_id, rec.parent_id)
         self._lru.restore_order(self.index.lru_order())
-        used, victims = sum(r.nbytes for r in records), []
-        while used > self.pool.capacity and (cid := self._lru.victim()) is not None:
-            victims.append(self._records.pop(cid))
-            self._lru.remove(cid)
-            used -= victims[-1].nbytes
+        self.alloc = ExtentAllocator.from_used(self.pool.capacity, [(r.offset, r.nbytes) for r in records])
+        victims = self._take_victims(-self.alloc.free_bytes)
         if victims:
-            self.index.delete(victims)
-            self._stats.add(chunks_evicted=len(victims), bytes_evicted=sum(r.nbytes for r in victims))
+            self._evict(victims)
             logger.info("hcache store: capacity %d bytes is less than the pool held: evicted its %d "
                         "least recently used chunks", self.pool.capacity, len(victims))
-        kept = [(r.offset, r.nbytes) for r in self._records.values()]
-        self.alloc = ExtentAllocator.from_used(self.pool.capacity, kept)
-        self.pool.shrink(max((off + n for off, n in kept), default=0))
+        self.pool.shrink(max((r.offset + r.nbytes for r in self._records.values()), default=0))
         return len(victims)
 
     # ---- lookup / read ----------------------------------------------------------------------
@@ -234,9 +221,7 @@ class ChunkStore:
             c.staging_offset += base
         job = StagedSave(ns, chunks, base, off, parent, pending=pending)
         job.event = stage_chunks(self.staging, ns, chunks, starts, positions, token_ids, layers, rows)
-        with self._idle:
-            self._outstanding += 1
-        self._queue.put(job)
+        self._writers.put(job)
         self._stats.add(saves_accepted=1)
         self._stats.observe("save_call", time.perf_counter() - t0)
         return True
@@ -244,8 +229,7 @@ class ChunkStore:
     def flush(self) -> None:
         """Wait until every accepted save is written, synced and committed (or dropped); record
         the LRU order for the next open."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._outstanding == 0)
+        self._writers.wait_idle()
         with self._space:
             order = self._lru.order()
         try:
@@ -255,34 +239,11 @@ class ChunkStore:
                            self.index.path, e)
 
     # ---- writers ----------------------------------------------------------------------------
-    def _writer_main(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            batch, size = [job], job.staging_bytes
-            while size < _BATCH_BYTES:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-                size += nxt.staging_bytes
-            try:
-                self._write_batch(batch)
-            except Exception:  # noqa: BLE001 - a writer must survive to drain the queue
-                logger.exception("write batch failed; its %d saves are dropped", len(batch))
-            finally:
-                for j in batch:
-                    self.staging.release(j.staging_offset, j.staging_bytes)
-                    with self._space:
-                        self._pending.difference_update(j.pending)
-                with self._idle:
-                    self._outstanding -= len(batch)
-                    self._idle.notify_all()
+    def _release(self, job: StagedSave) -> None:
+        """A save is written or dropped: its staging and its in-flight keys are free."""
+        self.staging.release(job.staging_offset, job.staging_bytes)
+        with self._space:
+            self._pending.difference_update(job.pending)
 
     def _write_batch(self, batch: list[StagedSave]) -> None:
         t0 = time.perf_counter()
@@ -310,7 +271,7 @@ class ChunkStore:
         if len(placed) < len(chunks):
             self._stats.add(chunks_dropped=len(chunks) - len(placed))
         try:
-            for off, bufs in _contiguous_runs(view, placed):
+            for off, bufs in contiguous_runs(view, placed):
                 self.pool.write_at(bufs, off)
             self.pool.sync()
             records = self._make_records(placed)
@@ -368,28 +329,40 @@ class ChunkStore:
             for i, n in enumerate(sizes):
                 off = self.alloc.alloc(n, end)
                 while off is None:
-                    need, victims = sum(sizes[i:]), []
-                    freed = self.alloc.free_below(end)
                     # At least one victim per round: with enough free bytes in total but no gap
                     # large enough (fragmentation), evicting must still make progress.
-                    while freed < need or not victims:
-                        cid = self._lru.victim()
-                        if cid is None:
-                            break
-                        victims.append(self._records[cid])
-                        self._lru.remove(cid)
-                        freed += victims[-1].nbytes
+                    victims = self._take_victims(sum(sizes[i:]) - self.alloc.free_below(end), 1)
                     if not victims:
                         break
-                    self.index.delete(victims)
-                    for rec in victims:
-                        del self._records[rec.chunk_id]
-                        self.alloc.free(rec.offset, rec.nbytes)
-                    self._stats.add(chunks_evicted=len(victims),
-                                    bytes_evicted=sum(r.nbytes for r in victims))
+                    self._evict(victims)
                     off = self.alloc.alloc(n, end)
                 out.append(off)
         return out
+
+    def _take_victims(self, nbytes: int, at_least: int = 0) -> list[ChunkRecord]:
+        """Least-recently-used chain tails worth ``nbytes`` (and ``at_least`` of them), taken out of
+        the LRU; the caller holds the space lock and evicts them."""
+        victims: list[ChunkRecord] = []
+        while nbytes > 0 or len(victims) < at_least:
+            cid = self._lru.victim()
+            if cid is None:
+                break
+            victims.append(self._records[cid])
+            self._lru.remove(cid)
+            nbytes -= victims[-1].nbytes
+        return victims
+
+    def _evict(self, victims: list[ChunkRecord]) -> None:
+        self._forget(victims)
+        self._stats.add(chunks_evicted=len(victims), bytes_evicted=sum(r.nbytes for r in victims))
+
+    def _forget(self, recs: list[ChunkRecord]) -> None:
+        """Delete chunks from the index, then free their space (the caller holds the space lock)."""
+        self.index.delete(recs)
+        for rec in recs:
+            del self._records[rec.chunk_id]
+            self._lru.remove(rec.chunk_id)
+            self.alloc.free(rec.offset, rec.nbytes)
 
     # ---- drop / stats / close ---------------------------------------------------------------
     def drop(self, ns: Namespace, keys: Sequence[str]) -> None:
@@ -401,13 +374,8 @@ class ChunkStore:
         with self._space:
             all_ids = {d for cid in ids for d in self._lru.subtree(cid)}
             recs = [self._records[c] for c in all_ids if c in self._records]
-            if not recs:
-                return
-            self.index.delete(recs)
-            for rec in recs:
-                del self._records[rec.chunk_id]
-                self._lru.remove(rec.chunk_id)
-                self.alloc.free(rec.offset, rec.nbytes)
+            if recs:
+                self._forget(recs)
 
     def stats(self) -> StoreStats:
         with self._space:
@@ -421,10 +389,7 @@ class ChunkStore:
             return
         self._closed = True
         self.flush()
-        for _ in self._writers:
-            self._queue.put(None)
-        for t in self._writers:
-            t.join()
+        self._writers.close()
         self._readers.shutdown(wait=True)
         self.index.close()
         self.pool.close()
@@ -435,20 +400,3 @@ class ChunkStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _contiguous_runs(view: memoryview, placed) -> list[tuple[int, list[memoryview]]]:
-    """Group placed chunks into runs of adjacent pool extents: ``[(pool_offset, staging_views)]``.
-
-    The allocator hands a batch adjacent extents when the pool has room, so a batch usually becomes
-    one pwritev (a gather from staging) instead of one write per chunk.
-    """
-    runs: list[tuple[int, list[memoryview]]] = []
-    end = -1
-    for _, c, _, off in sorted(placed, key=lambda x: x[3]):
-        b, n = c.staging_offset, c.layout.total_bytes
-        if off != end:
-            runs.append((off, []))
-        runs[-1][1].append(view[b:b + n])
-        end = off + n
-    return runs
