@@ -120,10 +120,9 @@ class ChunkStore:
     def _recover(self, records: list[ChunkRecord]) -> int:
         """Rebuild LRU and allocator from the committed records; evict least-recently-used chains
         down to the capacity; cut the file after the last kept extent. Returns chunks evicted."""
-        for rec in sorted(records, key=lambda r: r.chunk_id):
-            self._records[rec.chunk_id] = rec
-            self._lru.add(rec.chunk_id, rec.parent_id)
-        self._lru.restore_order(self.index.lru_order())
+        self._records = {rec.chunk_id: rec for rec in sorted(records, key=lambda r: r.chunk_id)}
+        self._lru.load(((r.chunk_id, r.parent_id) for r in self._records.values()),
+                       self.index.lru_order())
         self.alloc = ExtentAllocator.from_used(self.pool.capacity, [(r.offset, r.nbytes) for r in records])
         victims = self._take_victims(-self.alloc.free_bytes)
         if victims:

@@ -4,7 +4,6 @@ Each fault is made on a real store directory (real LMDB, real pool file), as a d
 copy or another version would leave it. Misconfiguration stays a clear error.
 """
 
-import dataclasses
 import logging
 import os
 import re
@@ -140,7 +139,7 @@ def test_index_past_the_pool_end_or_overlapping_is_set_aside(tmp_path, caplog):
         rec = store.index.resolve(NS.key_prefix, chain(20, "after")[:1])[0][0]
     index = ChunkIndex(str(index_dir(tmp_path)))
     (cid,) = index.new_ids(1)
-    index.commit([dataclasses.replace(rec, chunk_id=cid, offset=rec.offset + ALIGN, keys=("x",))])
+    index.commit([rec._replace(chunk_id=cid, offset=rec.offset + ALIGN, keys=("x",))])
     index.close()
     with open_cold(tmp_path, caplog, r"overlapping extents") as store:
         serves(store)
