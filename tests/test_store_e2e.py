@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+import psutil
 import pytest
 
 from e2e_helpers import converse, details, start_engine
@@ -18,8 +19,12 @@ def test_damaged_index_restart_serves_the_reference_answers(model_dir, tmp_path,
     ref = start_engine(path, 16, pool_dir=None)
     try:
         expected = [o["output_ids"] for o in converse(ref.engine, evict_between=False)]
+        trackers = resource_trackers()
     finally:
         ref.stop()
+    # the shutdown killed the engine's processes, not multiprocessing's resource tracker (a new one
+    # would not know this process's semaphores: a KeyError traceback for each released later)
+    assert trackers <= resource_trackers()
     # a first server fills the store
     pool = str(tmp_path / "pool")
     first = start_engine(path, 16, pool)
@@ -51,3 +56,14 @@ def test_damaged_index_restart_serves_the_reference_answers(model_dir, tmp_path,
     with open(os.path.join(pool, aside[0], "data.mdb"), "rb") as f:
         assert f.read() == damaged
     assert not os.path.exists(tmp_path / "torch-extensions" / "hicache_hash_cpp" / "hicache_hash_cpp.so")
+
+
+def resource_trackers() -> set[int]:
+    out = set()
+    for p in psutil.Process().children():
+        try:
+            if "multiprocessing.resource_tracker" in " ".join(p.cmdline()):
+                out.add(p.pid)
+        except psutil.Error:
+            pass
+    return out
