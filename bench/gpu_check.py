@@ -247,12 +247,15 @@ def make_config(args: argparse.Namespace) -> Config:
 def _meta(cfg: Config, args: argparse.Namespace) -> dict:
     import triton
 
+    import hcache_sglang
+
     cuda = cfg.device.type == "cuda"
     return {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
             "triton": triton.__version__, "device": torch.cuda.get_device_name() if cuda else "cpu",
             "capability": list(torch.cuda.get_device_capability()) if cuda else None,
             "tiny": cfg.tiny, "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-            "budget_s": args.budget_s, "argv": sys.argv[1:]}
+            "budget_s": args.budget_s, "argv": sys.argv[1:],
+            "hcache_sglang_from": str(Path(hcache_sglang.__file__).parent)}
 
 
 class _Tee:
@@ -290,7 +293,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="directory for gpu_check.json and gpu_check.log")
     ap.add_argument("--tiny", action="store_true", help="small geometries (the CPU interpreter run)")
-    ap.add_argument("--budget-s", type=float, default=420.0,
+    ap.add_argument("--budget-s", type=float, default=360.0,
                     help="wall-clock budget; each section stops starting cases at its share of it")
     ap.add_argument("--sections", default=",".join(sections), help="comma list of " + ",".join(sections))
     ap.add_argument("--restore-layers", type=int, default=None,
