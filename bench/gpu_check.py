@@ -131,6 +131,16 @@ class Report:
         os.replace(tmp, self.path)
 
 
+def run_case(head: dict, fn, *args) -> dict:
+    """``{**head, **fn(*args)}``; when ``fn`` raises (one kernel specialisation failing to compile, say),
+    ``head`` with the error, ``passed`` False, so that the other cases still run."""
+    try:
+        return {**head, **fn(*args)}
+    except Exception as e:
+        return {**head, "passed": False, "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc()}
+
+
 def _kernel_case(cfg: Config, shape: tuple, dtype: torch.dtype, v: Variant) -> dict:
     hidden_size, kv_heads, head_dim = shape
     rotary_dim = head_dim // 2 if v.partial else head_dim
@@ -155,8 +165,9 @@ def _kernel_case(cfg: Config, shape: tuple, dtype: torch.dtype, v: Variant) -> d
     untouched = bool(torch.equal(k_ref == SENTINEL, k_tri == SENTINEL)
                      and torch.equal(v_ref == SENTINEL, v_tri == SENTINEL))
     tol = tolerance(dtype)
-    return {**v._asdict(), "tokens": n, "rotary_dim": rotary_dim, "table_dtype": str(proj.cos_sin_cache.dtype),
-            "k_rel_err": k_err, "v_rel_err": v_err, "tolerance": tol, "untouched_slots_kept": untouched,
+    return {**v._asdict(), "tokens": n, "rotary_dim": rotary_dim,
+            "table_dtype": str(proj.cos_sin_cache.dtype), "k_rel_err": k_err, "v_rel_err": v_err,
+            "tolerance": tol, "untouched_slots_kept": untouched,
             "seconds": time.perf_counter() - start, "passed": max(k_err, v_err) <= tol and untouched}
 
 
@@ -183,18 +194,22 @@ def section_correctness(cfg: Config, report: Report, sec: dict, deadline: float)
     sec["tolerance_rule"] = ("max |triton - reference| / max |reference| over the restored rows: "
                              "bf16 2^-6, fp16 2^-9 (two ulps of the top binade); copy: bit-exact")
     for name, shape, dtype, v in plan:
-        head = {"geometry": name, "dtype": str(dtype).removeprefix("torch.")}
+        head = {"geometry": name, "dtype": str(dtype).removeprefix("torch."),
+                **(v._asdict() if v else {"op": "copy_kv"})}
         if time.perf_counter() > deadline:
-            cases.append({**head, **(v._asdict() if v else {"op": "copy_kv"}), "passed": None,
-                          "status": "skipped: time budget"})
+            cases.append({**head, "passed": None, "status": "skipped: time budget"})
             continue
-        case = {**head, **(_kernel_case(cfg, shape, dtype, v) if v else _copy_case(cfg, shape, dtype))}
+        case = (run_case(head, _kernel_case, cfg, shape, dtype, v) if v
+                else run_case(head, _copy_case, cfg, shape, dtype))
         cases.append(case)
-        if v is None:
+        if "error" in case:
+            say(f"  {name:14s} {head['dtype']:8s} {v or 'copy_kv'}: {case['error']}")
+        elif v is None:
             say(f"  {name:14s} {head['dtype']:8s} copy_kv bit-equal {case['bit_equal']}")
         else:
             say(f"  {name:14s} {head['dtype']:8s} {v.rope:7s} {'neox' if v.neox else 'gptj'} rot "
-                f"{case['rotary_dim']:3d} bias {v.bias:d} norm {v.norm:d} page {v.page_size:2d} n {case['tokens']:4d}: "
+                f"{case['rotary_dim']:3d} bias {v.bias:d} norm {v.norm:d} page {v.page_size:2d} "
+                f"n {case['tokens']:4d}: "
                 f"K {case['k_rel_err']:.2e} V {case['v_rel_err']:.2e} (tol {case['tolerance']:.1e}) "
                 f"{'ok' if case['passed'] else 'FAILED'} {case['seconds']:.1f}s")
         report.flush()
@@ -214,12 +229,12 @@ def section_project(cfg: Config, report: Report, sec: dict, deadline: float) -> 
             if time.perf_counter() > deadline:
                 rows.append({"geometry": name, "tokens": n, "status": "skipped: time budget"})
                 continue
-            r = bench_project.bench_case(name, n, torch.bfloat16, cfg.device, cfg.warmup, cfg.repeats,
-                                         shape=shape)
+            r = run_case({"geometry": name, "tokens": n}, bench_project.bench_case, name, n, torch.bfloat16,
+                         cfg.device, cfg.warmup, cfg.repeats, shape)
             rows.append(r)
-            say("  " + bench_project.summary_line(r))
+            say(f"  {name} n={n}: {r['error']}" if "error" in r else "  " + bench_project.summary_line(r))
             report.flush()
-    sec["status"] = "measured"
+    sec["status"] = "FAILED" if any("error" in r for r in rows) else "measured"
     for name in cfg.kernel_geometries:
         done = [r for r in rows if r["geometry"] == name and r.get("fused_vs_unfused") is not None]
         for key, goal in (("fused_vs_unfused", bench_project.TARGET_FUSED_VS_UNFUSED),
@@ -299,6 +314,7 @@ def main() -> int:
     ap.add_argument("--restore-layers", type=int, default=None,
                     help="layers of the restore geometries (default: the model's 32; tiny: 3)")
     args = ap.parse_args()
+    sys.modules.setdefault("gpu_check", sys.modules[__name__])  # gpu_check_pipeline imports this module
     chosen = args.sections.split(",")
     if any(s not in sections for s in chosen):
         raise SystemExit(f"--sections {args.sections}: expected names from {','.join(sections)}")
@@ -311,8 +327,9 @@ def main() -> int:
     cfg = make_config(args)
     report = Report(out / "gpu_check.json", _meta(cfg, args))
     start = time.perf_counter()
-    say(f"# gpu_check on {report.data['meta']['device']} (torch {torch.__version__}, triton "
-        f"{report.data['meta']['triton']}), {'tiny' if cfg.tiny else 'full'} run, budget {args.budget_s:.0f} s")
+    meta = report.data["meta"]
+    say(f"# gpu_check on {meta['device']} (torch {torch.__version__}, triton {meta['triton']}), "
+        f"{'tiny' if cfg.tiny else 'full'} run, budget {args.budget_s:.0f} s")
     for name in chosen:
         say(f"## {name}")
         sec = report.section(name)

@@ -19,6 +19,7 @@ import bench_project
 import bench_restore
 import torch
 import torch.nn.functional as F
+from gpu_check import run_case
 from restore_setup import PRESETS, BenchGeometry, Context, PagedKVPool, RandomModel
 
 from hcache_sglang.backends import LayerKind, Namespace
@@ -97,23 +98,29 @@ def section_restore(cfg: Config, report: Report, sec: dict, deadline: float) -> 
             if time.perf_counter() > deadline:
                 rows.append({"geometry": g.name, "status": "skipped: time budget"})
                 continue
-            rows.extend(_restore_rows(cfg, g, scratch))
+            result = run_case({"geometry": g.name}, lambda: {"rows": _restore_rows(cfg, g, scratch)})
+            rows.extend(result.pop("rows", []))
+            if "error" in result:
+                rows.append(result)
+                print(f"  {g.name}: {result['error']}")
             report.flush()
             if cfg.device.type == "cuda":
                 torch.cuda.empty_cache()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     sec["layers"] = sorted({len(r["plan"]) for r in rows if "plan" in r})
-    sec["status"] = "measured"  # a wrong restore raises in bench_restore.measure_plan
+    # a wrong restore raises in bench_restore.measure_plan
+    sec["status"] = "FAILED" if any("error" in r for r in rows) else "measured"
     for row in (r for r in rows if "plan" in r):
         name = f"restore {row['geometry']} {row['tokens']} tok"
         if cfg.tiny:
             report.target(f"{name}: plan efficiency", None, f">= {TARGET_RESTORE_EFFICIENCY}", None,
                           NO_CUDA + " (tiny CPU run)")
             continue
-        report.target(f"{name}: plan {row['plan']} bound / measured",
-                      row["plans"][row["plan"]]["efficiency"], f">= {TARGET_RESTORE_EFFICIENCY} (provisional)",
-                      row["plans"][row["plan"]]["efficiency"] >= TARGET_RESTORE_EFFICIENCY)
+        efficiency = row["plans"][row["plan"]]["efficiency"]
+        report.target(f"{name}: plan {row['plan']} bound / measured", efficiency,
+                      f">= {TARGET_RESTORE_EFFICIENCY} (provisional)",
+                      efficiency >= TARGET_RESTORE_EFFICIENCY)
         for key, goal in (("plan_vs_best_sweep", f"<= {bench_restore.TARGET_PLAN_VS_BEST}"),
                           ("predicted_vs_measured", f"in {bench_restore.TARGET_PRED}")):
             report.target(f"{name}: {key}", row[key], goal, row["targets_met"][key])
@@ -140,7 +147,8 @@ class _Decoder(torch.nn.Module):
 
 def _layer_gemms_ms(g: BenchGeometry, x: torch.Tensor, cfg: Config) -> float:
     """One decoder layer's GEMMs (QKV, O, gate/up, down) over ``x: [n, hidden_size]``."""
-    d, q, kv, inter = g.hidden_size, g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim, g.intermediate_size
+    d, inter = g.hidden_size, g.intermediate_size
+    q, kv = g.num_heads * g.head_dim, g.num_kv_heads * g.head_dim
     w = [torch.randn(o, i, device=cfg.device, dtype=DTYPE) * i**-0.5
          for o, i in ((q + 2 * kv, d), (d, q), (2 * inter, d), (d, inter))]
 
@@ -182,7 +190,8 @@ def _capture_case(cfg: Config, g: BenchGeometry, n: int) -> dict:
     host_positions, host_ids = positions.cpu(), ids.cpu().int()
     try:
         def stage():
-            event = stage_chunks(area, ns, chunks, starts, host_positions, host_ids, [capture.hidden[1]], slots)
+            event = stage_chunks(area, ns, chunks, starts, host_positions, host_ids,
+                                 [capture.hidden[1]], slots)
             if event is not None:
                 event.synchronize()
 
@@ -196,8 +205,9 @@ def _capture_case(cfg: Config, g: BenchGeometry, n: int) -> dict:
         area.close()
     gemm_ms = _layer_gemms_ms(g, x, cfg)
     row_bytes = n * g.hidden_size * 2
-    return {"geometry": g.name, "tokens": n, "capture_copy_ms": capture_ms, "staging_copy_ms": staging_ms,
-            "layer_gemms_ms": gemm_ms, "capture_share": capture_ms / gemm_ms, "staging_share": staging_ms / gemm_ms,
+    return {"geometry": g.name, "tokens": n, "capture_copy_ms": capture_ms,
+            "staging_copy_ms": staging_ms, "layer_gemms_ms": gemm_ms,
+            "capture_share": capture_ms / gemm_ms, "staging_share": staging_ms / gemm_ms,
             "staging_gbps": row_bytes / (staging_ms * 1e6), "staging_pinned": pinned,
             "captured_rows_equal": captured, "staged_bytes_equal": staged}
 
@@ -209,15 +219,19 @@ def section_capture(cfg: Config, report: Report, sec: dict, deadline: float) -> 
         if time.perf_counter() > deadline:
             rows.append({"tokens": n, "status": "skipped: time budget"})
             continue
-        r = _capture_case(cfg, g, n)
+        r = run_case({"geometry": g.name, "tokens": n}, _capture_case, cfg, g, n)
         rows.append(r)
+        if "error" in r:
+            print(f"  {g.name} {n} tok: {r['error']}")
+            continue
         print(f"  {g.name} {n} tok: capture copy {r['capture_copy_ms']:.3f} ms, staging copy "
-            f"{r['staging_copy_ms']:.3f} ms ({r['staging_gbps']:.1f} GB/s, pinned {r['staging_pinned']}), layer "
-            f"GEMMs {r['layer_gemms_ms']:.3f} ms; rows equal {r['captured_rows_equal']}/{r['staged_bytes_equal']}")
+              f"{r['staging_copy_ms']:.3f} ms ({r['staging_gbps']:.1f} GB/s, pinned "
+              f"{r['staging_pinned']}), layer GEMMs {r['layer_gemms_ms']:.3f} ms; rows equal "
+              f"{r['captured_rows_equal']}/{r['staged_bytes_equal']}")
         report.flush()
     done = [r for r in rows if "capture_share" in r]
     ok = all(r["captured_rows_equal"] and r["staged_bytes_equal"] for r in done)
-    sec["status"] = "passed" if ok and done else "FAILED"
+    sec["status"] = "passed" if ok and done and not any("error" in r for r in rows) else "FAILED"
     for r in done:
         for key, goal in (("capture_share", TARGET_CAPTURE_SHARE), ("staging_share", TARGET_STAGING_SHARE)):
             name = f"capture {r['geometry']} {r['tokens']} tok: {key} of a layer's GEMMs"
@@ -258,4 +272,4 @@ def section_host_buffers(cfg: Config, report: Report, sec: dict, deadline: float
     checks = [v for k, v in sec.items() if k != "status" and isinstance(v, bool)]
     sec["status"] = "passed" if all(checks) else "FAILED"
     print(f"  host buffers: pinned {sec['pinned']}, page-aligned {sec['page_aligned']}, async H2D equal "
-        f"{sec['async_h2d_equal']}, kept while held {sec['kept_while_held']}, reused {sec['reused']}")
+          f"{sec['async_h2d_equal']}, kept while held {sec['kept_while_held']}, reused {sec['reused']}")

@@ -70,7 +70,8 @@ def test_tiny_run_without_sglang_passes_correctness_and_reports_every_section(tm
     for r in restore:
         layers = len(r["plan"])
         assert {"H" * layers, "K" * layers, "R" * layers, r["plan"]} <= set(r["plans"])
-        assert all(p["median_s"] > 0 and p["bound"].startswith("skipped: no CUDA") for p in r["plans"].values())
+        for p in r["plans"].values():
+            assert p["median_s"] > 0 and p["bound"].startswith("skipped: no CUDA")
 
     # capture and staging copies land the right rows; GPU-only parts say so explicitly
     assert sections["capture"]["status"] == "passed"

@@ -34,7 +34,6 @@ from hcache_sglang.kernels import (  # noqa: E402
     Impl,
     KVProjection,
     copy_kv_into_cache,
-    project_kv_into_cache,
 )
 
 _KERNEL_MODULE = "hcache_sglang.kernels.triton_project"
