@@ -49,12 +49,12 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     "${PIP[@]}" --no-deps sglang==0.5.23
   else
     "${PIP[@]}" sglang==0.5.23
-    "${PIP[@]}" lmdb pytest hypothesis
+    "${PIP[@]}" lmdb pytest hypothesis "import-linter==2.16"
   fi
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
   # The CPU platform's stand-ins must reach every Python process SGLang spawns: a .pth file in
   # site-packages runs hcache_sglang._boot at interpreter start (a no-op on hosts with a GPU).
-  "$VENV/bin/python" -m hcache_sglang.platform install-hook
+  "$VENV/bin/python" -m hcache_sglang.cpu_platform install-hook
 } 2>&1 | grep -v -E "^WARNING: Location .* is ignored" >&2 || true
 "$VENV/bin/python" -c "import torch, sglang, lmdb, hcache_sglang" \
   || { echo "hcache-sglang: environment setup failed (see messages above)" >&2; exit 1; }
