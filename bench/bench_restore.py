@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, RandomModel
+from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, PagedKVPool, RandomModel
 
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.config import Objective
@@ -310,16 +310,23 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def run_geometries(args: argparse.Namespace) -> list[dict]:
-    """Every geometry of the preset, every read setting: the result rows."""
+def kv_pool_class() -> type:
+    """SGLang's ``MHATokenToKVPool``, or ``PagedKVPool`` on a host without SGLang (a lent GPU)."""
     import hcache_sglang  # noqa: F401 - applies the CPU platform patches before SGLang is imported
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    try:
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    except ImportError:  # the same per-layer K/V tensors
+        return PagedKVPool
+    return MHATokenToKVPool
 
+
+def run_geometries(args: argparse.Namespace, pool_cls: type) -> list[dict]:
+    """Every geometry of the preset, every read setting: the result rows."""
     results = []
     for g in (g for g in PRESETS[args.preset] if g.name in args.geometries):
         model = RandomModel(g, args.torch_dtype, args.device, max(args.tokens) + 1)
         geometry = g.planner_geometry(torch.empty((), dtype=args.torch_dtype).element_size())
-        contexts = [Context(model, n, args.torch_dtype, args.device, MHATokenToKVPool) for n in args.tokens]
+        contexts = [Context(model, n, args.torch_dtype, args.device, pool_cls) for n in args.tokens]
         host = "pinned host memory" if args.device.type == "cuda" else "host memory"
         settings = [(host, None)] if args.source == "host" else [
             ("disk, O_DIRECT" if args.o_direct else "disk, buffered", None)]
@@ -346,11 +353,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     own_dir = args.dir is None
     args.dir = args.dir or tempfile.mkdtemp(prefix="hcache-bench-restore-")
+    pool_cls = kv_pool_class()
     print(f"# bench_restore: preset {args.preset}, source {args.source}, device {args.device}, "
           f"{args.dtype}, tokens {args.tokens}, repeats {args.repeats}, o_direct {args.o_direct}, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+          f"torch threads {torch.get_num_threads()}, KV pool {pool_cls.__name__}", flush=True)
     try:
-        results = run_geometries(args)
+        results = run_geometries(args, pool_cls)
     finally:
         if own_dir:
             shutil.rmtree(args.dir, ignore_errors=True)

@@ -56,6 +56,9 @@ EXCEPTIONS = {
     ("bench/bench_store.py", "hcache_sglang.backends.layout"),
     ("bench/bench_store.py", "hcache_sglang.backends.pool"),
     ("backends/store.py", "_ReadJob"),
+    # the GPU check times the spill's own gather into staging (bench/gpu_check_pipeline.py)
+    ("bench/gpu_check_pipeline.py", "hcache_sglang.backends.layout"),
+    ("bench/gpu_check_pipeline.py", "hcache_sglang.backends.staging"),
 }
 
 
