@@ -116,6 +116,8 @@ class HCacheConfig:
     o_direct: bool = False
     refresh_profile: bool = False
     plan_tokens: int = 1000  # the restore length the planner plans for (see planner.PLAN_TOKENS)
+    timeline_dir: Optional[str] = None  # write a restore timeline per sampled restore here (debug)
+    timeline_every: int = 1  # sample every N-th restore into the timeline
 
     def __post_init__(self) -> None:
         if not self.directory:
@@ -132,6 +134,8 @@ class HCacheConfig:
             )
         if not isinstance(self.plan_tokens, int) or self.plan_tokens < 16:
             raise ValueError(f"hcache: plan tokens {self.plan_tokens!r}; expected an integer >= 16")
+        if not isinstance(self.timeline_every, int) or self.timeline_every < 1:
+            raise ValueError(f"hcache: timeline_every {self.timeline_every!r}; expected an integer >= 1")
         if self.layer_plan is not None:
             plan = self.layer_plan.strip()
             if plan.lower() not in ("hidden", "kv") and not re.fullmatch(r"[HKR]+", plan):

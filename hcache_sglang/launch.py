@@ -66,6 +66,10 @@ def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
         help="typical tokens per restore, which the planner plans for (recomputed layers cost more per "
              "token in longer restores)",
     )
+    group.add_argument("--hcache-timeline", default=None, metavar="DIR",
+                       help="debug: write a per-layer restore timeline (JSON lines) into DIR")
+    group.add_argument("--hcache-timeline-every", type=int, default=1, metavar="N",
+                       help="with --hcache-timeline: record every N-th restore")
 
 
 def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
@@ -82,6 +86,8 @@ def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
         o_direct=args.hcache_o_direct,
         refresh_profile=args.hcache_refresh_profile,
         plan_tokens=args.hcache_plan_tokens,
+        timeline_dir=args.hcache_timeline,
+        timeline_every=args.hcache_timeline_every,
     )
 
 

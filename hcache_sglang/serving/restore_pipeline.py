@@ -111,6 +111,7 @@ class QueuedRestore(NamedTuple):
     # (positions, token ids) as the store holds them, when the job runs on the request's own
     # (recomputed layers): checked against them before any stored state reaches the forward
     stored_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    trace: Any = None  # timeline.RestoreTrace when this restore is sampled
 
     def ids_match(self) -> bool:
         if self.stored_ids is None:
@@ -125,11 +126,12 @@ class RestorePipeline:
 
     def __init__(self, store: Any, namespace: Namespace, restorer: LayerRestorer, counter: Any, *,
                  stats: RestoreStats, load_check: LoadCheck, page_size: int, num_layers: int,
-                 recomputed: int, dtype: torch.dtype, forward_stream: Any = None) -> None:
+                 recomputed: int, dtype: torch.dtype, forward_stream: Any = None, timeline: Any = None) -> None:
         self.store, self.namespace, self.restorer, self.counter = store, namespace, restorer, counter
         self.stats, self.load_check = stats, load_check
         self.page_size, self.num_layers, self.recomputed, self.dtype = page_size, num_layers, recomputed, dtype
         self.forward_stream = forward_stream
+        self.timeline = timeline  # serving.timeline.Timeline, or None (off)
         self.host_buffers = HostBuffers(restorer.device.type == "cuda")  # reused landing buffers
         self._expected: dict[str, RequestContext] = {}
         self._pending: dict[str, QueuedRestore] = {}
@@ -176,9 +178,14 @@ class RestorePipeline:
         lease = self.host_buffers.lease(carved_bytes(specs))
         try:
             *stored, positions, token_ids = carve(lease.buffer, specs)
+            trace = self.timeline and self.timeline.begin(rid, num_tokens, (LayerKind.RECOMPUTE,) * self.recomputed
+                                                          + tuple(hit.layer_kinds))
             read = self.store.read(self.namespace, keys, stored, positions, token_ids)
             try:
                 queued = self._queued(slots, stored, hit.layer_kinds, read, positions, token_ids, context, lease)
+                if trace is not None:
+                    trace.watch(queued.job.read, range(self.recomputed, self.num_layers))
+                    queued = queued._replace(trace=trace)
             except BaseException:
                 read.wait()  # no read may still land in the buffer once it is back in the pool
                 raise
@@ -251,11 +258,16 @@ class RestorePipeline:
             return -1
         batch, self._pending = list(self._pending.values()), {}
         index = self.counter.update_producer()
+        if self.timeline is not None:
+            self.timeline.bind(index, [q.trace for q in batch if q.trace is not None])
         self._releases.put((index, batch))
         return index
 
     def finish(self, index: int) -> bool:
-        return self.counter.finish(index)
+        landed = self.counter.finish(index)
+        if self.timeline is not None:
+            self.timeline.flush(index, landed)
+        return landed
 
     def reset(self) -> None:
         """Quiesce: pending loads cancelled, every restore and release done."""
@@ -283,7 +295,7 @@ class RestorePipeline:
             queued.lease.drop()
 
     def _run_restore(self, queued: QueuedRestore) -> None:
-        progress = queued.progress
+        progress, trace = queued.progress, queued.trace
         if not progress.begin():
             return  # cancelled before it started
 
@@ -292,10 +304,14 @@ class RestorePipeline:
             # them before any stored state reaches the forward (PIPELINED accepted the load unread).
             if layer == self.recomputed and not queued.ids_match():
                 raise RuntimeError("stored tokens are not the request's")
+            if trace is not None:
+                trace.mark("compute_end", layer)
             progress.advance(layer)
 
         try:
-            if self.restorer.restore([queued.job], landed, should_stop=progress.cancel_requested):
+            started = trace and (lambda layer: trace.mark("compute_start", layer))
+            if self.restorer.restore([queued.job], landed, should_stop=progress.cancel_requested,
+                                     on_layer_start=started):
                 self.stats.record_restore(queued.job.num_tokens, time.perf_counter() - progress.queued_at)
             progress.stop()
         except BaseException as exc:  # noqa: BLE001 - reported through the progress
@@ -309,6 +325,9 @@ class RestorePipeline:
                 for queued in batch:
                     queued.progress.wait_layer(layer)
                 self.counter.complete(index, layer)
+                for queued in batch:
+                    if queued.trace is not None:
+                        queued.trace.mark("released", layer)
         except BaseException as exc:  # noqa: BLE001 - reported through the counter
             logger.error("hcache: restore failed, %d request(s) will be aborted: %r", len(batch), exc)
             self.stats.record_failure()

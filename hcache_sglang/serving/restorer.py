@@ -61,11 +61,14 @@ class LayerRestorer:
 
     @torch.inference_mode()
     def restore(self, jobs: list[RestoreJob], on_layer_done: Callable[[int], None],
-                should_stop: Callable[[], bool] = lambda: False) -> bool:
+                should_stop: Callable[[], bool] = lambda: False,
+                on_layer_start: Optional[Callable[[int], None]] = None) -> bool:
         """Restore every layer of ``jobs`` in order; raises on a failed read (the caller fails the
         batch). ``should_stop`` is asked before each layer: True stops there (nothing more is written
-        to the jobs' slots) and the call returns False; True = every layer landed."""
+        to the jobs' slots) and the call returns False; True = every layer landed. ``on_layer_start``
+        runs once a layer's bytes are in and its compute begins (the restore timeline)."""
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
+        queued = QueuedLayers(on_layer_done, self._stream)
         with ctx:
             for job in jobs:
                 # Stored positions and token ids land with the first stored layer's read.
@@ -77,14 +80,31 @@ class LayerRestorer:
             if self.capture is not None:
                 token_ids = torch.cat([j.token_ids for j in jobs]).to(self.device, non_blocking=True)
                 self.capture.write_positions(slots, positions, token_ids)
-            for layer in range(len(self.k_buffers)):
-                if should_stop():
-                    return False
-                self._restore_layer(layer, jobs, slots, positions)
-                if self._stream is not None:
-                    self._stream.synchronize()  # release a layer only once its device writes landed
-                on_layer_done(layer)
+            try:
+                for layer in range(len(self.k_buffers)):
+                    if should_stop():
+                        return False
+                    self._wait_bytes(layer, jobs, queued)
+                    if on_layer_start is not None:
+                        on_layer_start(layer)
+                    self._restore_layer(layer, jobs, slots, positions)
+                    queued.put(layer)
+                queued.release_all()
+            finally:
+                queued.sync()  # nothing queued on the device may still write the slots after return
         return True
+
+    @staticmethod
+    def _wait_bytes(layer: int, jobs: list[RestoreJob], queued: "QueuedLayers") -> None:
+        """Block until every job's bytes of ``layer`` landed (raises ChunkCorrupt); layers queued
+        on the device are released first when the wait would block."""
+        for job in jobs:
+            if job.read is None or job.kinds[layer] is LayerKind.RECOMPUTE:
+                continue
+            future = job.read.layer(layer)
+            if not future.done():
+                queued.release_all()
+            future.result()
 
     def _restore_layer(self, layer: int, jobs: list[RestoreJob], slots: torch.Tensor,
                        positions: torch.Tensor) -> None:
@@ -96,9 +116,6 @@ class LayerRestorer:
                     raise RuntimeError(f"layer {layer} is planned for recomputation but no recompute path is set")
                 self.recompute(layer, members)
                 continue
-            for job in members:
-                if job.read is not None:
-                    job.read.layer(layer).result()  # waits for this layer's bytes; raises ChunkCorrupt
             rows = slots if len(kinds) == 1 else torch.cat([j.slots for j in members]).to(self.device)
             data = _cat([j.layers[layer] for j in members]).to(self.device, non_blocking=True)
             k_cache, v_cache = self.k_buffers[layer], self.v_buffers[layer]
@@ -111,6 +128,46 @@ class LayerRestorer:
                 copy_kv_into_cache(data, k_cache, v_cache, rows)
                 if self.capture is not None:
                     self.capture.invalidate(layer, rows)
+
+
+class QueuedLayers:
+    """Layers whose device work is queued but maybe not done. On a GPU, layer l is released (its
+    event synchronized, ``on_layer_done``) only after layer l+1's copy and projection are queued
+    behind it, so the device never idles between layers; on a CPU every layer is done at once."""
+
+    DEPTH = 1  # layers left queued ahead of the one being released
+
+    def __init__(self, on_layer_done: Callable[[int], None], stream: Any = None,
+                 make_event: Callable[[], Any] = lambda: torch.cuda.Event()) -> None:
+        self.on_layer_done, self.stream, self.make_event = on_layer_done, stream, make_event
+        self._queued: list[tuple[int, Any]] = []
+
+    def put(self, layer: int) -> None:
+        """Layer ``layer``'s device work is queued on the stream (on a CPU: done)."""
+        if self.stream is None:
+            self.on_layer_done(layer)
+            return
+        event = self.make_event()
+        event.record(self.stream)
+        self._queued.append((layer, event))
+        while len(self._queued) > self.DEPTH:
+            self._release_first()
+
+    def release_all(self) -> None:
+        while self._queued:
+            self._release_first()
+
+    def sync(self) -> None:
+        """Wait for the device work of every queued layer without releasing it (a stopped or
+        failed restore)."""
+        for _, event in self._queued:
+            event.synchronize()
+
+    def _release_first(self) -> None:
+        layer, event = self._queued[0]
+        event.synchronize()  # release a layer only once its device writes landed
+        del self._queued[0]
+        self.on_layer_done(layer)
 
 
 class ShiftedRead:

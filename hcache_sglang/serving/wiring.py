@@ -25,6 +25,7 @@ from hcache_sglang.serving.recompute import LeadingLayers
 from hcache_sglang.serving.restore_pipeline import RestorePipeline
 from hcache_sglang.serving.restorer import LayerRestorer
 from hcache_sglang.serving.spill import SpillPipeline
+from hcache_sglang.serving.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +128,10 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     restorer = LayerRestorer(projections, kvcache.k_buffer, kvcache.v_buffer, device, capture=capture,
                              recompute=recompute)
     stats = RestoreStats()
+    timeline = Timeline(config.timeline_dir, counter, config.timeline_every) if config.timeline_dir else None
     restore = RestorePipeline(store, namespace, restorer, counter, stats=stats, load_check=config.load_check,
                               page_size=page_size, num_layers=kvcache.layer_num, recomputed=r,
-                              dtype=kvcache.dtype, forward_stream=forward_stream)
+                              dtype=kvcache.dtype, forward_stream=forward_stream, timeline=timeline)
     spill = SpillPipeline(store, namespace, capture, kvcache, projections, plan.methods, page_size)
     _log_startup(plan, directory, config, capture, device, kvcache.size)
     metrics = start_metrics_exporter(store, stats) if server_args.enable_metrics else None
