@@ -103,15 +103,16 @@ def svg(record: dict, width: int = 900) -> str:
         out.append(f'<text x="4" y="{y + 11}">L{row["layer"]} {row["kind"]}</text>')
         if row["layer"] in io:
             a, b = io[row["layer"]]
-            out.append(f'<rect x="{sx(a):.1f}" y="{y}" width="{max(sx(b) - sx(a), 0.5):.1f}" height="6" fill="#4a7bd0"/>')
+            out.append(f'<rect x="{sx(a):.1f}" y="{y}" width="{max(sx(b) - sx(a), 0.5):.1f}" height="6" '
+                       'fill="#4a7bd0"/>')
         if row.get("compute_start") is not None and row.get("compute_end") is not None:
             a, b = row["compute_start"], row["compute_end"]
             out.append(f'<rect x="{sx(a):.1f}" y="{y + 7}" width="{max(sx(b) - sx(a), 0.5):.1f}" height="6" '
                        'fill="#3a9a4a"/>')
         for w in record.get("forward_waits", ()):
             if w["layer"] == row["layer"]:
-                out.append(f'<rect x="{sx(w["start"]):.1f}" y="{y}" width="{max(sx(w["end"]) - sx(w["start"]), 1):.1f}" '
-                           f'height="13" fill="none" stroke="#d03030"/>')
+                x, dx = sx(w["start"]), max(sx(w["end"]) - sx(w["start"]), 1)
+                out.append(f'<rect x="{x:.1f}" y="{y}" width="{dx:.1f}" height="13" fill="none" stroke="#d03030"/>')
     y = height - pad
     out += [f'<line x1="{label}" y1="{y}" x2="{width - pad}" y2="{y}" stroke="black"/>',
             f'<text x="{label}" y="{y + 12}">0</text>',

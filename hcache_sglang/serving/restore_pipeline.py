@@ -178,8 +178,8 @@ class RestorePipeline:
         lease = self.host_buffers.lease(carved_bytes(specs))
         try:
             *stored, positions, token_ids = carve(lease.buffer, specs)
-            trace = self.timeline and self.timeline.begin(rid, num_tokens, (LayerKind.RECOMPUTE,) * self.recomputed
-                                                          + tuple(hit.layer_kinds))
+            kinds = (LayerKind.RECOMPUTE,) * self.recomputed + tuple(hit.layer_kinds)
+            trace = self.timeline.begin(rid, num_tokens, kinds) if self.timeline is not None else None
             read = self.store.read(self.namespace, keys, stored, positions, token_ids)
             try:
                 queued = self._queued(slots, stored, hit.layer_kinds, read, positions, token_ids, context, lease)
