@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Any, Optional, Sequence
 
-from hcache_sglang.config import HCacheConfig, HierarchicalCache, LoadCheck, Objective, default_cache_root
+from hcache_sglang.config import Backend, HCacheConfig, HierarchicalCache, LoadCheck, Objective, default_cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[m.value for m in HierarchicalCache],
         default=HierarchicalCache.HCACHE.value,
         help="off: radix cache only; hicache: SGLang's KV offload; hcache: hidden-state restore",
+    )
+    group.add_argument(
+        "--hcache-backend", choices=[b.value for b in Backend], default=Backend.LOCAL.value,
+        help="local: this server's file pool; mooncake: Mooncake Store shared by many servers "
+             "(configured like SGLang's: MOONCAKE_* variables or SGLANG_HICACHE_MOONCAKE_CONFIG_PATH)",
     )
     group.add_argument("--hcache-dir", default=None, help="chunk pool + LMDB index directory")
     group.add_argument("--hcache-capacity", default=None, help="pool size, e.g. 64G (default: fits the free disk)")
@@ -82,6 +87,7 @@ def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
         o_direct=args.hcache_o_direct,
         refresh_profile=args.hcache_refresh_profile,
         plan_tokens=args.hcache_plan_tokens,
+        backend=args.hcache_backend,
     )
 
 

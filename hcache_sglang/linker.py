@@ -40,7 +40,7 @@ import torch
 from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
 from sglang.srt.mem_cache.unified_cache.unified_cache_linker import LayerWiseLoadCounter, UnifiedCacheLinker
 
-from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
+from hcache_sglang.backends import LayerKind, Namespace
 from hcache_sglang.backends.host_buffers import HostBuffers, carve, carved_bytes
 from hcache_sglang.capture import HiddenStateCapture, check_reprojection, kv_projections
 from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
@@ -49,6 +49,7 @@ from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
 from hcache_sglang.planner import LayerPlan, Method, model_dims
 from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress, ShiftedRead, layer_kinds
 from hcache_sglang.sglang_hooks import current_model_runner, current_plan
+from hcache_sglang.stores import backend_info, open_store, publish_backend_info
 
 logger = logging.getLogger(__name__)
 
@@ -104,15 +105,8 @@ class HCacheLinker(UnifiedCacheLinker):
             recomputed_layers=self.recomputed,
         )
         directory = self.config.directory if tp_size == 1 else f"{self.config.directory}/tp{tp_rank}"
-        self.store = ChunkStore(
-            StoreConfig(
-                directory=directory,
-                capacity_bytes=self.config.capacity_bytes,
-                staging_bytes=self.config.staging_bytes,
-                o_direct=self.config.o_direct,
-                read_bandwidth_limit=self.config.read_bandwidth_limit,
-            )
-        )
+        self.store = open_store(self.config, self.namespace, directory)
+        self.backend_info = backend_info(self.store)
         recompute = None
         if self.recomputed:
             from hcache_sglang.recompute import LeadingLayers
@@ -130,9 +124,9 @@ class HCacheLinker(UnifiedCacheLinker):
         self.restore_stats = RestoreStats()
         side_bytes = self.capture.nbytes()
         logger.info(
-            "hcache: restore plan %s [%s]; pool %s, capacity %s; side pool %s on %s for %d slots; "
+            "hcache: restore plan %s [%s]; store: %s; side pool %s on %s for %d slots; "
             "load check %s%s",
-            self.plan.describe(), self.plan, directory, format_size(self.config.capacity_bytes),
+            self.plan.describe(), self.plan, self.backend_info.detail,
             format_size(side_bytes), self.device, self.kvcache.size, self.config.load_check.value,
             f"; READS THROTTLED to {format_size(self.config.read_bandwidth_limit)}/s"
             if self.config.read_bandwidth_limit else "",
@@ -159,6 +153,8 @@ class HCacheLinker(UnifiedCacheLinker):
         self._metrics = (
             start_metrics_exporter(self.store, self.restore_stats) if server_args.enable_metrics else None
         )
+        if self._metrics is not None:
+            publish_backend_info(self.backend_info)
 
     # ---- lookup / load ---------------------------------------------------------------------
 

@@ -144,6 +144,7 @@ def _hcache_stats(self: Any, out_path: str) -> None:
     linker = _scheduler_linker(self)
     result = {
         "store": dataclasses.asdict(linker.store.stats()),
+        "backend": linker.backend_info._asdict(),
         "restore": dataclasses.asdict(linker.restore_stats.snapshot()),
         "plan": str(linker.plan),
         "reprojection_failure": linker.reprojection_failure,

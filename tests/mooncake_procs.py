@@ -97,6 +97,11 @@ class MooncakeMaster(_Proc):
                 return float(line.rsplit(" ", 1)[1])
         raise KeyError(name)
 
+    def keys(self) -> list[str]:
+        """Every key the master holds (its admin endpoint ``/get_all_keys``)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/get_all_keys"
+        return urllib.request.urlopen(url, timeout=5).read().decode().split()
+
     def config(self, segment_bytes: int = 0) -> dict:
         """SGLang's Mooncake config dict for a client of this master."""
         return {"master_server_address": self.address, "metadata_server": self.metadata,
