@@ -28,27 +28,30 @@ class Landing:
         self._client = client
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._all: list[torch.Tensor] = []
+        self._registered: dict[int, torch.Tensor] = {}  # data_ptr -> buffer
 
     def get(self, nbytes: int) -> torch.Tensor:
         buf = getattr(self._local, "buf", None)
         if buf is not None and len(buf) >= nbytes:
             return buf
-        new = aligned_buffer(max(align_up(nbytes), 1 << 20), populate=True)
-        self._client.register_buffer(new.data_ptr(), len(new))
+        # Grow to the next power of two: a thread re-registers O(log size) times at most.
+        new = aligned_buffer(max(1 << 20, 1 << (align_up(nbytes) - 1).bit_length()), populate=True)
+        rc = self._client.register_buffer(new.data_ptr(), len(new))
+        if rc != 0:
+            raise RuntimeError(f"Mooncake register_buffer of {len(new)} bytes failed (code {rc})")
         with self._lock:
             if buf is not None:
                 self._client.unregister_buffer(buf.data_ptr())
-                self._all.remove(buf)
-            self._all.append(new)
+                del self._registered[buf.data_ptr()]
+            self._registered[new.data_ptr()] = new
         self._local.buf = new
         return new
 
     def close(self) -> None:
         with self._lock:
-            for buf in self._all:
-                self._client.unregister_buffer(buf.data_ptr())
-            self._all.clear()
+            for ptr in self._registered:
+                self._client.unregister_buffer(ptr)
+            self._registered.clear()
 
 
 class MooncakeRead:

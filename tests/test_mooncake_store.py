@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from mooncake_procs import MooncakeMaster, MooncakeStoreProcess
+from hcache_sglang.backends.mooncake_procs import MooncakeMaster, MooncakeStoreProcess
 from test_store import KINDS, NS, chain, payload, read_back
 
 from hcache_sglang.backends import ChunkCorrupt, ChunkStore
@@ -76,6 +76,17 @@ def test_round_trip_layer_futures_and_partial_read(master):
         store.flush()
         stats = store.stats()
         assert stats.chunks_written == 3 and stats.bytes_read > 0 and stats.hit_pages >= 80
+
+
+def test_reads_larger_than_a_landing_buffer(master):
+    wide = replace(NS, hidden_size=2048, dtype="float32")  # 512 KiB per hidden layer object
+    keys, data = chain(64, "wide"), payload(wide, 64)  # 4 chunks: 2 MiB per layer task
+    with open_store(master, staging_bytes=16 << 20) as store:
+        assert store.save(wide, keys, **data)
+        store.flush()
+        assert store.lookup(wide, keys).num_pages == 64
+        for _ in range(2):
+            assert_read_equals(store, wide, keys, data)
 
 
 def test_each_layer_is_its_own_object(master):
@@ -268,3 +279,24 @@ def _slice(data, p0, n):
 
 def _chunk_ids(store, ns, keys):
     return [m.chunk_id for m in store._manifests(ns, keys)]
+
+
+def test_backend_flag_and_engine_keyword_reach_the_linker_config(tmp_path):
+    import json
+
+    from hcache_sglang.config import Backend, HCacheConfig
+    from hcache_sglang.engine import resolve_engine_kwargs
+    from hcache_sglang.launch import build_server_argv
+
+    argv, _, cfg = build_server_argv(["--model-path", "/m", "--hcache-backend", "mooncake",
+                                      "--hcache-dir", str(tmp_path), "--hcache-capacity", "1G"])
+    linker = json.loads(argv[argv.index("--unified-cache-external-linker-config") + 1])
+    assert HCacheConfig.from_dict(linker["linker_extra_config"]) == cfg and cfg.backend is Backend.MOONCAKE
+    assert build_server_argv(["--model-path", "/m", "--hcache-dir", str(tmp_path),
+                              "--hcache-capacity", "1G"])[2].backend is Backend.LOCAL  # the default
+    overrides = {"master_server_address": "10.0.0.1:50051", "protocol": "rdma"}
+    _, _, cfg = resolve_engine_kwargs(dict(model_path="/m", hcache_dir=str(tmp_path), hcache_capacity="1G",
+                                           hcache_backend="mooncake", hcache_mooncake=overrides))
+    assert cfg.backend is Backend.MOONCAKE and cfg.mooncake == overrides
+    with pytest.raises(ValueError, match="'s3' is not one of local, mooncake"):
+        HCacheConfig.create(str(tmp_path), "1G", backend="s3")

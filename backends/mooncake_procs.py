@@ -1,4 +1,4 @@
-"""Real Mooncake processes for tests: ``mooncake_master`` and standalone ``mooncake_client`` stores.
+"""Local Mooncake processes for tests and benchmarks: ``mooncake_master`` and ``mooncake_client`` stores.
 
 Everything listens on 127.0.0.1 ports picked free at start (``MC_TCP_BIND_ADDRESS=127.0.0.1`` keeps
 the transfer engine off the LAN too); ``stop`` ends the process group, so nothing outlives a test.
