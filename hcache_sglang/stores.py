@@ -52,10 +52,15 @@ def backend_info(store: ChunkBackend) -> BackendInfo:
     return BackendInfo(Backend.MOONCAKE.value, target.master, store.describe())
 
 
+_info_gauge = None  # one per process: prometheus refuses a second gauge of the same name
+
+
 def publish_backend_info(info: BackendInfo) -> None:
     """``hcache_store_backend_info{backend=..., location=...} 1`` on SGLang's ``/metrics``."""
-    from prometheus_client import Gauge
+    global _info_gauge
+    if _info_gauge is None:
+        from prometheus_client import Gauge
 
-    gauge = Gauge("hcache_store_backend_info", "hcache-sglang chunk store backend",
-                  labelnames=("backend", "location"), multiprocess_mode="mostrecent")
-    gauge.labels(backend=info.backend, location=info.location).set(1)
+        _info_gauge = Gauge("hcache_store_backend_info", "hcache-sglang chunk store backend",
+                            labelnames=("backend", "location"), multiprocess_mode="mostrecent")
+    _info_gauge.labels(backend=info.backend, location=info.location).set(1)

@@ -24,9 +24,10 @@ MOONCAKE_DEBS=(libibverbs1:libibverbs.so.1 librdmacm1:librdmacm.so.1 libnuma1:li
                liburing2:liburing.so.2 libcurl4:libcurl.so.4)
 
 ensure_mooncake_libs() {
-  local missing=() entry
+  local missing=() entry libs
+  libs="$(ldconfig -p 2>/dev/null || true)"  # not piped into grep -q: pipefail + SIGPIPE reads as missing
   for entry in "${MOONCAKE_DEBS[@]}"; do
-    ldconfig -p 2>/dev/null | grep -qF "${entry#*:} " || missing+=("${entry%%:*}")
+    grep -qF "${entry#*:} " <<<"$libs" || missing+=("${entry%%:*}")
   done
   [[ ${#missing[@]} -eq 0 ]] && return 0
   if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
