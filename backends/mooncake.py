@@ -1,7 +1,7 @@
 """MooncakeChunkStore: layer-major chunks on Mooncake Store, shared by every server on one master.
 
 Same contract as the local :class:`ChunkStore` (``base.ChunkBackend``); objects and the commit protocol
-are in ``mooncake_objects``, configuration and the startup checks in ``mooncake_connect``.
+are in ``mooncake_objects``, the connection and its startup checks in ``mooncake_connect``.
 
 Call order: ``lookup`` (fetch the pages' manifests, check their chunks' objects exist) -> ``read`` (one
 task per layer, FIFO: layer l's objects of every chunk in one ``batch_get_into``, digests checked, rows
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import LayerKind, Namespace, chunk_layout, digest, split_chunks
-from .mooncake_connect import connect, load_target
+from .mooncake_connect import MooncakeTarget, connect
 from .mooncake_objects import Manifest, decode_manifest, manifest_bytes, manifest_key, object_key
 from .mooncake_read import Landing, MooncakeRead
 from .reader import ReadHandle, check_out_buffers, plan_pieces
@@ -39,10 +39,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MooncakeStoreConfig:
-    """``mooncake``: SGLang's Mooncake settings as a dict (``master_server_address``, ``protocol``,
-    ...); None reads ``SGLANG_HICACHE_MOONCAKE_CONFIG_PATH`` or the ``MOONCAKE_*`` variables."""
+    """``target``: the master, metadata server, protocol and segment to use (see ``mooncake_connect``)."""
 
-    mooncake: dict | None = None
+    target: MooncakeTarget
     probe_bytes: int = 1 << 20  # the largest object this store will write (checked at startup)
     staging_bytes: int = 256 << 20
     writer_threads: int = 2
@@ -74,7 +73,7 @@ class MooncakeChunkStore:
 
     def __init__(self, config: MooncakeStoreConfig):
         self.config = config
-        self.target = load_target(config.mooncake)
+        self.target = config.target
         self.client = connect(self.target, config.probe_bytes)
         self._stats = StatsRecorder()
         self._landing = Landing(self.client)

@@ -1,11 +1,7 @@
-"""Connecting to Mooncake Store the way SGLang's own Mooncake backend does, or failing at startup.
+"""Connecting to Mooncake Store, or failing at startup with one clear message.
 
-Configuration is SGLang's :class:`MooncakeStoreConfig` (``mooncake_store.py``), read in SGLang's order:
-a dict with ``master_server_address`` (the linker's extra config), else the JSON file named by
-``SGLANG_HICACHE_MOONCAKE_CONFIG_PATH``, else the ``MOONCAKE_*`` variables (``MOONCAKE_MASTER``,
-``MOONCAKE_PROTOCOL``, ``MOONCAKE_TE_META_DATA_SERVER``, ``MOONCAKE_GLOBAL_SEGMENT_SIZE``,
-``MOONCAKE_LOCAL_HOSTNAME``, ``MOONCAKE_DEVICE``), so a HiCache+Mooncake deployment changes one flag.
-
+A :class:`MooncakeTarget` says what to connect to and mount (the serving side builds it from SGLang's
+own Mooncake configuration: ``hcache_sglang.stores.mooncake_target``; the store imports no engine).
 ``connect`` checks what ``setup`` would otherwise retry for minutes or accept silently (master and
 metadata server reachable; a segment that can hold one object), sets the client up, and proves it with
 a probe object written, read back and removed. Any failure is one :class:`MooncakeConfigError` naming
@@ -50,32 +46,6 @@ class MooncakeTarget:
                  else "mounts nothing (memory held by store processes)")
         return (f"master {self.master}, metadata {self.metadata_server}, protocol {self.protocol}, "
                 f"local {self.local_hostname}, {mount}")
-
-
-def load_target(overrides: dict | None = None) -> MooncakeTarget:
-    """SGLang's Mooncake configuration (see the module docstring), as a :class:`MooncakeTarget`."""
-    from sglang.srt.mem_cache.storage.mooncake_store.mooncake_store import MooncakeStoreConfig
-    from sglang.srt.environ import envs
-
-    try:
-        if overrides and overrides.get("master_server_address"):
-            cfg = MooncakeStoreConfig.load_from_extra_config(overrides)
-        elif envs.SGLANG_HICACHE_MOONCAKE_CONFIG_PATH.is_set():
-            cfg = MooncakeStoreConfig.from_file()
-        else:
-            cfg = MooncakeStoreConfig.load_from_env()
-    except (ValueError, RuntimeError) as exc:
-        raise MooncakeConfigError(
-            f"hcache backend mooncake: no usable Mooncake configuration ({exc}); set MOONCAKE_MASTER="
-            "host:port (and MOONCAKE_TE_META_DATA_SERVER, MOONCAKE_PROTOCOL, "
-            "MOONCAKE_GLOBAL_SEGMENT_SIZE) or SGLANG_HICACHE_MOONCAKE_CONFIG_PATH=config.json") from exc
-    if cfg.standalone_storage or (cfg.client_server_address and not cfg.master_server_address):
-        raise MooncakeConfigError(
-            "hcache backend mooncake: standalone_storage / MOONCAKE_CLIENT (a dummy client over a local "
-            "mooncake_client's shared memory) is not supported; set MOONCAKE_MASTER and "
-            "MOONCAKE_GLOBAL_SEGMENT_SIZE=0 beside mooncake_client store processes instead")
-    return MooncakeTarget(cfg.master_server_address, cfg.metadata_server, cfg.protocol,
-                          cfg.device_name or "", cfg.local_hostname, int(cfg.global_segment_size))
 
 
 def connect(target: MooncakeTarget, probe_bytes: int):

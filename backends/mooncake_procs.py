@@ -24,9 +24,10 @@ def _binary(name: str) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Outside the ephemeral range: a port the OS hands out could be taken again before we bind it.
+    from hcache_sglang.launch import pick_server_port
+
+    return pick_server_port()
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:

@@ -28,6 +28,7 @@ import torch
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.backends.mooncake import MooncakeChunkStore, MooncakeStoreConfig
 from hcache_sglang.backends.mooncake_procs import MooncakeMaster, MooncakeStoreProcess
+from hcache_sglang.stores import mooncake_target
 
 
 def layout(master: MooncakeMaster, segment: int, tokens: int, layers: int, row_bytes: int,
@@ -95,7 +96,7 @@ def backends(master: MooncakeMaster, ns: Namespace, tokens: int, repeats: int, w
         "local_pool_warm": ChunkStore(StoreConfig(os.path.join(workdir, "pool"), capacity_bytes=1 << 30,
                                                   staging_bytes=128 << 20, max_save_block_s=30.0)),
         "mooncake_store_process": MooncakeChunkStore(MooncakeStoreConfig(
-            master.config(0), staging_bytes=128 << 20, max_save_block_s=30.0)),
+            mooncake_target(master.config(0)), staging_bytes=128 << 20, max_save_block_s=30.0)),
     }
     result = {}
     for name, store in stores.items():

@@ -49,7 +49,7 @@ from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
 from hcache_sglang.planner import LayerPlan, Method, model_dims
 from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress, ShiftedRead, layer_kinds
 from hcache_sglang.sglang_hooks import current_model_runner, current_plan
-from hcache_sglang.stores import backend_info, open_store, publish_backend_info
+from hcache_sglang.stores import open_store, publish_backend_info
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ class HCacheLinker(UnifiedCacheLinker):
             recomputed_layers=self.recomputed,
         )
         directory = self.config.directory if tp_size == 1 else f"{self.config.directory}/tp{tp_rank}"
-        self.store = open_store(self.config, self.namespace, directory)
-        self.backend_info = backend_info(self.store)
+        self.store, self.backend_info = open_store(self.config, self.namespace, directory)
         recompute = None
         if self.recomputed:
             from hcache_sglang.recompute import LeadingLayers

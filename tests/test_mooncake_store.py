@@ -21,6 +21,7 @@ from hcache_sglang.backends.base import ChunkBackend
 from hcache_sglang.backends.mooncake import MooncakeChunkStore, MooncakeStoreConfig
 from hcache_sglang.backends.mooncake_connect import MooncakeConfigError
 from hcache_sglang.backends.mooncake_objects import manifest_key, object_key
+from hcache_sglang.stores import mooncake_target
 
 SEGMENT = 64 << 20
 
@@ -41,7 +42,8 @@ def store_process(master, tmp_path):
 
 def open_store(master, segment=SEGMENT, **kw) -> MooncakeChunkStore:
     kw.setdefault("staging_bytes", 4 << 20)
-    return MooncakeChunkStore(MooncakeStoreConfig(master.config(segment), probe_bytes=64 << 10, **kw))
+    return MooncakeChunkStore(MooncakeStoreConfig(mooncake_target(master.config(segment)),
+                                                  probe_bytes=64 << 10, **kw))
 
 
 def assert_read_equals(store, ns, keys, data, first_page=0):
@@ -226,9 +228,10 @@ def test_a_writer_killed_before_its_manifests_leaves_nothing_readable(master, st
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
         from test_store import NS, payload
         from hcache_sglang.backends.mooncake import MooncakeChunkStore, MooncakeStoreConfig
+        from hcache_sglang.stores import mooncake_target
         MooncakeChunkStore._put_small = lambda self, items: os._exit(17)
-        store = MooncakeChunkStore(MooncakeStoreConfig({master.config(0)!r}, probe_bytes=65536,
-                                                       staging_bytes=4 << 20))
+        store = MooncakeChunkStore(MooncakeStoreConfig(mooncake_target({master.config(0)!r}),
+                                                       probe_bytes=65536, staging_bytes=4 << 20))
         store.save(NS, {keys!r}, **payload(NS, 32))
         store.flush()
     """)
@@ -256,7 +259,7 @@ def test_bad_config_stops_startup_with_one_clear_message(master, case):
         cfg["global_segment_size"], match = 32 << 10, "smaller than one chunk object"
     t0 = time.monotonic()
     with pytest.raises(MooncakeConfigError, match=match) as err:
-        MooncakeChunkStore(MooncakeStoreConfig(cfg, probe_bytes=64 << 10))
+        MooncakeChunkStore(MooncakeStoreConfig(mooncake_target(cfg), probe_bytes=64 << 10))
     assert time.monotonic() - t0 < 30
     assert master.address in str(err.value) or case == "unreachable"
 
@@ -264,11 +267,12 @@ def test_bad_config_stops_startup_with_one_clear_message(master, case):
 def test_config_from_mooncake_environment(master, monkeypatch):
     for key, value in master.env(SEGMENT).items():
         monkeypatch.setenv(key, value)
-    with MooncakeChunkStore(MooncakeStoreConfig(None, probe_bytes=64 << 10, staging_bytes=4 << 20)) as s:
+    with MooncakeChunkStore(MooncakeStoreConfig(mooncake_target(None), probe_bytes=64 << 10,
+                                                staging_bytes=4 << 20)) as s:
         assert s.target.master == master.address and s.target.segment_bytes == SEGMENT
     monkeypatch.delenv("MOONCAKE_MASTER")
     with pytest.raises(MooncakeConfigError, match="MOONCAKE_MASTER"):
-        MooncakeChunkStore(MooncakeStoreConfig(None))
+        mooncake_target(None)
 
 
 def _slice(data, p0, n):
