@@ -1,15 +1,35 @@
 """Chunk store: layer-major hidden-state chunks in a file pool indexed by LMDB.
 
 Modules in data-flow order: ``layout`` (namespace, chunk byte layout) -> ``staging`` (save stage one)
--> ``store`` (writers, eviction, facade) -> ``pool`` (file + allocator) -> ``index`` (LMDB) -> ``lru``
-(chain-aware eviction order) -> ``reader`` (per-layer futures) -> ``stats``.
+-> ``store`` (writers, eviction, facade) -> ``pool`` (file grown in extents + allocator) -> ``index``
+(LMDB) -> ``recovery`` (open: damaged state set aside) -> ``lru`` (chain-aware eviction order) ->
+``reader`` (per-layer futures) -> ``stats``; ``host_buffers`` (reused landing buffers of restore
+reads) and ``throttle`` (read bandwidth caps) beside them. ``base`` is the contract both stores meet;
+``mooncake`` (+ ``mooncake_objects``, ``mooncake_read``, ``mooncake_connect``) the shared store on
+Mooncake Store, ``mooncake_procs`` the local Mooncake processes tests and benchmarks start.
+
+This package is the face the rest of hcache_sglang, bench/ and tests/ import: the names below.
 """
 
-from .layout import LayerKind, Namespace
-from .pool import StoreLocked
+from .base import ChunkBackend
+from .host_buffers import HostBuffers, carve, carved_bytes
+from .index import ChunkIndex, ChunkRecord
+from .layout import ALIGN, LayerKind, Namespace, chunk_layout
+from .mooncake import MooncakeChunkStore, MooncakeStoreConfig, largest_object_bytes
+from .mooncake_connect import MooncakeConfigError, MooncakeTarget
+from .mooncake_objects import manifest_key, object_key
+from .mooncake_procs import MooncakeMaster, MooncakeStoreProcess
+from .pool import ExtentAllocator, StoreLocked, aligned_buffer, byte_view
 from .reader import ChunkCorrupt, ReadHandle
+from .recovery import KEEP_DAMAGED
 from .stats import StoreStats
-from .store import ChunkStore, Hit, StoreConfig
+from .store import ChunkStore, Hit, OpenReport, StoreConfig
+from .throttle import BandwidthThrottle
 
-__all__ = ["ChunkCorrupt", "ChunkStore", "Hit", "LayerKind", "Namespace", "ReadHandle",
-           "StoreConfig", "StoreLocked", "StoreStats"]
+__all__ = ["ALIGN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
+           "ExtentAllocator", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind", "MooncakeChunkStore",
+           "MooncakeConfigError", "MooncakeMaster", "MooncakeStoreConfig", "MooncakeStoreProcess",
+           "MooncakeTarget", "Namespace",
+           "OpenReport", "ReadHandle", "StoreConfig", "StoreLocked", "StoreStats", "aligned_buffer",
+           "byte_view", "carve", "carved_bytes", "chunk_layout", "largest_object_bytes", "manifest_key",
+           "object_key"]

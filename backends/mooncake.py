@@ -98,7 +98,7 @@ class MooncakeChunkStore:
         return f"Mooncake Store ({self.target.describe()})"
 
     # ---- lookup / read ----------------------------------------------------------------------
-    def _manifests(self, ns: Namespace, keys: Sequence[str]) -> list[Manifest]:
+    def manifests(self, ns: Namespace, keys: Sequence[str]) -> list[Manifest]:
         """The leading run of ``keys`` with an intact manifest of ``ns``."""
         if not keys:
             return []
@@ -128,7 +128,7 @@ class MooncakeChunkStore:
         return next((i for i, m in enumerate(mans) if m.chunk_id not in whole), len(mans))
 
     def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
-        mans = self._manifests(ns, keys)
+        mans = self.manifests(ns, keys)
         kinds = mans[0].kinds if mans else ()
         n = next((i for i, m in enumerate(mans) if m.kinds != kinds), len(mans))
         n = self._present(ns, mans[:n])
@@ -138,7 +138,7 @@ class MooncakeChunkStore:
     def read(self, ns: Namespace, keys: Sequence[str], out: Sequence[torch.Tensor],
              positions_out: torch.Tensor, token_ids_out: torch.Tensor | None = None) -> ReadHandle:
         n = len(keys) * ns.page_size
-        mans = self._manifests(ns, keys)
+        mans = self.manifests(ns, keys)
         if len(mans) < len(keys):
             self._stats.add(miss_pages=len(keys) - len(mans))
             return ReadHandle.failed(ns.num_layers, KeyError(f"page {keys[len(mans)]!r} not stored"))

@@ -7,6 +7,7 @@ the transfer engine off the LAN too); ``stop`` ends the process group, so nothin
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,11 +24,18 @@ def _binary(name: str) -> str:
     return str(Path(mooncake.__file__).parent / name)
 
 
-def free_port() -> int:
-    # Outside the ephemeral range: a port the OS hands out could be taken again before we bind it.
-    from hcache_sglang.launch import pick_server_port
-
-    return pick_server_port()
+def free_port(low: int = 20000, high: int = 30000) -> int:
+    """A free port outside the ephemeral range (one the OS handed out could be taken again before the
+    process binds it)."""
+    for _ in range(200):
+        port = random.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def _wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:

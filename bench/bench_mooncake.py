@@ -25,10 +25,9 @@ from pathlib import Path
 
 import torch
 
-from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
-from hcache_sglang.backends.mooncake import MooncakeChunkStore, MooncakeStoreConfig
-from hcache_sglang.backends.mooncake_procs import MooncakeMaster, MooncakeStoreProcess
-from hcache_sglang.stores import mooncake_target
+from hcache_sglang.backends import (ChunkStore, LayerKind, MooncakeChunkStore, MooncakeMaster,
+                                    MooncakeStoreConfig, MooncakeStoreProcess, Namespace, StoreConfig)
+from hcache_sglang.serving.mooncake_config import mooncake_target
 
 
 def layout(master: MooncakeMaster, segment: int, tokens: int, layers: int, row_bytes: int,

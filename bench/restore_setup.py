@@ -2,7 +2,8 @@
 
 ``PRESETS`` (MHA + GQA pairs) -> ``RandomModel`` (per-layer ``KVProjection`` for restores, one shared
 set of full-layer weights for recomputes) -> ``Context`` (a context's tokens, its stored payloads,
-SGLang's ``MHATokenToKVPool`` and the ``LayerRestorer`` writing into it).
+a KV pool -- SGLang's ``MHATokenToKVPool``, or ``PagedKVPool`` where SGLang is not installed -- and the
+``LayerRestorer`` writing into it).
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hcache_sglang.backends import LayerKind
-from hcache_sglang.backends.pool import aligned_buffer
-from hcache_sglang.kernels import KVProjection
+from hcache_sglang.backends import LayerKind, aligned_buffer
+from hcache_sglang.kernels import KVProjection, causal_attention
 from hcache_sglang.kernels.reference import apply_rope, compute_kv, rms_norm
 from hcache_sglang.planner import Geometry
-from hcache_sglang.recompute import causal_attention
-from hcache_sglang.restore import LayerRestorer, RestoreJob
+from hcache_sglang.serving.restorer import LayerRestorer, RestoreJob
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,26 @@ def _pair(name, layers, hidden, heads, gqa_heads, head_dim, inter, gqa_name=None
 
 
 PRESETS = {
-    "bench": _pair("bench-llama", 12, 1024, 16, 4, 64, 2816),  # hcache_sglang.models bench-llama(-gqa)
+    "bench": _pair("bench-llama", 12, 1024, 16, 4, 64, 2816),  # hcache_sglang.toy_models bench-llama(-gqa)
     "small": _pair("small", 6, 512, 8, 2, 64, 1408),
     "llama": (BenchGeometry("llama2-7b", 32, 4096, 32, 32, 128, 11008),
               BenchGeometry("llama3-8b", 32, 4096, 32, 8, 128, 14336)),
 }
 PAGE_SIZE = 16
+
+
+class PagedKVPool:
+    """The K/V tensors of SGLang's ``MHATokenToKVPool`` without SGLang (bench/gpu_check.py on a host
+    without it): per layer ``k_buffer[l], v_buffer[l]: [size + page_size, head_num, head_dim]``, zeroed,
+    slot 0's page being the padding page. Same constructor keywords; tests/test_gpu_check.py checks the
+    layout against SGLang's."""
+
+    def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
+                 layer_num: int, device: str, **_sglang_only):
+        shape = (size + page_size, head_num, head_dim)
+        self.size, self.page_size, self.dtype = size, page_size, dtype
+        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
+        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
 
 
 class RandomModel:

@@ -77,14 +77,17 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     "${PIP[@]}" --no-deps sglang==0.5.23
   else
     "${PIP[@]}" sglang==0.5.23
-    "${PIP[@]}" lmdb pytest hypothesis msgpack
+    "${PIP[@]}" lmdb pytest hypothesis msgpack "import-linter==2.16"
   fi
   # Its dependencies (aiohttp, requests, msgpack) are pinned in the lock / come with sglang.
   "${PIP[@]}" --no-deps "$MOONCAKE_WHEEL"
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
   # The CPU platform's stand-ins must reach every Python process SGLang spawns: a .pth file in
   # site-packages runs hcache_sglang._boot at interpreter start (a no-op on hosts with a GPU).
-  "$VENV/bin/python" -m hcache_sglang.platform install-hook
+  "$VENV/bin/python" -m hcache_sglang.cpu_platform install-hook
+  # SGLang JIT-builds its C++ page hash on first use: build it now, not on a server's first request
+  # (without a compiler, servers use the same hash in Python: hcache_sglang.page_hash).
+  "$VENV/bin/python" -m hcache_sglang.page_hash
 } 2>&1 | grep -v -E "^WARNING: Location .* is ignored" >&2 || true
 "$VENV/bin/python" -c "import torch, sglang, lmdb, hcache_sglang; from mooncake.store import MooncakeDistributedStore" \
   || { echo "hcache-sglang: environment setup failed (see messages above)" >&2; exit 1; }

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from e2e_helpers import ANSWER_TOKENS, SYSTEM, sampling, tokens, user_turn
-from hcache_sglang.backends.mooncake_procs import MooncakeMaster, MooncakeStoreProcess
+from hcache_sglang.backends import MooncakeMaster, MooncakeStoreProcess
 
 pytestmark = pytest.mark.engine
 

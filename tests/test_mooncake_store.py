@@ -13,15 +13,12 @@ import time
 import pytest
 import torch
 
-from hcache_sglang.backends.mooncake_procs import MooncakeMaster, MooncakeStoreProcess
 from test_store import KINDS, NS, chain, payload, read_back
 
-from hcache_sglang.backends import ChunkCorrupt, ChunkStore
-from hcache_sglang.backends.base import ChunkBackend
-from hcache_sglang.backends.mooncake import MooncakeChunkStore, MooncakeStoreConfig
-from hcache_sglang.backends.mooncake_connect import MooncakeConfigError
-from hcache_sglang.backends.mooncake_objects import manifest_key, object_key
-from hcache_sglang.stores import mooncake_target
+from hcache_sglang.backends import (ChunkBackend, ChunkCorrupt, ChunkStore, MooncakeChunkStore,
+                                    MooncakeConfigError, MooncakeMaster, MooncakeStoreConfig,
+                                    MooncakeStoreProcess, manifest_key, object_key)
+from hcache_sglang.serving.mooncake_config import mooncake_target
 
 SEGMENT = 64 << 20
 
@@ -228,7 +225,7 @@ def test_a_writer_killed_before_its_manifests_leaves_nothing_readable(master, st
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
         from test_store import NS, payload
         from hcache_sglang.backends.mooncake import MooncakeChunkStore, MooncakeStoreConfig
-        from hcache_sglang.stores import mooncake_target
+        from hcache_sglang.serving.mooncake_config import mooncake_target
         MooncakeChunkStore._put_small = lambda self, items: os._exit(17)
         store = MooncakeChunkStore(MooncakeStoreConfig(mooncake_target({master.config(0)!r}),
                                                        probe_bytes=65536, staging_bytes=4 << 20))
@@ -282,7 +279,7 @@ def _slice(data, p0, n):
 
 
 def _chunk_ids(store, ns, keys):
-    return [m.chunk_id for m in store._manifests(ns, keys)]
+    return [m.chunk_id for m in store.manifests(ns, keys)]
 
 
 def test_backend_flag_and_engine_keyword_reach_the_linker_config(tmp_path):
