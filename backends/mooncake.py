@@ -59,7 +59,7 @@ class MooncakeStoreConfig:
 def largest_object_bytes(ns: Namespace, chunk_tokens: int) -> int:
     """The biggest object a chunk of ``ns`` can need (a full chunk's widest layer)."""
     tokens = max(ns.page_size, chunk_tokens // ns.page_size * ns.page_size)
-    return tokens * max(ns.row_bytes(k) for k in LayerKind)
+    return tokens * max(ns.row_bytes(k) for k in (LayerKind.HIDDEN, LayerKind.KV))
 
 
 @dataclass
