@@ -44,6 +44,7 @@ from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.backends.host_buffers import HostBuffers, carve, carved_bytes
 from hcache_sglang.capture import HiddenStateCapture, check_reprojection, kv_projections
 from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
+from hcache_sglang.debug_stages import Stage, disabled_stages, skip_writer_io
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
 from hcache_sglang.planner import LayerPlan, Method, model_dims
@@ -90,7 +91,9 @@ class HCacheLinker(UnifiedCacheLinker):
             device=self.device,
             layers=self.plan.hidden_layers,
         )
-        self.capture.attach()
+        self.debug_off = disabled_stages()  # empty unless HCACHE_DEBUG_DISABLE is set (measurements)
+        if Stage.CAPTURE not in self.debug_off:
+            self.capture.attach()
 
         tp_rank, tp_size = getattr(runner, "tp_rank", 0), getattr(runner, "tp_size", 1)
         self.namespace = Namespace(
@@ -113,6 +116,8 @@ class HCacheLinker(UnifiedCacheLinker):
                 read_bandwidth_limit=self.config.read_bandwidth_limit,
             )
         )
+        if Stage.WRITER_IO in self.debug_off:
+            skip_writer_io(self.store)
         recompute = None
         if self.recomputed:
             from hcache_sglang.recompute import LeadingLayers
@@ -168,6 +173,8 @@ class HCacheLinker(UnifiedCacheLinker):
             return []
         hit = self.store.lookup(self.namespace, kv.keys)
         self.restore_stats.record_lookup(len(kv.keys), hit.num_pages)
+        if self.debug_off:  # a debug measurement run stored nothing restorable (debug_stages.py)
+            return []
         return list(range(1, hit.num_pages + 1))
 
     def load(self, rid: str, transfers: list[PoolTransfer]) -> bool:
@@ -331,6 +338,9 @@ class HCacheLinker(UnifiedCacheLinker):
         kv = _kv_transfer(transfers)
         if kv is None or kv.device_indices is None or not kv.keys:
             return False
+        if Stage.SPILL in self.debug_off:
+            self._spill_done.put(True)
+            return True
         events = self.record_offload_ready()
         self._spill_queue.put((list(kv.keys), kv.device_indices, events))
         return True
@@ -359,6 +369,8 @@ class HCacheLinker(UnifiedCacheLinker):
                 slots[: self.page_size])
         if self.reprojection_failure:
             return False
+        if Stage.STAGING in self.debug_off:
+            return True
         stored = [(l, kind) for l, kind in enumerate(self.kinds) if kind is not None]
         layers = [
             self.capture.hidden[l] if kind is LayerKind.HIDDEN else (self.kvcache.k_buffer[l], self.kvcache.v_buffer[l])
