@@ -192,7 +192,8 @@ def run_geometry(name: str, plan: dict, workdir: Path) -> dict:
 
     path = models.resolve_model(name)
     info = models.check_model_path(path)
-    vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+    hf_config = json.loads((Path(path) / "config.json").read_text())
+    vocab, inter = hf_config["vocab_size"], hf_config["intermediate_size"]
     systems, rounds, plans = list(plan["systems"]), [], {}
     dtype, layers = plan["dtype"], info.num_layers
     with contextlib.ExitStack() as stack:
@@ -201,8 +202,7 @@ def run_geometry(name: str, plan: dict, workdir: Path) -> dict:
         for r in range(plan["rounds"]):
             work = round_workloads(plan, vocab, plan["seed"] * 1000 + r)
             order = systems[r % len(systems):] + systems[: r % len(systems)]
-            entry = {"host": {"gemm_gflops": gemm_gflops(hidden=info.hidden_size,
-                                                         intermediate=info.intermediate_size)},
+            entry = {"host": {"gemm_gflops": gemm_gflops(hidden=info.hidden_size, intermediate=inter)},
                      "order": order, "systems": {}}
             for s in order:
                 with contextlib.ExitStack() as fresh:
