@@ -56,7 +56,7 @@ SYSTEMS = ("off", "hcache-hidden", "hcache-hybrid", "hcache-kv", "hicache")
 SPLIT_CHAIN = (("writer_io", "split-no-io"), ("staging", "split-no-staging"),
                ("spill", "split-no-spill"), ("capture", "split-no-capture"))
 _MEASURE = dict(ttft_tokens=(512, 2048, 4032), decode_prompt=64, decode_tokens=32, decode_batches=(1, 8),
-                stream_tokens=512, stream_requests=12, stream_parallel=4, max_total_tokens=4608)
+                stream_tokens=512, stream_requests=8, stream_parallel=4, max_total_tokens=4608)
 PRESETS = {
     # CI smoke: tiny model, three systems, two rounds, short prompts.
     "quick": dict(models=("tiny-llama-mha",), systems=("off", "hcache-hidden", "hicache"), rounds=2,
