@@ -5,6 +5,7 @@ Part ``stages`` (per 1K tokens and layer, medians of ``--repeats``, the bench ge
 
     layer GEMMs   QKV, O and gated-MLP GEMMs of one decoder layer (attention left out: a lower bound)
     capture       the forward pre-hook's ``index_copy_`` of the layer input into the side pool
+                  (``capture_by_runs``: hcache_sglang.row_copy's memcpys of runs of slots instead)
     staging       ``ChunkStore.save(rows=...)``: the gather of the pages' rows into host staging
                   (also with ``torch.set_num_threads(1)``, alternated: ``staging_1_thread``)
     writer        from ``save`` returning to ``flush`` returning: digests, pwrite, fdatasync, index commit
@@ -115,13 +116,20 @@ def _median_ms(fn, repeats: int) -> float:
 def stage_costs(args, dtype, workdir: Path) -> dict:
     """ms per 1K tokens and layer of each saving stage, and each as a fraction of the layer's GEMMs."""
     from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
+    from hcache_sglang.row_copy import scatter_rows, slot_runs
 
     n, hidden, layers = args.tokens, args.hidden, args.layers
     per_1k = 1024 / n
     gemms = _median_ms(_forward_fn(n, hidden, args.intermediate, 1, dtype), args.repeats)
     side = [torch.zeros(4 * n + 16, hidden, dtype=dtype) for _ in range(layers)]
-    x, loc = torch.randn(n, hidden).to(dtype), torch.arange(16, 16 + n, dtype=torch.int64)
+    # a prefill's slots after some churn: whole pages, in a shuffled order
+    pages = torch.randperm(side[0].shape[0] // 16, generator=torch.Generator().manual_seed(0))[: n // 16]
+    loc = (pages[:, None] * 16 + torch.arange(16)).reshape(-1)
+    x = torch.randn(n, hidden).to(dtype)
     capture = _median_ms(lambda: side[0].index_copy_(0, loc, x), args.repeats)
+    runs_ms = _median_ms(lambda: slot_runs(loc, max_runs=n // 8), args.repeats)  # once per forward
+    runs = slot_runs(loc, max_runs=n // 8)
+    by_runs = _median_ms(lambda: scatter_rows(side[0], loc, x, runs), args.repeats) + runs_ms / layers
     ns = Namespace(model_fingerprint="save-path", num_layers=layers, hidden_size=hidden, num_kv_heads=1,
                    head_dim=hidden, dtype=args.dtype, page_size=16)
     store = ChunkStore(StoreConfig(str(workdir / "stages"), capacity_bytes=1 << 30))
@@ -143,7 +151,7 @@ def stage_costs(args, dtype, workdir: Path) -> dict:
     finally:
         torch.set_num_threads(default_threads)
         store.close()
-    costs = dict(layer_gemms=gemms, capture=capture, staging=statistics.median(staging),
+    costs = dict(layer_gemms=gemms, capture=capture, capture_by_runs=by_runs, staging=statistics.median(staging),
                  staging_1_thread=statistics.median(staging_1t), writer=statistics.median(writer))
     return {k: dict(ms_per_1k_tokens=v * per_1k, of_layer_gemms=v / gemms) for k, v in costs.items()}
 
