@@ -2,8 +2,9 @@
 
 A prefill's KV slots come in runs: whole pages, often consecutive ones. On a CPU ``index_copy_``
 copies element by element and splits over torch's intra-op threads, which on a loaded host wait for a
-descheduled worker; one memcpy per run does not (1K rows of 1024 bf16 values: 0.22-0.27 ms for
-``index_copy_``, 0.05-0.07 ms as memcpys of 1-64 runs, measured on the 2-core development host).
+descheduled worker; one memcpy per run does not (1K rows of 1024 bf16 values on the loaded 2-core
+development host: ``index_copy_`` 0.2-0.4 ms, 20-50 ms when a worker was descheduled; memcpys of 1-64
+runs 0.05-0.4 ms).
 The runs are found once per forward (:func:`slot_runs`, ~0.03 ms) and reused for every layer.
 Elsewhere (a GPU, or slots too scattered to be worth it, as in decode) it is ``index_copy_``.
 
@@ -17,8 +18,6 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-
-from hcache_sglang.backends.pool import byte_view
 
 
 class SlotRuns(NamedTuple):
@@ -49,10 +48,11 @@ def scatter_rows(pool: Tensor, slots: Tensor, rows: Tensor, runs: Optional[SlotR
     ``slots``) is given and both tensors are contiguous CPU tensors of one dtype.
 
     ``pool: [num_slots, *row]``, ``rows: [n, *row]``."""
-    if runs is None or rows.dtype != pool.dtype or not (rows.is_contiguous() and pool.is_contiguous()):
+    if (runs is None or rows.dtype != pool.dtype or pool.dim() < 2 or pool.device.type != "cpu"
+            or not (rows.is_contiguous() and pool.is_contiguous())):
         pool.index_copy_(0, slots, rows.to(pool.dtype))
         return
-    row_bytes = pool[0].numel() * pool.element_size()
-    dst, src = byte_view(pool), byte_view(rows)
+    # numpy views of the bytes: its slice assignment is one plain memcpy per run, on this thread
+    dst, src = pool.view(torch.uint8).numpy(), rows.view(torch.uint8).numpy()
     for d, s, n in zip(*runs):
-        dst[d * row_bytes:(d + n) * row_bytes] = src[s * row_bytes:(s + n) * row_bytes]
+        dst[d:d + n] = src[s:s + n]
