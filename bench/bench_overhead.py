@@ -25,7 +25,7 @@ afresh for each round instead (one server alive at a time; much slower). The rat
 and the host speed beside them: bench/overhead_report.py.
 
 ``--split`` adds ``hcache-hidden`` with its saving stages turned off one more at a time through the
-debug-only ``HCACHE_DEBUG_DISABLE`` (hcache_sglang/debug_stages.py) and reports each stage's share.
+debug-only ``HCACHE_DEBUG_DISABLE`` (hcache_sglang/serving/debug_stages.py) and reports each stage's share.
 
     python bench/bench_overhead.py --quick --json /tmp/ovh.json     # tiny model, 2 rounds (smoke)
     python bench/bench_overhead.py --json OUT.json                  # bench-llama + GQA twin, 5 rounds
@@ -188,10 +188,11 @@ def _server(system: str, path, dtype: str, plan: dict, num_layers: int, workdir:
 
 def run_geometry(name: str, plan: dict, workdir: Path) -> dict:
     """Every round of one model geometry; returns its JSON entry (raw rounds and the ratio tables)."""
-    from hcache_sglang import models
+    from hcache_sglang import toy_models
+    from hcache_sglang.model_check import check_model_path
 
-    path = models.resolve_model(name)
-    info = models.check_model_path(path)
+    path = toy_models.resolve_model(name)
+    info = check_model_path(path)
     hf_config = json.loads((Path(path) / "config.json").read_text())
     vocab, inter = hf_config["vocab_size"], hf_config["intermediate_size"]
     systems, rounds, plans = list(plan["systems"]), [], {}

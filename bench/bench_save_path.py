@@ -5,7 +5,7 @@ Part ``stages`` (per 1K tokens and layer, medians of ``--repeats``, the bench ge
 
     layer GEMMs   QKV, O and gated-MLP GEMMs of one decoder layer (attention left out: a lower bound)
     capture       the forward pre-hook's ``index_copy_`` of the layer input into the side pool
-                  (``capture_by_runs``: hcache_sglang.row_copy's memcpys of runs of slots instead)
+                  (``capture_by_runs``: hcache_sglang.serving.row_copy's memcpys of runs of slots instead)
     staging       ``ChunkStore.save(rows=...)``: the gather of the pages' rows into host staging
                   (also with ``torch.set_num_threads(1)``, alternated: ``staging_1_thread``)
     writer        from ``save`` returning to ``flush`` returning: digests, pwrite, fdatasync, index commit
@@ -116,7 +116,7 @@ def _median_ms(fn, repeats: int) -> float:
 def stage_costs(args, dtype, workdir: Path) -> dict:
     """ms per 1K tokens and layer of each saving stage, and each as a fraction of the layer's GEMMs."""
     from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
-    from hcache_sglang.row_copy import scatter_rows, slot_runs
+    from hcache_sglang.serving.row_copy import scatter_rows, slot_runs
 
     n, hidden, layers = args.tokens, args.hidden, args.layers
     per_1k = 1024 / n

@@ -91,7 +91,7 @@ class Server:
         """Bytes and tokens held by this system's storage tier now."""
         if self.system.startswith("hcache"):
             # The committed chunks in the pool's index: extents (header, alignment included).
-            from hcache_sglang.backends.index import ChunkIndex
+            from hcache_sglang.backends import ChunkIndex
 
             index = ChunkIndex(str(self.workdir / "pool" / "index"))
             try:

@@ -79,7 +79,7 @@ def test_systems_map_to_forced_plans_and_cumulative_debug_switches():
 
 def test_debug_stage_switch_parses_and_skipped_writer_io_leaves_the_pool_unwritten(tmp_path):
     from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
-    from hcache_sglang.debug_stages import Stage, disabled_stages, skip_writer_io
+    from hcache_sglang.serving.debug_stages import Stage, disabled_stages, skip_writer_io
 
     assert disabled_stages({}) == frozenset()
     assert disabled_stages({"HCACHE_DEBUG_DISABLE": " spill, capture"}) == {Stage.SPILL, Stage.CAPTURE}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hcache_sglang.row_copy import scatter_rows, slot_runs
+from hcache_sglang.serving.row_copy import scatter_rows, slot_runs
 
 
 def _pages(pages: list[int], page_size: int = 16) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The few SGLang hooks HCache needs, registered through SGLang's plugin ``HookRegistry``.
 
-Installed by :mod:`hcache_sglang.plugin` in every SGLang process; each hook checks at call time
+Installed by :mod:`hcache_sglang.plugin` in every SGLang process (the scheduler RPCs are
+:mod:`hcache_sglang.serving.rpc`'s); each hook checks at call time
 whether the HCache linker is the configured external linker and does nothing otherwise.
 
 1. ``ModelRunner.load_model`` (after): remember the target model runner of this process, so the linker
@@ -17,8 +18,6 @@ whether the HCache linker is the configured external linker and does nothing oth
 4. ``UnifiedCacheLinkerWrapper.load_back`` (around): when the plan recomputes leading layers, hand
    the linker the request's device-prefix KV slots and the tail's token ids before it loads (SGLang's
    linker API passes neither); the recomputed layers attend over that prefix.
-5. ``Scheduler.hcache_stats(out_path)``: an RPC writing the store and restore counters as JSON
-   (:func:`hcache_sglang.metrics.install_stats_rpc`).
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ def _after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> An
         page_hash.warm()  # SGLang's page hash, built or loaded now: not on the first write-through
     config = hcache_config_from_server_args(runner.server_args)
     if config is not None:
-        from hcache_sglang.planner import resolve_plan
+        from hcache_sglang.serving.plan_resolution import resolve_plan
 
         _plans[id(runner)] = resolve_plan(runner, config)
     return result
@@ -96,7 +95,7 @@ def _around_cell_size(original: Any, configurator: Any, kvc: Any, num_layers: in
         return cell_size
     if config is None or not cell_size:
         return cell_size
-    from hcache_sglang.planner import side_pool_bytes_per_token
+    from hcache_sglang.serving.plan_resolution import side_pool_bytes_per_token
 
     plan = current_plan()
     extra = side_pool_bytes_per_token(kvc.model_config.hf_config, kvc.kv_cache_dtype, num_layers, plan)
@@ -153,9 +152,6 @@ def _is_hcache(streamer: Any) -> bool:
 def register() -> None:
     """Register the hooks (idempotent). SGLang applies them right after its plugins load."""
     global _registered
-    from hcache_sglang.metrics import install_stats_rpc
-
-    install_stats_rpc()  # needs the scheduler module, which may be imported after a first call
     if _registered:
         return
     _registered = True
