@@ -161,6 +161,7 @@ def measure(server, work: dict[str, Workload]) -> dict:
     out: dict = {"ttft_s": {}, "tpot_s": {}, "throughput_tok_s": {}, "load_avg": []}
     for key, wl in work.items():
         kind, size = key.split(":")
+        _flush(server)
         run = run_workload(server, wl, scrape=False)
         out["load_avg"].append(run["load_avg"])
         recs = run["requests"]
@@ -170,9 +171,18 @@ def measure(server, work: dict[str, Workload]) -> dict:
             out["tpot_s"][size] = statistics.median(tpot_s(r) for r in recs)
         else:
             out["throughput_tok_s"][size] = sum(r["prompt_tokens"] for r in recs) / run["wall_s"]
-    if not flush_cache(server):  # the next system must not share the host with this one's writes
-        raise RuntimeError(f"{server.system}: /flush_cache refused after its round")
+    _flush(server)  # the next system must not share the host with this one's writes
     return out
+
+
+def _flush(server, timeout_s: float = 120.0) -> None:
+    """Flush until the server accepts: just after a response SGLang may still hold the request
+    (HiCache: "not flushed because there are pending requests" with none queued or running)."""
+    deadline = time.monotonic() + timeout_s
+    while not flush_cache(server):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.system}: /flush_cache refused for {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
