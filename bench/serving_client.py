@@ -134,8 +134,10 @@ def system_server(system: str, model_path, dtype: str, max_total_tokens: int, pl
         "--enable-metrics", "--random-seed", "0", "--log-level", os.environ.get("BENCH_SERVER_LOG_LEVEL", "info"),
         *system_flags(system, plan["objective"], workdir, plan.get("hcache_capacity", "2G"),
                       plan.get("storage_bandwidth"), plan.get("hicache_ratio")),
+        *plan.get("server_flags", ()),  # later flags win (e.g. bench_overhead's forced layer plans)
     ]
-    env = dict(os.environ, SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(workdir / "hicache-file"))
+    env = dict(os.environ, SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(workdir / "hicache-file"),
+               **plan.get("server_env", {}))
     # the throttled HiCache backend (hicache_throttled.py) is imported by the server from here
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH")) if p)
     log = workdir / "server.log"
@@ -256,9 +258,25 @@ async def _replay(url: str, workload: Workload, on_done) -> list[dict]:
         return list(await asyncio.gather(*tasks))
 
 
-def run_workload(server: Server, workload: Workload, on_done=lambda: None) -> dict:
-    """Replay ``workload``; flush the device cache first so each workload starts cold."""
-    requests.post(f"{server.url}/flush_cache", timeout=60)
+def flush_cache(server: Server) -> bool:
+    """Empty the device cache (False: the server refused, e.g. requests in flight); with HCache this
+    also waits until every spill is staged and written."""
+    return requests.post(f"{server.url}/flush_cache", timeout=600).status_code == 200
+
+
+def run_workload(server: Server, workload: Workload, on_done=lambda: None, *,
+                 scrape: bool = True) -> dict:
+    """Replay ``workload``; flush the device cache first so each workload starts cold.
+
+    ``scrape=False`` skips the ``/metrics`` and storage snapshots around it (and their waits for the
+    once-a-second gauges): the flush and the replay alone, for benchmarks timing many short runs.
+    """
+    flush_cache(server)
+    if not scrape:
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        records = asyncio.run(_replay(server.url, workload, on_done))
+        return dict(requests=records, wall_s=time.perf_counter() - t0,
+                    load_avg=(load0 + os.getloadavg()[0]) / 2)
     time.sleep(METRICS_WAIT_S)
     before, store_before = server.metrics(), server.storage()
     t0, load0 = time.perf_counter(), os.getloadavg()[0]

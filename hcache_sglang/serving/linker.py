@@ -49,7 +49,10 @@ class HCacheLinker(UnifiedCacheLinker):
         kv = _kv_transfer(transfers)
         if kv is None or not kv.keys or self.runtime.spill.reprojection_failure:
             return []
-        return list(range(1, self.runtime.restore.lookup(kv.keys) + 1))
+        hit = self.runtime.restore.lookup(kv.keys)
+        if self.runtime.debug_off:  # a debug measurement run stored nothing restorable (debug_stages)
+            return []
+        return list(range(1, hit + 1))
 
     def load(self, rid: str, transfers: list[PoolTransfer]) -> bool:
         kv = _kv_transfer(transfers)

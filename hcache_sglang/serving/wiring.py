@@ -18,6 +18,7 @@ from hcache_sglang.config import Backend, HCacheConfig, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.planner import LayerPlan
 from hcache_sglang.serving.capture import HiddenStateCapture
+from hcache_sglang.serving.debug_stages import Stage, disabled_stages, skip_writer_io
 from hcache_sglang.serving.hooks import current_model_runner, current_plan
 from hcache_sglang.serving.introspect import kv_projections, model_dims, unsupported_model
 from hcache_sglang.serving.metrics import RestoreStats, publish_backend_info, start_metrics_exporter
@@ -78,6 +79,7 @@ class Runtime:
     spill: SpillPipeline
     stats: RestoreStats
     metrics: Optional[Any]  # the /metrics exporter (--enable-metrics)
+    debug_off: frozenset = frozenset()  # debug_stages: saving stages turned off (measurements only)
 
     def close(self) -> None:
         """Stop the threads, then close the store and unhook the capture (the caller quiesced)."""
@@ -130,11 +132,15 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     device = kvcache.device
     capture = HiddenStateCapture(runner.model, num_slots=kvcache.size + page_size, dtype=kvcache.dtype,
                                  device=device, layers=plan.hidden_layers)
-    capture.attach()
+    debug_off = disabled_stages()  # empty unless HCACHE_DEBUG_DISABLE is set
+    if Stage.CAPTURE not in debug_off:
+        capture.attach()
     namespace = _namespace(runner, server_args.model_path, kvcache, page_size, plan, projections[0])
     tp_rank, tp_size = getattr(runner, "tp_rank", 0), getattr(runner, "tp_size", 1)
     directory = config.directory if tp_size == 1 else f"{config.directory}/tp{tp_rank}"
     store = open_store(config, directory, namespace)
+    if Stage.WRITER_IO in debug_off:
+        skip_writer_io(store)
     r = namespace.recomputed_layers
     recompute = LeadingLayers(runner.model, kvcache.k_buffer, kvcache.v_buffer, r) if r else None
     restorer = LayerRestorer(projections, kvcache.k_buffer, kvcache.v_buffer, device, capture=capture,
@@ -143,13 +149,13 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     restore = RestorePipeline(store, namespace, restorer, counter, stats=stats, load_check=config.load_check,
                               page_size=page_size, num_layers=kvcache.layer_num, recomputed=r,
                               dtype=kvcache.dtype, forward_stream=forward_stream)
-    spill = SpillPipeline(store, namespace, capture, kvcache, projections, plan.methods, page_size)
+    spill = SpillPipeline(store, namespace, capture, kvcache, projections, plan.methods, page_size, debug_off)
     location, where = store_location(config, store, directory)
     _log_startup(plan, where, config, capture, device, kvcache.size)
     metrics = start_metrics_exporter(store, stats) if server_args.enable_metrics else None
     if metrics is not None:
         publish_backend_info(config.backend.value, location)
-    return Runtime(config, plan, namespace, store, capture, restore, spill, stats, metrics)
+    return Runtime(config, plan, namespace, store, capture, restore, spill, stats, metrics, debug_off)
 
 
 def _log_startup(plan: LayerPlan, where: str, config: HCacheConfig, capture: HiddenStateCapture,
