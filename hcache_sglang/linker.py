@@ -46,9 +46,10 @@ from hcache_sglang.capture import HiddenStateCapture, check_reprojection, kv_pro
 from hcache_sglang.config import HCacheConfig, LoadCheck, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.metrics import RestoreStats, start_metrics_exporter
-from hcache_sglang.planner import LayerPlan, Method, model_dims
+from hcache_sglang.planner import LayerPlan, Method, model_dims, model_heads
 from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress, ShiftedRead, layer_kinds
 from hcache_sglang.sglang_hooks import current_model_runner, current_plan
+from hcache_sglang.tp_layout import agree, layout_from_params
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +93,11 @@ class HCacheLinker(UnifiedCacheLinker):
         )
         self.capture.attach()
 
-        tp_rank, tp_size = getattr(runner, "tp_rank", 0), getattr(runner, "tp_size", 1)
+        # The fingerprint carries no TP layout: at tp > 1 the GroupStore derives the namespaces of the
+        # group's hidden chunks (shared by every TP size) and of this rank's K/V shard (tp r/N).
+        self.tp = layout_from_params(params)
         self.namespace = Namespace(
-            model_fingerprint=model_fingerprint(server_args.model_path, str(dtype), tp_rank, tp_size),
+            model_fingerprint=model_fingerprint(server_args.model_path, str(dtype)),
             num_layers=self.num_layers - self.recomputed,
             hidden_size=hidden_size,
             num_kv_heads=head.num_kv_heads,
@@ -103,16 +106,22 @@ class HCacheLinker(UnifiedCacheLinker):
             page_size=self.page_size,
             recomputed_layers=self.recomputed,
         )
-        directory = self.config.directory if tp_size == 1 else f"{self.config.directory}/tp{tp_rank}"
-        self.store = ChunkStore(
-            StoreConfig(
-                directory=directory,
-                capacity_bytes=self.config.capacity_bytes,
-                staging_bytes=self.config.staging_bytes,
-                o_direct=self.config.o_direct,
-                read_bandwidth_limit=self.config.read_bandwidth_limit,
-            )
+        directory = self.config.directory
+        store_config = StoreConfig(
+            directory=directory,
+            capacity_bytes=self.config.capacity_bytes,
+            staging_bytes=self.config.staging_bytes,
+            o_direct=self.config.o_direct,
+            read_bandwidth_limit=self.config.read_bandwidth_limit,
         )
+        if self.tp.size == 1:
+            self.store = ChunkStore(store_config)
+        else:
+            from hcache_sglang.tp_store import GroupStore
+
+            stored_kinds = tuple(kind for kind in self.kinds if kind is not None)
+            self.store = GroupStore(store_config, self.tp, self.namespace, stored_kinds,
+                                    total_kv_heads=model_heads(hf_config)[1])
         recompute = None
         if self.recomputed:
             from hcache_sglang.recompute import LeadingLayers
@@ -130,9 +139,10 @@ class HCacheLinker(UnifiedCacheLinker):
         self.restore_stats = RestoreStats()
         side_bytes = self.capture.nbytes()
         logger.info(
-            "hcache: restore plan %s [%s]; pool %s, capacity %s; side pool %s on %s for %d slots; "
+            "hcache: restore plan %s [%s]; pool %s, capacity %s; %s; side pool %s on %s for %d slots; "
             "load check %s%s",
             self.plan.describe(), self.plan, directory, format_size(self.config.capacity_bytes),
+            self.tp.describe(directory, bool(self.plan.hidden_layers), LayerKind.KV in self.kinds),
             format_size(side_bytes), self.device, self.kvcache.size, self.config.load_check.value,
             f"; READS THROTTLED to {format_size(self.config.read_bandwidth_limit)}/s"
             if self.config.read_bandwidth_limit else "",
@@ -173,13 +183,20 @@ class HCacheLinker(UnifiedCacheLinker):
     def load(self, rid: str, transfers: list[PoolTransfer]) -> bool:
         kv = _kv_transfer(transfers)
         if kv is None or kv.device_indices is None or not kv.keys:
-            return False
+            return False  # the same on every rank: it depends on the transfers alone
         try:
-            return self._load(rid, kv)
+            accepted = self._load(rid, kv)
         except Exception as exc:  # noqa: BLE001 - runs in the scheduler loop: a failed load is a miss
             logger.warning("hcache: load of %d pages for %s refused: %r", len(kv.keys), rid, exc)
             self.restore_stats.record_refused(len(kv.keys) * self.page_size)
-            return False
+            accepted = False
+        # SGLang does not reduce a load's verdict: one rank's damaged shard must refuse it everywhere.
+        agreed = agree(accepted, self.tp)  # every rank calls it once per load: never a lone collective
+        if accepted and not agreed:
+            logger.warning("hcache: load of %d pages for %s refused by another TP rank", len(kv.keys), rid)
+            self.cancel_queued_load(rid)
+            self.restore_stats.record_refused(len(kv.keys) * self.page_size)
+        return agreed
 
     # ---- request context for recomputed layers (sglang_hooks._around_load_back) -------------
 

@@ -147,9 +147,14 @@ def _hcache_stats(self: Any, out_path: str) -> None:
         "restore": dataclasses.asdict(linker.restore_stats.snapshot()),
         "plan": str(linker.plan),
         "reprojection_failure": linker.reprojection_failure,
+        "tp_rank": linker.tp.rank,
+        "tp_size": linker.tp.size,
     }
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=1)
+    # Every TP rank's scheduler runs the RPC: rank 0 answers at out_path, each rank at out_path.tp<r>.
+    paths = ([out_path] if linker.tp.rank == 0 else []) + ([f"{out_path}.tp{linker.tp.rank}"] if linker.tp.size > 1 else [])
+    for path in paths:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def install_stats_rpc() -> None:

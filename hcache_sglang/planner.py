@@ -292,9 +292,9 @@ def check_servable(plan: LayerPlan, recompute_refused: Optional[str] = None,
 
 def _recompute_refused(runner: Any, num_layers: int) -> Optional[str]:
     from hcache_sglang.recompute import unsupported_reason
+    from hcache_sglang.tp_layout import runner_tp_size
 
-    return unsupported_reason(runner.model, num_layers, getattr(runner, "tp_size", 1),
-                              getattr(runner, "pp_size", 1))
+    return unsupported_reason(runner.model, num_layers, runner_tp_size(), getattr(runner, "pp_size", 1))
 
 
 def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
@@ -342,10 +342,15 @@ def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
 def model_dims(hf_config: Any) -> tuple[int, int, int]:
     """(num_layers, hidden_size, kv_dim = num_kv_heads * head_dim) of a HF config (text part)."""
     cfg = getattr(hf_config, "text_config", None) or hf_config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    heads, kv_heads = model_heads(hf_config)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return cfg.num_hidden_layers, cfg.hidden_size, kv_heads * head_dim
+
+
+def model_heads(hf_config: Any) -> tuple[int, int]:
+    """(num_attention_heads, num_key_value_heads) of a HF config (text part), before any TP split."""
+    cfg = getattr(hf_config, "text_config", None) or hf_config
+    return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def side_pool_bytes_per_token(hf_config: Any, dtype: Any, num_layers: int, plan: LayerPlan) -> int:
