@@ -292,9 +292,9 @@ def check_servable(plan: LayerPlan, recompute_refused: Optional[str] = None,
 
 def _recompute_refused(runner: Any, num_layers: int) -> Optional[str]:
     from hcache_sglang.recompute import unsupported_reason
-    from hcache_sglang.tp_layout import runner_tp_size
+    from hcache_sglang.tp_layout import runner_pp_size, runner_tp_size
 
-    return unsupported_reason(runner.model, num_layers, runner_tp_size(), getattr(runner, "pp_size", 1))
+    return unsupported_reason(runner.model, num_layers, runner_tp_size(), runner_pp_size())
 
 
 def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:

@@ -102,6 +102,13 @@ def runner_tp_size() -> int:
     return int(get_parallel().tp_size)
 
 
+def runner_pp_size() -> int:
+    """The pipeline size of this process, from the same published state."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return int(get_parallel().pp_size)
+
+
 def check_kv_heads(total_kv_heads: int, num_heads: int, tp_size: int) -> None:
     """Refuse a TP size the model's heads cannot be split by, naming both (SGLang would assert).
 
