@@ -147,3 +147,22 @@ def test_tp_sizes_the_heads_cannot_be_split_by_are_refused_by_name(heads, kv_hea
     else:
         with pytest.raises(ValueError, match=f"--tp {tp} cannot split"):
             check_kv_heads(kv_heads, heads, tp)
+
+
+def test_the_load_model_hook_refuses_a_tp_size_before_sglang_asserts(tmp_path):
+    """What a server at --tp 3 on a 4-head model hears (SGLang's own parallel state says 3)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.runtime_context import get_parallel
+
+    from hcache_sglang.launch import sglang_kwargs
+    from hcache_sglang.config import HCacheConfig
+    from hcache_sglang.sglang_hooks import _before_load_model
+
+    kwargs = sglang_kwargs("hcache", {"device": "cpu"}, HCacheConfig.create(directory=str(tmp_path)))
+    hf_config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=256, num_hidden_layers=2)
+    runner = SimpleNamespace(server_args=SimpleNamespace(**kwargs), model_config=SimpleNamespace(hf_config=hf_config))
+    with get_parallel().override(tp_size=2, pp_size=1):
+        assert _before_load_model(runner) is None
+    with get_parallel().override(tp_size=3, pp_size=1), pytest.raises(ValueError, match=r"expected one of \[1, 2, 4\]"):
+        _before_load_model(runner)
