@@ -159,4 +159,6 @@ def test_restart_one_damaged_shard_and_tp1_on_the_same_directory(first_run, expe
     # storage per token for the same traffic and plan: tp 2 (all ranks) over tp 1
     tp2 = sum(s["store"]["bytes_written"] for s in first_run["stats"])
     assert tp1["store"]["saves_dropped"] == 0
-    assert tp2 / tp1["store"]["bytes_written"] <= 1.1, (tp2, tp1["store"]["bytes_written"])
+    ratio = tp2 / tp1["store"]["bytes_written"]
+    print(f"storage bytes at tp 2 / tp 1 for the same traffic and plan {plan}: {ratio:.3f}")
+    assert ratio <= 1.1, (tp2, tp1["store"]["bytes_written"])
