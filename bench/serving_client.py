@@ -146,6 +146,11 @@ def system_server(system: str, model_path, dtype: str, max_total_tokens: int, pl
     env = dict(os.environ, SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(workdir / "hicache-file"))
     if tp > 1:
         argv += ["--tp-size", str(tp)]
+        if system == "hicache" and plan.get("hicache_ratio") is None:
+            # SGLang's auto-sizing of the host tier keeps 10 GiB of the host free for the machine and
+            # refuses to start when less is left, which N ranks on one small host hit: its default
+            # ratio, stated, is used as asked.
+            argv += ["--hicache-ratio", "2"]
         from hcache_sglang.launch import cpu_binding
 
         env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_binding(tp))
