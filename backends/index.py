@@ -4,35 +4,50 @@ Three databases in one environment (``<directory>/index``):
 
 - ``pages``:  ``ns.key_prefix + page_key`` -> ``chunk_id u64 | page_idx u32``
 - ``chunks``: ``chunk_id`` (big-endian u64) -> packed :class:`ChunkRecord`
-- ``meta``:   ``b"format"`` -> :data:`FORMAT`; an index of another format is emptied at open (its
-  chunks become misses and their space free), never misread. ``b"lru"`` -> the chunk ids from least
-  to most recently used (``u64`` each), written on flush and close, so a restart evicts in the order
-  the last run left off (ids it lacks, committed after it was written, count as newest).
+- ``meta``:   ``b"format"`` -> :data:`FORMAT`, ``b"pool"`` -> the id of the pool file the offsets
+  point into (see :class:`IndexStamp`; an index of another format or pool is never read, see
+  ``recovery``). ``b"lru"`` -> the chunk ids from least to most recently used (``u64`` each), written
+  on flush and close, so a restart evicts in the order the last run left off (ids it lacks,
+  committed after it was written, count as newest).
 
-Call order: ``records`` (at open, to rebuild the allocator) -> ``resolve`` (one read txn per lookup or
-read) -> ``commit`` (after the bytes are written and synced) -> ``delete`` (before their space is
-freed). Every method takes the index lock; the map doubles on ``MapFullError``.
+Call order: ``stamp`` and ``records`` (at open, to check the index and rebuild the allocator) ->
+``resolve`` (one read txn per lookup or read) -> ``commit`` (after the bytes are written and synced)
+-> ``delete`` (before their space is freed). Every method takes the index lock; the map doubles on
+``MapFullError``. Opening writes nothing, so a tool may inspect a live store's index.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 import struct
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import lmdb
 
 from .layout import LayerKind
 
+logger = logging.getLogger(__name__)
+
 _REC = struct.Struct("<Q16sQQIQQH")  # id, ns prefix, offset, nbytes, tokens, parent, header digest, L
 _PAGE = struct.Struct("<QI")  # chunk id, page index within the chunk
 _ID = struct.Struct(">Q")
-FORMAT = b"2"  # 2: 64-bit XXH3 digests (1: crc32)
+DAMAGED_MARK = "DAMAGED"  # written into the index directory when a read fails at run time
+FORMAT = b"3"  # 3: offsets into the data region after the pool header (2: no pool header)
 
 
-@dataclass(frozen=True)
-class ChunkRecord:
+class IndexStamp(NamedTuple):
+    """What an index says it is: its format and the pool file it belongs to (None when unset)."""
+
+    format: bytes | None
+    pool_id: bytes | None
+    chunks: int
+
+
+class ChunkRecord(NamedTuple):  # a NamedTuple: opening 10^5 of them costs a third of dataclasses
     """A committed chunk: its extent in the pool, per-layer kinds and digests, and its pages."""
 
     chunk_id: int
@@ -64,7 +79,7 @@ class ChunkRecord:
     def unpack(cls, data: bytes) -> "ChunkRecord":
         cid, prefix, off, nbytes, tokens, parent, hdig, n = _REC.unpack_from(data, 0)
         pos = _REC.size
-        kinds = tuple(LayerKind(b) for b in data[pos:pos + n])
+        kinds = _kinds(bytes(data[pos:pos + n]))
         pos += n
         digests = struct.unpack_from(f"<{n}Q", data, pos)
         pos += 8 * n
@@ -79,42 +94,56 @@ class ChunkRecord:
                    tuple(keys))
 
 
+@functools.lru_cache(maxsize=64)
+def _kinds(raw: bytes) -> tuple[LayerKind, ...]:
+    """Per-layer kinds from their bytes; a pool holds a few plans, so opening 10^5 records parses
+    a few (LayerKind() per layer per record was most of the open time)."""
+    return tuple(LayerKind(b) for b in raw)
+
+
 class ChunkIndex:
     """Durable page -> chunk map; every write is one committed (fsynced) LMDB transaction."""
 
     def __init__(self, path: str, map_size: int = 64 << 20):
+        self.path = path
         self.env = lmdb.open(path, map_size=map_size, max_dbs=3, subdir=True, lock=True)
-        self._pages = self.env.open_db(b"pages")
-        self._chunks = self.env.open_db(b"chunks")
-        self._meta = self.env.open_db(b"meta")
+        try:
+            self._pages = self.env.open_db(b"pages")
+            self._chunks = self.env.open_db(b"chunks")
+            self._meta = self.env.open_db(b"meta")
+            with self.env.begin(db=self._chunks) as txn:
+                cur = txn.cursor()
+                self._next_id = _ID.unpack(cur.key())[0] + 1 if cur.last() else 1
+        except BaseException:
+            self.env.close()
+            raise
         self._lock = threading.Lock()
         self.map_grows = 0
-        self.dropped_at_open = self._check_format()
-        with self.env.begin(db=self._chunks) as txn:
-            cur = txn.cursor()
-            self._next_id = _ID.unpack(cur.key())[0] + 1 if cur.last() else 1
+        self.read_errors = 0  # lookups that failed on a damaged index (each answered a miss)
 
-    def _check_format(self) -> int:
-        """Empty an index written in another format; returns how many chunk entries that dropped."""
-        with self.env.begin(db=self._meta) as txn:
-            found = txn.get(b"format")
-        if found == FORMAT:
-            return 0
-        with self.env.begin() as txn:
-            stale = txn.stat(self._chunks)["entries"]
+    def stamp(self) -> IndexStamp:
+        with self._lock, self.env.begin() as txn:
+            return IndexStamp(txn.get(b"format", db=self._meta), txn.get(b"pool", db=self._meta),
+                              txn.stat(self._chunks)["entries"])
 
-        def reset(txn: lmdb.Transaction) -> None:
-            txn.drop(self._pages, delete=False)
-            txn.drop(self._chunks, delete=False)
+    def write_stamp(self, pool_id: bytes) -> None:
+        """Mark this index as :data:`FORMAT`, pointing into the pool file ``pool_id``."""
+        def put(txn: lmdb.Transaction) -> None:
             txn.put(b"format", FORMAT, db=self._meta)
-        self._write(reset)
-        return stale
+            txn.put(b"pool", pool_id, db=self._meta)
+        self._write(put)
 
-    def records(self) -> Iterator[ChunkRecord]:
-        """All committed chunks of all namespaces (used at open)."""
+    def records(self) -> list[ChunkRecord]:
+        """All committed chunks of all namespaces (at open); raises on a record that does not parse."""
         with self._lock, self.env.begin(db=self._chunks) as txn:
-            rows = [bytes(v) for _, v in txn.cursor()]
-        return (ChunkRecord.unpack(v) for v in rows)
+            rows = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+        out = []
+        for key, value in rows:
+            rec = ChunkRecord.unpack(value)
+            if _ID.pack(rec.chunk_id) != key:
+                raise ValueError(f"chunk record under key {key.hex()} holds id {rec.chunk_id}")
+            out.append(rec)
+        return out
 
     def save_lru_order(self, ids: Sequence[int]) -> None:
         data = struct.pack(f"<{len(ids)}Q", *ids)
@@ -134,22 +163,35 @@ class ChunkIndex:
         return list(range(first, first + n))
 
     def resolve(self, prefix: bytes, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
-        """``(record, page_idx)`` for the leading pages of ``keys`` present, in one read txn."""
+        """``(record, page_idx)`` for the leading pages of ``keys`` present, in one read txn.
+
+        An index that fails to read here (damaged since open) answers a miss, logged once: lookups
+        and saves must not take the server down; the next open sets it aside.
+        """
         out: list[tuple[ChunkRecord, int]] = []
         cache: dict[int, ChunkRecord] = {}
-        with self._lock, self.env.begin() as txn:
-            for key in keys:
-                v = txn.get(prefix + key.encode(), db=self._pages)
-                if v is None:
-                    break
-                cid, idx = _PAGE.unpack(v)
-                rec = cache.get(cid)
-                if rec is None:
-                    raw = txn.get(_ID.pack(cid), db=self._chunks)
-                    if raw is None:
+        try:
+            with self._lock, self.env.begin() as txn:
+                for key in keys:
+                    v = txn.get(prefix + key.encode(), db=self._pages)
+                    if v is None:
                         break
-                    rec = cache[cid] = ChunkRecord.unpack(raw)
-                out.append((rec, idx))
+                    cid, idx = _PAGE.unpack(v)
+                    rec = cache.get(cid)
+                    if rec is None:
+                        raw = txn.get(_ID.pack(cid), db=self._chunks)
+                        if raw is None:
+                            break
+                        rec = cache[cid] = ChunkRecord.unpack(raw)
+                    out.append((rec, idx))
+        except (lmdb.Error, struct.error, ValueError, UnicodeDecodeError) as e:
+            if not self.read_errors:
+                logger.error("hcache store: the index %s failed a read (%s): answering misses; "
+                             "the next open sets it aside", self.path, e)
+                with open(os.path.join(self.path, DAMAGED_MARK), "w") as f:
+                    f.write(f"{type(e).__name__}: {e}\n")
+            self.read_errors += 1
+            return []
         return out
 
     def commit(self, records: Sequence[ChunkRecord]) -> None:

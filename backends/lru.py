@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)
 class _Node:
     parent: int
     stamp: int
@@ -41,6 +41,16 @@ class ChainLRU:
         if self._nodes[cid].parent:
             self._nodes[parent].children.add(cid)
         self._push(cid)
+
+    def load(self, chunks: Iterable[tuple[int, int]], order: Sequence[int]) -> None:
+        """Track committed ``(chunk_id, parent)`` pairs, parents first, in one pass (at open), then
+        re-stamp them in a saved :meth:`order`."""
+        nodes = self._nodes
+        for cid, parent in chunks:
+            node = nodes[cid] = _Node(parent if parent in nodes else 0, 0)
+            if node.parent:
+                nodes[parent].children.add(cid)
+        self.restore_order(order)
 
     def link(self, parent: int, child: int) -> None:
         """Record a parent learned later (only if the child has none yet)."""

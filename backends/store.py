@@ -1,9 +1,10 @@
 """ChunkStore: the facade over staging, writers, pool, index, LRU and readers.
 
 Call order for a context: ``lookup`` (leading pages present) -> ``read`` (per-layer futures) ...
-``save`` (copy to staging, return) -> writer threads, per batch of queued saves: digest -> allocate
-(evicting LRU chain tails) -> one pwritev per contiguous run of extents -> one fdatasync -> one index
-commit -> release staging. ``flush`` waits for all accepted saves.
+``save`` (copy to staging, return) -> writer threads (``writers``), per batch of queued saves: digest
+-> allocate (evicting LRU chain tails) -> one pwritev per contiguous run of extents (growing the pool
+file) -> one fdatasync -> one index commit -> release staging. ``flush`` waits for all accepted saves.
+Open (``recovery``): damaged state is set aside, the cache starts cold; a smaller capacity evicts.
 Durability: an index entry is committed only after its bytes are synced; space is freed only after
 the index delete that unreferences it commits; at open, free space = everything no entry references.
 """
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import os
-import queue
 import threading
 import time
 from collections.abc import Sequence
@@ -22,21 +21,25 @@ from typing import NamedTuple
 
 import torch
 
-from .index import ChunkIndex, ChunkRecord
+from .index import ChunkRecord
 from .layout import LayerKind, Namespace, chunk_layout, digest, split_chunks
 from .lru import ChainLRU
-from .pool import ExtentAllocator, FilePool
+from .pool import GROW_BYTES, ExtentAllocator, FilePool
 from .reader import ReadHandle, _ReadJob, check_out_buffers, plan_pieces
+from .recovery import open_index
 from .staging import StagedChunk, StagedSave, StagingArea, check_save, stage_chunks
 from .stats import StatsRecorder, StoreStats
+from .writers import Writers, contiguous_runs
 
 logger = logging.getLogger(__name__)
-
-_BATCH_BYTES = 64 << 20  # a writer gathers queued saves up to this many bytes per sync+commit
 
 
 @dataclass(frozen=True)
 class StoreConfig:
+    """``capacity_bytes`` is a limit: the pool file grows to it in ``grow_bytes`` steps as chunks
+    are written, while the disk keeps ``disk_reserve_bytes`` free (None: 5% of the filesystem, at
+    most 4 GiB); past that, saves evict as if the pool were full."""
+
     directory: str
     capacity_bytes: int
     staging_bytes: int = 256 << 20
@@ -46,12 +49,14 @@ class StoreConfig:
     o_direct: bool = False
     chunk_tokens: int = 64
     read_bandwidth_limit: float | None = None  # bytes/s throttle for what-if runs
+    grow_bytes: int = GROW_BYTES
+    disk_reserve_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.directory:
             raise ValueError("StoreConfig.directory: expected a path, got an empty string")
         for name in ("capacity_bytes", "staging_bytes", "writer_threads", "reader_threads",
-                     "chunk_tokens"):
+                     "chunk_tokens", "grow_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"StoreConfig.{name}={v!r}: expected a positive int")
@@ -62,6 +67,9 @@ class StoreConfig:
         if self.read_bandwidth_limit is not None and self.read_bandwidth_limit <= 0:
             raise ValueError(f"StoreConfig.read_bandwidth_limit={self.read_bandwidth_limit}: "
                              "expected None or > 0 bytes/s")
+        if self.disk_reserve_bytes is not None and self.disk_reserve_bytes < 0:
+            raise ValueError(f"StoreConfig.disk_reserve_bytes={self.disk_reserve_bytes}: "
+                             "expected None or >= 0")
 
 
 class Hit(NamedTuple):
@@ -71,56 +79,58 @@ class Hit(NamedTuple):
     layer_kinds: tuple[LayerKind, ...]
 
 
+class OpenReport(NamedTuple):
+    """What opening the store found (``ChunkStore.opened``)."""
+
+    chunks: int  # committed chunks kept
+    seconds: float  # time the open took
+    cold_start: str | None  # why the index found was set aside and the cache starts cold, or None
+    set_aside: str | None  # where that index went (kept for inspection)
+    evicted: int  # least-recently-used chunks evicted to fit a smaller capacity
+
+
 class ChunkStore:
     def __init__(self, config: StoreConfig):
+        t0 = time.perf_counter()
         self.config = config
         self._stats = StatsRecorder()
         self.pool = FilePool(config.directory, config.capacity_bytes, config.o_direct,
-                             config.read_bandwidth_limit)
+                             config.read_bandwidth_limit, grow_bytes=config.grow_bytes,
+                             disk_reserve=config.disk_reserve_bytes)
         try:
-            self.index = ChunkIndex(os.path.join(config.directory, "index"))
+            opened = open_index(config.directory, self.pool)
         except Exception:
             self.pool.close()
             raise
+        self.index = opened.index
         self._space = threading.Lock()  # allocator, LRU, _records, _pending
         self._records: dict[int, ChunkRecord] = {}
         self._pending: set[bytes] = set()
         self._lru = ChainLRU()
-        self._recover()
+        evicted = self._recover(opened.records)
+        self.opened = OpenReport(len(self._records), time.perf_counter() - t0, opened.problem,
+                                 opened.set_aside, evicted)
         self.staging = StagingArea(config.staging_bytes)
-        self._queue: queue.Queue[StagedSave | None] = queue.Queue()
-        self._outstanding = 0
-        self._idle = threading.Condition()
         self._readers = cf.ThreadPoolExecutor(config.reader_threads, "hcache-read")
-        self._writers = [threading.Thread(target=self._writer_main, name=f"hcache-write-{i}",
-                                          daemon=True) for i in range(config.writer_threads)]
-        for t in self._writers:
-            t.start()
+        self._writers = Writers(config.writer_threads, self._write_batch, self._release)
         self._closed = False
+        self._last_drop_log = -float("inf")
 
     # ---- open -------------------------------------------------------------------------------
-    def _recover(self) -> None:
-        """Rebuild allocator and LRU from committed entries; drop those past the file or overlapping."""
-        if self.index.dropped_at_open:
-            logger.warning("index of another format: dropped its %d chunks (their space is free)",
-                           self.index.dropped_at_open)
-        limit = min(self.pool.capacity, self.pool.size_at_open or self.pool.capacity)
-        keep, drop, pos = [], [], 0
-        for rec in sorted(self.index.records(), key=lambda r: r.offset):
-            if rec.offset < pos or rec.offset + rec.nbytes > limit:
-                drop.append(rec)
-            else:
-                keep.append(rec)
-                pos = rec.offset + rec.nbytes
-        if drop:
-            logger.warning("dropping %d index entries past the pool end or overlapping", len(drop))
-            self.index.delete(drop)
-            self._stats.add(corrupt=len(drop))
-        self.alloc = ExtentAllocator.from_used(self.pool.capacity, [(r.offset, r.nbytes) for r in keep])
-        for rec in sorted(keep, key=lambda r: r.chunk_id):
-            self._records[rec.chunk_id] = rec
-            self._lru.add(rec.chunk_id, rec.parent_id)
-        self._lru.restore_order(self.index.lru_order())
+    def _recover(self, records: list[ChunkRecord]) -> int:
+        """Rebuild LRU and allocator from the committed records; evict least-recently-used chains
+        down to the capacity; cut the file after the last kept extent. Returns chunks evicted."""
+        self._records = {rec.chunk_id: rec for rec in sorted(records, key=lambda r: r.chunk_id)}
+        self._lru.load(((r.chunk_id, r.parent_id) for r in self._records.values()),
+                       self.index.lru_order())
+        self.alloc = ExtentAllocator.from_used(self.pool.capacity, [(r.offset, r.nbytes) for r in records])
+        victims = self._take_victims(-self.alloc.free_bytes)
+        if victims:
+            self._evict(victims)
+            logger.info("hcache store: capacity %d bytes is less than the pool held: evicted its %d "
+                        "least recently used chunks", self.pool.capacity, len(victims))
+        self.pool.shrink(max((r.offset + r.nbytes for r in self._records.values()), default=0))
+        return len(victims)
 
     # ---- lookup / read ----------------------------------------------------------------------
     def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
@@ -210,9 +220,7 @@ class ChunkStore:
             c.staging_offset += base
         job = StagedSave(ns, chunks, base, off, parent, pending=pending)
         job.event = stage_chunks(self.staging, ns, chunks, starts, positions, token_ids, layers, rows)
-        with self._idle:
-            self._outstanding += 1
-        self._queue.put(job)
+        self._writers.put(job)
         self._stats.add(saves_accepted=1)
         self._stats.observe("save_call", time.perf_counter() - t0)
         return True
@@ -220,41 +228,21 @@ class ChunkStore:
     def flush(self) -> None:
         """Wait until every accepted save is written, synced and committed (or dropped); record
         the LRU order for the next open."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._outstanding == 0)
+        self._writers.wait_idle()
         with self._space:
             order = self._lru.order()
-        self.index.save_lru_order(order)
+        try:
+            self.index.save_lru_order(order)
+        except Exception as e:  # noqa: BLE001 - a full disk or a damaged index: the order is a hint
+            logger.warning("hcache store: could not record the LRU order in %s (%s)",
+                           self.index.path, e)
 
     # ---- writers ----------------------------------------------------------------------------
-    def _writer_main(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            batch, size = [job], job.staging_bytes
-            while size < _BATCH_BYTES:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-                size += nxt.staging_bytes
-            try:
-                self._write_batch(batch)
-            except Exception:  # noqa: BLE001 - a writer must survive to drain the queue
-                logger.exception("write batch failed; its %d saves are dropped", len(batch))
-            finally:
-                for j in batch:
-                    self.staging.release(j.staging_offset, j.staging_bytes)
-                    with self._space:
-                        self._pending.difference_update(j.pending)
-                with self._idle:
-                    self._outstanding -= len(batch)
-                    self._idle.notify_all()
+    def _release(self, job: StagedSave) -> None:
+        """A save is written or dropped: its staging and its in-flight keys are free."""
+        self.staging.release(job.staging_offset, job.staging_bytes)
+        with self._space:
+            self._pending.difference_update(job.pending)
 
     def _write_batch(self, batch: list[StagedSave]) -> None:
         t0 = time.perf_counter()
@@ -282,24 +270,33 @@ class ChunkStore:
         if len(placed) < len(chunks):
             self._stats.add(chunks_dropped=len(chunks) - len(placed))
         try:
-            for off, bufs in _contiguous_runs(view, placed):
+            for off, bufs in contiguous_runs(view, placed):
                 self.pool.write_at(bufs, off)
             self.pool.sync()
-        except OSError as e:
-            logger.error("pool write failed (%s): dropping %d chunks", e, len(placed))
-            with self._space:
-                for _, c, _, off in placed:
-                    self.alloc.free(off, c.layout.total_bytes)
-            self._stats.add(chunks_dropped=len(placed))
+            records = self._make_records(placed)
+            self.index.commit(records)
+        except Exception as e:  # noqa: BLE001 - ENOSPC (pool or index), EIO: these chunks are lost
+            self._drop_placed(placed, e)
             return
-        records = self._make_records(placed)
-        self.index.commit(records)
         with self._space:
             for rec in records:
                 self._records[rec.chunk_id] = rec
                 self._lru.add(rec.chunk_id, rec.parent_id)
         self._stats.add(chunks_written=len(records), bytes_written=sum(r.nbytes for r in records))
         self._stats.observe("write", time.perf_counter() - t0)
+
+    def _drop_placed(self, placed, error: Exception) -> None:
+        """A batch whose write or commit failed: its extents are free again, its chunks counted."""
+        with self._space:
+            for _, c, _, off in placed:
+                self.alloc.free(off, c.layout.total_bytes)
+        self._stats.add(chunks_dropped=len(placed))
+        now = time.monotonic()
+        if now - self._last_drop_log >= 60:  # a full disk fails every batch: log once a minute
+            self._last_drop_log = now
+            logger.error("hcache store: writing to %s failed (%s): dropped %d chunks; reads go on "
+                         "(hcache_store_chunks_dropped counts every drop)", self.pool.directory,
+                         error, len(placed))
 
     def _make_records(self, placed) -> list[ChunkRecord]:
         ids = self.index.new_ids(len(placed))
@@ -323,34 +320,48 @@ class ChunkStore:
         return records
 
     def _allocate(self, sizes: list[int]) -> list[int | None]:
-        """Extents for each size, evicting LRU chain tails (deleted from the index first)."""
+        """Extents for each size inside what the pool file may grow to, evicting LRU chain tails
+        (deleted from the index first)."""
         out: list[int | None] = []
         with self._space:
+            end = self.pool.size + self.pool.room()  # the disk's free space, checked per batch
             for i, n in enumerate(sizes):
-                off = self.alloc.alloc(n)
+                off = self.alloc.alloc(n, end)
                 while off is None:
-                    need, victims = sum(sizes[i:]), []
-                    freed = self.alloc.free_bytes
                     # At least one victim per round: with enough free bytes in total but no gap
                     # large enough (fragmentation), evicting must still make progress.
-                    while freed < need or not victims:
-                        cid = self._lru.victim()
-                        if cid is None:
-                            break
-                        victims.append(self._records[cid])
-                        self._lru.remove(cid)
-                        freed += victims[-1].nbytes
+                    victims = self._take_victims(sum(sizes[i:]) - self.alloc.free_below(end), 1)
                     if not victims:
                         break
-                    self.index.delete(victims)
-                    for rec in victims:
-                        del self._records[rec.chunk_id]
-                        self.alloc.free(rec.offset, rec.nbytes)
-                    self._stats.add(chunks_evicted=len(victims),
-                                    bytes_evicted=sum(r.nbytes for r in victims))
-                    off = self.alloc.alloc(n)
+                    self._evict(victims)
+                    off = self.alloc.alloc(n, end)
                 out.append(off)
         return out
+
+    def _take_victims(self, nbytes: int, at_least: int = 0) -> list[ChunkRecord]:
+        """Least-recently-used chain tails worth ``nbytes`` (and ``at_least`` of them), taken out of
+        the LRU; the caller holds the space lock and evicts them."""
+        victims: list[ChunkRecord] = []
+        while nbytes > 0 or len(victims) < at_least:
+            cid = self._lru.victim()
+            if cid is None:
+                break
+            victims.append(self._records[cid])
+            self._lru.remove(cid)
+            nbytes -= victims[-1].nbytes
+        return victims
+
+    def _evict(self, victims: list[ChunkRecord]) -> None:
+        self._forget(victims)
+        self._stats.add(chunks_evicted=len(victims), bytes_evicted=sum(r.nbytes for r in victims))
+
+    def _forget(self, recs: list[ChunkRecord]) -> None:
+        """Delete chunks from the index, then free their space (the caller holds the space lock)."""
+        self.index.delete(recs)
+        for rec in recs:
+            del self._records[rec.chunk_id]
+            self._lru.remove(rec.chunk_id)
+            self.alloc.free(rec.offset, rec.nbytes)
 
     # ---- drop / stats / close ---------------------------------------------------------------
     def drop(self, ns: Namespace, keys: Sequence[str]) -> None:
@@ -362,17 +373,12 @@ class ChunkStore:
         with self._space:
             all_ids = {d for cid in ids for d in self._lru.subtree(cid)}
             recs = [self._records[c] for c in all_ids if c in self._records]
-            if not recs:
-                return
-            self.index.delete(recs)
-            for rec in recs:
-                del self._records[rec.chunk_id]
-                self._lru.remove(rec.chunk_id)
-                self.alloc.free(rec.offset, rec.nbytes)
+            if recs:
+                self._forget(recs)
 
     def stats(self) -> StoreStats:
         with self._space:
-            used = self.alloc.capacity - self.alloc.free_bytes
+            used = self.alloc.used_bytes
             stored = len(self._records)
         return self._stats.snapshot(used_bytes=used, capacity_bytes=self.alloc.capacity,
                                     staging_used_bytes=self.staging.used_bytes, chunks_stored=stored)
@@ -382,10 +388,7 @@ class ChunkStore:
             return
         self._closed = True
         self.flush()
-        for _ in self._writers:
-            self._queue.put(None)
-        for t in self._writers:
-            t.join()
+        self._writers.close()
         self._readers.shutdown(wait=True)
         self.index.close()
         self.pool.close()
@@ -396,20 +399,3 @@ class ChunkStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _contiguous_runs(view: memoryview, placed) -> list[tuple[int, list[memoryview]]]:
-    """Group placed chunks into runs of adjacent pool extents: ``[(pool_offset, staging_views)]``.
-
-    The allocator hands a batch adjacent extents when the pool has room, so a batch usually becomes
-    one pwritev (a gather from staging) instead of one write per chunk.
-    """
-    runs: list[tuple[int, list[memoryview]]] = []
-    end = -1
-    for _, c, _, off in sorted(placed, key=lambda x: x[3]):
-        b, n = c.staging_offset, c.layout.total_bytes
-        if off != end:
-            runs.append((off, []))
-        runs[-1][1].append(view[b:b + n])
-        end = off + n
-    return runs

@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, RandomModel
+from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, PagedKVPool, RandomModel
 
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.config import Objective
@@ -308,17 +308,20 @@ def main() -> None:
     own_dir = args.dir is None
     args.dir = args.dir or tempfile.mkdtemp(prefix="hcache-bench-restore-")
     import hcache_sglang  # noqa: F401 - applies the CPU platform patches before SGLang is imported
-    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    try:
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool as pool_cls
+    except ImportError:  # a host without SGLang (a lent GPU): the same per-layer K/V tensors
+        pool_cls = PagedKVPool
 
     print(f"# bench_restore: preset {args.preset}, source {args.source}, device {args.device}, "
           f"{args.dtype}, tokens {args.tokens}, repeats {args.repeats}, o_direct {args.o_direct}, "
-          f"torch threads {torch.get_num_threads()}", flush=True)
+          f"torch threads {torch.get_num_threads()}, KV pool {pool_cls.__name__}", flush=True)
     results = []
     try:
         for g in (g for g in PRESETS[args.preset] if g.name in args.geometries):
             model = RandomModel(g, args.torch_dtype, args.device, max(args.tokens) + 1)
             geometry = g.planner_geometry(torch.empty((), dtype=args.torch_dtype).element_size())
-            contexts = [Context(model, n, args.torch_dtype, args.device, MHATokenToKVPool) for n in args.tokens]
+            contexts = [Context(model, n, args.torch_dtype, args.device, pool_cls) for n in args.tokens]
             host = "pinned host memory" if args.device.type == "cuda" else "host memory"
             settings = [(host, None)] if args.source == "host" else [
                 ("disk, O_DIRECT" if args.o_direct else "disk, buffered", None)]

@@ -5,6 +5,13 @@ cold (O_DIRECT), each against a raw sequential file baseline; index lookup laten
 and the caller-side p99 of a save call vs a plain host copy of the same bytes.
 
     python bench/bench_store.py --dir /tmp/hc-bench --chunks 128 --repeats 3 --json out.json
+
+``--restart N`` measures instead how long a store holding N chunks takes to open (what a restarting
+server waits for), and what the open reads and writes: the index of N chunks of the preset's geometry
+is committed as the store would, into a pool file that is sparse (the open never reads a chunk byte,
+so N = 10^5 Llama-2-7B chunks cost the index's disk only).
+
+    python bench/bench_store.py --restart 100000 --repeats 3
 """
 
 from __future__ import annotations
@@ -18,10 +25,8 @@ import time
 
 import torch
 
-from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
-from hcache_sglang.backends.index import ChunkIndex, ChunkRecord
-from hcache_sglang.backends.layout import chunk_layout
-from hcache_sglang.backends.pool import aligned_buffer, byte_view
+from hcache_sglang.backends import (ChunkIndex, ChunkRecord, ChunkStore, LayerKind, Namespace,
+                                    StoreConfig, aligned_buffer, byte_view, chunk_layout)
 
 PRESETS = {
     "llama2-7b": dict(num_layers=32, hidden_size=4096, num_kv_heads=32, head_dim=128),
@@ -169,6 +174,69 @@ def bench_lookup(args) -> dict:
             "lookup_p50_us": pct(lat, 50) * 1e6, "lookup_p99_us": pct(lat, 99) * 1e6}
 
 
+CONTEXT_CHUNKS = 16  # the restart's store holds 1024-token contexts (chains of 16 chunks)
+
+
+def proc_io() -> tuple[int, int]:
+    """This process's bytes through read/write system calls so far (``rchar``, ``wchar``)."""
+    with open("/proc/self/io") as f:
+        fields = dict(line.split(": ") for line in f.read().splitlines())
+    return int(fields["rchar"]), int(fields["wchar"])
+
+
+def build_restart_store(args, ns: Namespace, chunk_bytes: int) -> StoreConfig:
+    """A closed store of ``--restart`` committed chunks (a sparse pool file under a real index)."""
+    n, pages = args.restart, 64 // ns.page_size
+    config = StoreConfig(args.dir, capacity_bytes=n * chunk_bytes + (64 << 20), staging_bytes=1 << 20)
+    shutil.rmtree(args.dir, ignore_errors=True)
+    ChunkStore(config).close()  # pool header, stamped index
+    index = ChunkIndex(os.path.join(args.dir, "index"))
+    kinds = (LayerKind.HIDDEN,) * ns.num_layers
+    ids = index.new_ids(n)
+    for s in range(0, n, 5000):
+        index.commit([ChunkRecord(cid, ns.key_prefix, i * chunk_bytes, chunk_bytes, 64,
+                                  0 if i % CONTEXT_CHUNKS == 0 else cid - 1, kinds, i,
+                                  tuple(range(i, i + ns.num_layers)),
+                                  tuple(f"{i:016x}{p:048x}" for p in range(pages)))
+                      for i, cid in enumerate(ids[s:s + 5000], start=s)])
+    index.save_lru_order(ids)
+    index.close()
+    with open(os.path.join(args.dir, "pool.bin"), "r+b") as f:
+        f.truncate(4096 + n * chunk_bytes)  # sparse: the header block, then the extents' span
+    return config
+
+
+def bench_restart(args, ns: Namespace, chunk_bytes: int) -> dict:
+    """Open time of a store of ``--restart`` chunks, and the bytes the open reads and writes."""
+    config = build_restart_store(args, ns, chunk_bytes)
+    index_bytes = os.path.getsize(os.path.join(args.dir, "index", "data.mdb"))
+    runs = []
+    for _ in range(args.repeats):
+        r0, w0 = proc_io()
+        t = time.perf_counter()
+        store = ChunkStore(config)
+        open_s = time.perf_counter() - t
+        r1, w1 = proc_io()
+        t = time.perf_counter()
+        hit = store.lookup(ns, [f"{12345:016x}{p:048x}" for p in range(64 // ns.page_size)])
+        lookup_s = time.perf_counter() - t
+        assert store.opened.chunks == args.restart and store.opened.cold_start is None
+        assert hit.num_pages == 64 // ns.page_size
+        store.close()
+        runs.append(dict(open_s=open_s, read_bytes=r1 - r0, written_bytes=w1 - w0,
+                         first_lookup_ms=lookup_s * 1e3))
+    shutil.rmtree(args.dir, ignore_errors=True)
+    res = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    res.update(chunks=args.restart, pages=args.restart * 64 // ns.page_size, index_bytes=index_bytes,
+               open_s_runs=[round(r["open_s"], 3) for r in runs])
+    print(f"restart {args.preset}: {args.restart} chunks ({res['pages']} pages, index "
+          f"{index_bytes / 1e6:.0f} MB): open {res['open_s']:.2f} s (median of {args.repeats}), "
+          f"read {res['read_bytes'] / 1e3:.0f} kB and wrote {res['written_bytes'] / 1e3:.0f} kB "
+          f"through system calls (pool data {args.restart * chunk_bytes / 1e9:.1f} GB: none of it "
+          f"read), first lookup {res['first_lookup_ms']:.2f} ms")
+    return res
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="llama2-7b")
@@ -180,11 +248,19 @@ def main() -> None:
     p.add_argument("--entries", type=int, default=100_000)
     p.add_argument("--lookups", type=int, default=1000)
     p.add_argument("--save-iters", type=int, default=30)
+    p.add_argument("--restart", type=int, default=0, metavar="N",
+                   help="measure only the open of a store holding N chunks")
     p.add_argument("--repeats", type=int, default=3, help="raw + store rounds; medians reported")
     p.add_argument("--json")
     args = p.parse_args()
     ns = Namespace("bench", dtype="bfloat16", page_size=16, **PRESETS[args.preset])
     chunk_bytes = chunk_layout(ns, 64, (LayerKind.HIDDEN,) * ns.num_layers).total_bytes
+    if args.restart:
+        res = {"preset": args.preset, **bench_restart(args, ns, chunk_bytes)}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return
     nbytes = args.chunks // BATCH_CHUNKS * BATCH_CHUNKS * chunk_bytes
     res = {"preset": args.preset, "chunks": args.chunks, "chunk_bytes": chunk_bytes, "bytes": nbytes,
            "repeats": args.repeats}

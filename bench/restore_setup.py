@@ -2,7 +2,8 @@
 
 ``PRESETS`` (MHA + GQA pairs) -> ``RandomModel`` (per-layer ``KVProjection`` for restores, one shared
 set of full-layer weights for recomputes) -> ``Context`` (a context's tokens, its stored payloads,
-SGLang's ``MHATokenToKVPool`` and the ``LayerRestorer`` writing into it).
+a KV pool -- SGLang's ``MHATokenToKVPool``, or ``PagedKVPool`` where SGLang is not installed -- and the
+``LayerRestorer`` writing into it).
 """
 
 from __future__ import annotations
@@ -48,6 +49,20 @@ PRESETS = {
               BenchGeometry("llama3-8b", 32, 4096, 32, 8, 128, 14336)),
 }
 PAGE_SIZE = 16
+
+
+class PagedKVPool:
+    """The K/V tensors of SGLang's ``MHATokenToKVPool`` without SGLang (bench/gpu_check.py on a host
+    without it): per layer ``k_buffer[l], v_buffer[l]: [size + page_size, head_num, head_dim]``, zeroed,
+    slot 0's page being the padding page. Same constructor keywords; tests/test_gpu_check.py checks the
+    layout against SGLang's."""
+
+    def __init__(self, size: int, page_size: int, dtype: torch.dtype, head_num: int, head_dim: int,
+                 layer_num: int, device: str, **_sglang_only):
+        shape = (size + page_size, head_num, head_dim)
+        self.size, self.page_size, self.dtype = size, page_size, dtype
+        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
+        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layer_num)]
 
 
 class RandomModel:

@@ -85,7 +85,11 @@ def default_pool_dir() -> Path:
 
 
 def default_capacity(directory: str | Path) -> int:
-    """Half of the free space on the pool's disk, at most 64 GiB, at least 256 MiB."""
+    """Half of the free space on the pool's disk, at most 64 GiB, at least 256 MiB.
+
+    A limit, not an allocation: the pool file grows to it as chunks are written, and only while the
+    disk keeps its reserve free (checked again at every growth, ``backends.pool.FilePool.room``).
+    """
     path = Path(directory)
     while not path.exists() and path != path.parent:
         path = path.parent

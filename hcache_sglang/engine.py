@@ -9,8 +9,14 @@ Every other keyword is SGLang's own (``sgl.Engine(**kwargs)``).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
 from typing import Any, Optional
 
+import psutil
+import sglang.srt.entrypoints.engine as _sglang_engine
 from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 
 from hcache_sglang.config import HCacheConfig, HierarchicalCache
@@ -50,3 +56,30 @@ class Engine(_SGLangEngine):
     def __init__(self, **kwargs: Any) -> None:
         resolved, self.hierarchical_cache, self.hcache_config = resolve_engine_kwargs(kwargs)
         super().__init__(**resolved)
+
+    def shutdown(self) -> None:
+        with _sparing_resource_tracker():
+            super().shutdown()
+
+
+@contextlib.contextmanager
+def _sparing_resource_tracker() -> Iterator[None]:
+    """SGLang's shutdown SIGKILLs every child of this process, multiprocessing's resource tracker
+    too; the tracker started in its place never saw this process's semaphores, so each one released
+    later printed ``KeyError: '/mp-...'`` (and a "died unexpectedly" warning). Spare the tracker."""
+    tracker = next((p.pid for p in psutil.Process(os.getpid()).children()
+                    if "multiprocessing.resource_tracker" in " ".join(_cmdline(p))), None)
+    original = _sglang_engine.kill_process_tree
+    if tracker is not None:
+        _sglang_engine.kill_process_tree = functools.partial(original, skip_pid=tracker)
+    try:
+        yield
+    finally:
+        _sglang_engine.kill_process_tree = original
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []

@@ -55,6 +55,9 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
   # The CPU platform's stand-ins must reach every Python process SGLang spawns: a .pth file in
   # site-packages runs hcache_sglang._boot at interpreter start (a no-op on hosts with a GPU).
   "$VENV/bin/python" -m hcache_sglang.platform install-hook
+  # SGLang JIT-builds its C++ page hash on first use: build it now, not on a server's first request
+  # (without a compiler, servers use the same hash in Python: hcache_sglang.page_hash).
+  "$VENV/bin/python" -m hcache_sglang.page_hash
 } 2>&1 | grep -v -E "^WARNING: Location .* is ignored" >&2 || true
 "$VENV/bin/python" -c "import torch, sglang, lmdb, hcache_sglang" \
   || { echo "hcache-sglang: environment setup failed (see messages above)" >&2; exit 1; }

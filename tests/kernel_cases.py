@@ -1,18 +1,27 @@
-"""Shared builders for the restore-kernel tests (imported by tests/test_kernels*.py)."""
+"""Shared builders for the restore-kernel tests (tests/test_kernels*.py) and bench/gpu_check.py.
+
+Nothing here imports SGLang at import time: ``sglang_rope`` (SGLang's own rotary embedding, the
+oracle of the CPU suite) imports it when called; every other builder makes its RoPE table with
+``kernels.reference.rope_cos_sin_cache``, which ``test_kernels.py`` proves equal to SGLang's.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from hcache_sglang.kernels import KVProjection
+from hcache_sglang.kernels import Impl, KVProjection, project_kv_into_cache
+from hcache_sglang.kernels.reference import rope_cos_sin_cache
 
+ROPE_BASE = 10000
 ROPE_SCALINGS = {
     "default": None,
     "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
     "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256},
 }
+SENTINEL = -7.0  # a value no restored element takes: untouched slots keep it
 
 
 def sglang_rope(head_dim: int, rotary_dim: int, neox: bool, scaling: str, dtype: torch.dtype,
@@ -20,21 +29,24 @@ def sglang_rope(head_dim: int, rotary_dim: int, neox: bool, scaling: str, dtype:
     """SGLang's own rotary embedding for one scaling config."""
     from sglang.srt.layers.rotary_embedding import get_rope
 
-    return get_rope(head_dim, rotary_dim, max_position, 10000, is_neox_style=neox,
+    return get_rope(head_dim, rotary_dim, max_position, ROPE_BASE, is_neox_style=neox,
                     rope_scaling=ROPE_SCALINGS[scaling], dtype=dtype)
+
+
+def rope_table(rotary_dim: int, scaling: str, max_position: int = 1024) -> torch.Tensor:
+    """The float32 cos/sin table ``sglang_rope(...).cos_sin_cache`` holds, built without SGLang."""
+    return rope_cos_sin_cache(rotary_dim, max_position, ROPE_BASE, ROPE_SCALINGS[scaling])
 
 
 def random_projection(hidden_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, *,
                       rotary_dim: int | None = None, neox: bool = True, bias: bool = False,
                       norm: bool = False, max_position: int = 512,
                       device: str = "cpu") -> KVProjection:
-    """A projection with random weights and a default-RoPE cos/sin table."""
+    """A projection with random weights and a default-RoPE cos/sin table (in ``dtype``)."""
     rotary_dim = rotary_dim or head_dim
     g = torch.Generator().manual_seed(hidden_size * 7 + num_kv_heads * 3 + head_dim)
     kv = 2 * num_kv_heads * head_dim
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    freqs = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
-    cos_sin = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    cos_sin = rope_table(rotary_dim, "default", max_position)
 
     def t(x):
         return x.to(dtype=dtype, device=device)
@@ -65,3 +77,23 @@ def tolerance(dtype: torch.dtype) -> float:
     two ulps of the top binade for half types (the fused kernel rounds once after an fp32
     RoPE where the reference rounds each product), GEMM reassociation for fp32."""
     return {torch.bfloat16: 2**-6, torch.float16: 2**-9, torch.float32: 1e-5}[dtype]
+
+
+def run_impls(hidden: torch.Tensor, positions: torch.Tensor, proj: KVProjection,
+              kv_indices: torch.Tensor, num_slots: int, impls=(Impl.REFERENCE, Impl.TRITON)) -> dict:
+    """``{impl: (k_cache, v_cache)}``: each implementation's restore into its own pool of
+    ``num_slots`` slots prefilled with ``SENTINEL``."""
+    out = {}
+    for impl in impls:
+        shape = (num_slots, proj.num_kv_heads, proj.head_dim)
+        k = torch.full(shape, SENTINEL, dtype=hidden.dtype, device=hidden.device)
+        v = k.clone()
+        project_kv_into_cache(hidden, positions, proj, k, v, kv_indices, impl=impl)
+        out[impl] = (k, v)
+    return out
+
+
+def relative_error(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """max |got - ref| / max |ref| (compare with ``tolerance``)."""
+    scale = float(ref.float().abs().max()) or 1.0
+    return float((ref.float() - got.float()).abs().max()) / scale

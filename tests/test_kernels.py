@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import paged_slots, random_projection, sglang_rope
+from kernel_cases import ROPE_SCALINGS, SENTINEL, paged_slots, random_projection, rope_table, sglang_rope
 
 from hcache_sglang.kernels import (
     Impl,
@@ -14,9 +14,7 @@ from hcache_sglang.kernels import (
     copy_kv_into_cache,
     project_kv_into_cache,
 )
-from hcache_sglang.kernels.reference import rms_norm
-
-SENTINEL = -7.0  # a value no restored element takes: untouched slots keep it
+from hcache_sglang.kernels.reference import rms_norm, rope_cos_sin_cache
 
 
 def _oracle_kv(hidden: torch.Tensor, positions: torch.Tensor, proj: KVProjection):
@@ -98,6 +96,23 @@ def test_rope_equals_sglang_rotary_embedding(scaling, neox, head_dim, rotary_dim
     _, k_sglang = rope.forward_native(positions, q, k_in.clone())
     assert torch.equal(k_cache.reshape(n, kv), k_sglang)
     assert torch.equal(v_cache.reshape(n, kv), k_in)
+
+
+@pytest.mark.parametrize("scaling", sorted(ROPE_SCALINGS))
+@pytest.mark.parametrize("rotary_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_rope_table_equals_sglang_get_rope(scaling, rotary_dim, dtype):
+    # the table the GPU check and the Triton tests build without SGLang is SGLang's, bit for bit
+    # (on a CPU host SGLang keeps it in the model dtype, on CUDA in float32)
+    rope = sglang_rope(128, rotary_dim, True, scaling, dtype, max_position=512)
+    ours = rope_table(rotary_dim, scaling, max_position=512)
+    assert ours.dtype == torch.float32
+    assert torch.equal(ours.to(dtype), rope.cos_sin_cache)
+
+
+def test_reference_rope_table_rejects_unknown_scaling():
+    with pytest.raises(ValueError, match=r"rope_scaling type 'longrope': expected one of"):
+        rope_cos_sin_cache(64, 128, 10000, {"rope_type": "longrope", "factor": 2.0})
 
 
 @pytest.mark.parametrize("kv_heads,tp", [(8, 2), (8, 4), (8, 8), (2, 4)])

@@ -142,7 +142,7 @@ def test_corrupt_chunk_makes_restore_raise(scenario):
     segment = chunk_layout(ns, rec.num_tokens, rec.kinds).layers[2]
     fd = os.open(scenario.store.pool.path, os.O_WRONLY)
     try:
-        os.pwrite(fd, b"\xff" * 64, rec.offset + segment.offset + 8)
+        os.pwrite(fd, b"\xff" * 64, scenario.store.pool.file_offset(rec.offset + segment.offset + 8))
     finally:
         os.close(fd)
     buffers, handle = scenario.read(ns, kinds)
