@@ -7,8 +7,9 @@ number of processes read an environment one process writes; the pool file is ope
 Call order: ``lookup`` (leading pages committed by the writer, one read txn) -> ``read`` (per-layer
 futures, as ``ChunkStore.read``). What the writer may do meanwhile is safe: an entry is committed only
 after its bytes are synced, and a chunk it evicts and overwrites while we read fails its checksum here
-(a miss: ``ChunkCorrupt`` on the layer's future; only the writer drops entries). The writer's LRU
-order is not touched: it sees the group's lookups as its own.
+(a miss: ``ChunkCorrupt`` on the layer's future; only the writer drops entries). An index of another
+format, or one that does not name the pool file's id (the writer set a damaged store aside), reads as
+empty. The writer's LRU order is not touched: it sees the group's lookups as its own.
 """
 
 from __future__ import annotations
@@ -24,55 +25,40 @@ import torch
 
 from .index import FORMAT, ChunkIndex, ChunkRecord
 from .layout import LayerKind, Namespace
+from .pool import PoolReader
 from .reader import ReadHandle, _ReadJob, check_out_buffers, plan_pieces
 from .store import Hit
-from .throttle import BandwidthThrottle
 
 logger = logging.getLogger(__name__)
 
 
 class _ReadOnlyIndex(ChunkIndex):
-    """The writer's index opened for reading: ``resolve`` only; another format reads as empty."""
+    """The writer's index opened for reading: ``resolve`` only."""
 
-    def __init__(self, path: str):  # noqa: D107 - no super().__init__: it would create and write
+    def __init__(self, path: str):  # noqa: D107 - no super().__init__: it opens for writing
+        self.path = path
         self.env = lmdb.open(path, readonly=True, max_dbs=3, subdir=True, lock=True)
-        self._lock = threading.Lock()
-        meta = self.env.open_db(b"meta", create=False)
         self._pages = self.env.open_db(b"pages", create=False)
         self._chunks = self.env.open_db(b"chunks", create=False)
-        with self.env.begin(db=meta) as txn:
-            self.compatible = txn.get(b"format") == FORMAT
+        self._meta = self.env.open_db(b"meta", create=False)
+        self._lock = threading.Lock()
+        self.read_errors = 0
+
+    def pool_id(self) -> bytes | None:
+        """The pool id the index's offsets point into, when it is of this format (else None)."""
+        with self._lock, self.env.begin() as txn:
+            if txn.get(b"format", db=self._meta) != FORMAT:
+                return None
+            return txn.get(b"pool", db=self._meta)
 
     def resolve(self, prefix: bytes, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
-        if not self.compatible:
-            return []
-        try:
-            return super().resolve(prefix, keys)
-        except lmdb.MapResizedError:  # the writer grew the map: adopt its size and retry once
+        try:  # adopt a map the writer grew before reading (a stale map fails every read txn)
+            with self._lock, self.env.begin():
+                pass
+        except lmdb.MapResizedError:
             with self._lock:
                 self.env.set_mapsize(0)
-            return super().resolve(prefix, keys)
-
-
-class _ReadOnlyPool:
-    """The writer's pool file, read with buffered preads (what ``_ReadJob`` needs of a pool)."""
-
-    o_direct = False
-
-    def __init__(self, path: str, read_bandwidth_limit: float | None):
-        self.fd = os.open(path, os.O_RDONLY)
-        self._throttle = BandwidthThrottle(read_bandwidth_limit) if read_bandwidth_limit else None
-
-    def read_into(self, buf: memoryview, offset: int) -> int:
-        from .pool import _read_at
-
-        n = _read_at(self.fd, buf, offset)
-        if self._throttle is not None:
-            self._throttle.charge(n)
-        return n
-
-    def close(self) -> None:
-        os.close(self.fd)
+        return super().resolve(prefix, keys)
 
 
 class PeerStore:
@@ -84,14 +70,17 @@ class PeerStore:
             raise FileNotFoundError(f"store directory {directory!r} has no index and pool yet")
         self.directory = directory
         self.index = _ReadOnlyIndex(index)
-        self.pool = _ReadOnlyPool(pool, read_bandwidth_limit)
+        self.pool = PoolReader(directory, read_bandwidth_limit)
         self._readers = cf.ThreadPoolExecutor(reader_threads, "hcache-peer-read")
-        if not self.index.compatible:
-            logger.warning("hcache: store %s has an index of another format: every lookup misses", directory)
+
+    def _resolve(self, ns: Namespace, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
+        if self.pool.id is None or self.index.pool_id() != self.pool.id:
+            return []  # the writer is setting the store up or aside: nothing readable yet
+        return self.index.resolve(ns.key_prefix, keys)
 
     def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
         """Leading pages of ``keys`` the writer has committed, all with one plan."""
-        resolved = self.index.resolve(ns.key_prefix, keys)
+        resolved = self._resolve(ns, keys)
         kinds = resolved[0][0].kinds if resolved else ()
         n = next((i for i, (rec, _) in enumerate(resolved) if rec.kinds != kinds), len(resolved))
         return Hit(n, kinds)
@@ -100,7 +89,7 @@ class PeerStore:
              positions_out: torch.Tensor, token_ids_out: torch.Tensor | None = None) -> ReadHandle:
         """As :meth:`ChunkStore.read`: ``len(keys)`` pages into ``out[l]``, layer 0's chunks first."""
         n = len(keys) * ns.page_size
-        resolved = self.index.resolve(ns.key_prefix, keys)
+        resolved = self._resolve(ns, keys)
         if len(resolved) < len(keys):
             return ReadHandle.failed(ns.num_layers, KeyError(f"page {keys[len(resolved)]!r} not stored"))
         kinds = resolved[0][0].kinds if resolved else tuple(LayerKind.HIDDEN for _ in out)
