@@ -2,8 +2,8 @@
 
 A restore's reads land in host memory before the restore projects or copies them into the KV pool.
 Fresh buffers per restore cost more than the copy they receive: on a CPU host every 4 KiB page of a
-new allocation faults on first touch (a 100 MB read into fresh memory took 25 ms vs 8.5 ms into
-resident memory on the development VM), and on a GPU host the buffers must be pinned. ``HostBuffers``
+new allocation faults on first touch (bench/README.md has the figure), and on a GPU host the buffers
+must be pinned. ``HostBuffers``
 keeps released buffers (faulted in, or pinned) for the next restore, up to ``max_cached_bytes``.
 
     lease = buffers.lease(nbytes)        # .buffer: uint8 [>= nbytes], page-aligned, resident

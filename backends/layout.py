@@ -28,10 +28,23 @@ HEADER_BYTES_PER_TOKEN = 8 + 4  # positions int64 + token_ids int32
 
 
 class LayerKind(enum.IntEnum):
-    """What a chunk holds for one layer."""
+    """How a restore gets one layer's K/V, and so what a chunk holds for it: the one enum for a layer's
+    method, shared by the planner and the store (the value is the index's on-disk code)."""
 
-    HIDDEN = 0  # the layer's input hidden state [t, hidden_size]
-    KV = 1  # the layer's K and V [t, 2, num_kv_heads, head_dim]
+    HIDDEN = 0  # the layer's input hidden state [t, hidden_size], re-projected
+    KV = 1  # the layer's K and V [t, 2, num_kv_heads, head_dim], copied
+    RECOMPUTE = 2  # nothing stored: rerun from the tokens (a plan's leading layers only)
+
+    @property
+    def letter(self) -> str:
+        """The plan letter: H, K or R."""
+        return "HKR"[self]
+
+    @classmethod
+    def from_letter(cls, letter: str) -> "LayerKind":
+        if letter not in ("H", "K", "R"):
+            raise ValueError(f"layer method {letter!r}: expected H (hidden states), K (stored K/V) or R (recompute)")
+        return cls("HKR".index(letter))
 
 
 def digest(buf) -> int:
@@ -89,6 +102,8 @@ class Namespace:
 
     def row_shape(self, kind: LayerKind) -> tuple[int, ...]:
         """Per-token shape of one layer's payload."""
+        if kind == LayerKind.RECOMPUTE:
+            raise ValueError("a recomputed layer stores nothing; chunks hold HIDDEN and KV layers only")
         if kind == LayerKind.HIDDEN:
             return (self.hidden_size,)
         return (2, self.num_kv_heads, self.head_dim)

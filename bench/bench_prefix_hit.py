@@ -1,5 +1,5 @@
 """Cost of a prefix-cache hit vs a full recompute on the CPU engine, before and after
-the prefix-aware extend attention (``hcache_sglang.platform.attention``).
+the prefix-aware extend attention (``hcache_sglang.cpu_platform.attention``).
 
 For each extend attention (SGLang's original ``full_sequence``, then ``prefix_aware``)
 the real ``sgl.Engine`` serves a random-weight model on the CPU and this script times:
@@ -24,7 +24,7 @@ import statistics
 import time
 
 PRESETS = {
-    # model preset of hcache_sglang.models, layers, prefix tokens, new tokens
+    # model preset of hcache_sglang.toy_models, layers, prefix tokens, new tokens
     "default": dict(model="bench-llama", layers=12, prefix=2048, new=4),
     "quick": dict(model="bench-llama", layers=4, prefix=512, new=4),
 }
@@ -46,7 +46,7 @@ def measure_mode(mode: str, model_dir: str, args, vocab: int) -> dict:
     """Start an engine with extend attention ``mode``; time recomputes and hits."""
     import sglang as sgl
 
-    from hcache_sglang.platform.attention import ATTENTION_ENV
+    from hcache_sglang.cpu_platform.attention import ATTENTION_ENV
 
     os.environ[ATTENTION_ENV] = mode  # read by the platform plugin in the scheduler
     total = args.prefix + args.new
@@ -102,7 +102,7 @@ def measure_attention(args, geometry) -> dict:
     """
     import torch
 
-    from hcache_sglang.platform import attention
+    from hcache_sglang.cpu_platform import attention
 
     dtype = getattr(torch, geometry.dtype)
     total = args.prefix + args.new
@@ -154,7 +154,7 @@ def main() -> None:
         if getattr(args, key) < 1:
             parser.error(f"--{key} must be >= 1, got {getattr(args, key)}")
 
-    from hcache_sglang.models import get_geometry
+    from hcache_sglang.toy_models import get_geometry
 
     geometry = get_geometry(preset["model"], num_layers=args.layers)
     attn = measure_attention(args, geometry)
@@ -179,7 +179,7 @@ def main() -> None:
 
 def run_engines(args, geometry) -> dict:
     """Both extend attentions in the real engine; prints the summary line."""
-    from hcache_sglang.models import ensure_model
+    from hcache_sglang.toy_models import ensure_model
 
     model_dir = str(ensure_model(geometry))
     results = {mode: measure_mode(mode, model_dir, args, geometry.vocab_size) for mode in MODES}

@@ -7,7 +7,7 @@ machine's disk, and a THROTTLED read bandwidth) and each context length, one run
   (``R...R``, a synthetic full layer forward per layer, with the serving path's attention, nothing read);
 - a sweep of layer splits: ``k`` K/V layers and ``L-k`` hidden layers for a grid of ``k`` (each at the
   layout the planner predicts best), plus ``--sweep-recompute`` plans with leading recomputed layers;
-- the planner's choice: ``choose_plan`` with a ``CostProfile`` measured by ``hcache_sglang.profile``
+- the planner's choice: ``choose_plan`` with a ``CostProfile`` measured by ``hcache_sglang.profiling``
   (``measure_compute`` + ``measure_reads``) on the same geometry and store settings.
 
 One restore = ``store.read(...)`` (reader threads fill host buffers layer by layer) +
@@ -47,19 +47,19 @@ from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, PagedKVPoo
 
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.config import Objective
-from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, Method, candidate_plans, choose_plan, predict
-from hcache_sglang.profile import measure_compute, measure_reads
-from hcache_sglang.restore import RestoreJob, ShiftedRead, layer_kinds
+from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, candidate_plans, choose_plan, predict
+from hcache_sglang.profiling import measure_compute, measure_reads
+from hcache_sglang.serving.restorer import RestoreJob, ShiftedRead
 
 SAVE_TOKENS = 256  # tokens per save call (keeps staging small)
 TARGET_PLAN_VS_BEST, TARGET_PRED = 1.10, (0.75, 1.33)
 
 
-def _kinds(plan: LayerPlan) -> tuple[int, list[LayerKind | None]]:
-    r = plan.count(Method.RECOMPUTE)
-    if any(m is Method.RECOMPUTE for m in plan.methods[r:]):
+def _kinds(plan: LayerPlan) -> tuple[int, list[LayerKind]]:
+    r = plan.count(LayerKind.RECOMPUTE)
+    if any(m is LayerKind.RECOMPUTE for m in plan.methods[r:]):
         raise ValueError(f"plan {plan}: RECOMPUTE layers must lead")
-    return r, list(layer_kinds(plan))
+    return r, list(plan.methods)
 
 
 def save_plan(store: ChunkStore | None, ctx: Context, plan: LayerPlan) -> Namespace | None:
@@ -71,7 +71,7 @@ def save_plan(store: ChunkStore | None, ctx: Context, plan: LayerPlan) -> Namesp
     ns = Namespace(f"bench-restore|{g.name}|{plan}", g.num_layers - r, g.hidden_size, g.num_kv_heads,
                    g.head_dim, str(ctx.dtype).removeprefix("torch."), PAGE_SIZE)
     stored = kinds[r:]
-    data = [ctx.hidden[l] if k is LayerKind.HIDDEN else ctx.kv[l] for l, k in enumerate(kinds) if k is not None]
+    data = [ctx.hidden[l] if k is LayerKind.HIDDEN else ctx.kv[l] for l, k in enumerate(kinds) if k is not LayerKind.RECOMPUTE]
     per = SAVE_TOKENS // PAGE_SIZE
     for p0 in range(0, len(ctx.keys), per):
         t0, t1 = p0 * PAGE_SIZE, min(len(ctx.keys), p0 + per) * PAGE_SIZE
@@ -101,10 +101,10 @@ def measure_plan(store, ctx: Context, plan: LayerPlan, repeats: int) -> Measured
     r, kinds = _kinds(plan)
     ns = save_plan(store, ctx, plan)
     fill = store is None  # pinned-host source: the buffers already hold the bytes
-    layers = [None if k is None else ctx.host_buffer(k) for k in kinds]
+    layers = [None if k is LayerKind.RECOMPUTE else ctx.host_buffer(k) for k in kinds]
     if fill:
         for l, k in enumerate(kinds):
-            if k is not None:
+            if k is not LayerKind.RECOMPUTE:
                 layers[l].copy_(ctx.hidden[l] if k is LayerKind.HIDDEN else ctx.kv[l])
     stored = list(range(r, len(kinds)))
     checked = stored[:1] + stored[-1:]
@@ -151,8 +151,8 @@ def sweep(geometry: Geometry, profile: CostProfile, points: int, recompute: int,
     wanted = [(0, k) for k in ks] + [(r, None) for r in range(1, recompute + 1)]
     out = []
     for r, k in wanted:
-        pool = [p for p in candidate_plans(L) if p.count(Method.RECOMPUTE) == r
-                and (k is None or p.count(Method.KV) == k)]
+        pool = [p for p in candidate_plans(L) if p.count(LayerKind.RECOMPUTE) == r
+                and (k is None or p.count(LayerKind.KV) == k)]
         out.append(min(pool, key=lambda p: predict(p, geometry, profile, tokens).seconds_per_1k_tokens))
     return out
 
@@ -188,7 +188,7 @@ def run_setting(args, g: BenchGeometry, model, contexts, label: str, limit: floa
               f"{compute['project_s'] * 1e6:.1f} us, copy {compute['copy_s'] * 1e6:.2f} us, recompute "
               f"{compute['recompute_s'] * 1e6:.0f} us + {compute['attention_s'] * 1e9:.1f} ns per attended token; per layer {compute['layer_overhead_s'] * 1e6:.0f} us; "
               f"read CPU share {profile.read_cpu_share:.2f}", flush=True)
-        full_r = LayerPlan((Method.RECOMPUTE,) * g.num_layers)
+        full_r = LayerPlan((LayerKind.RECOMPUTE,) * g.num_layers)
         for ctx in contexts:
             n = ctx.tokens  # the planner plans for this restore length, as a server would for its own
             chosen = choose_plan(geometry, profile, Objective(args.objective), allow_recompute=True, tokens=n).plan
@@ -259,7 +259,7 @@ def _print_row(row: dict) -> None:
           f" | storage/KV {row['storage_vs_kv']:.2f}", flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: bench (CPU), llama (GPU)")
     ap.add_argument("--tokens", default=None, help="comma list of context lengths (multiples of 16)")
@@ -284,7 +284,11 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--geometries", default=None,
                     help="comma list of the preset's geometry names to run (default: all of them)")
-    args = ap.parse_args()
+    return _resolve_args(ap.parse_args())
+
+
+def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The defaults that depend on the device and the preset, checked."""
     args.device = torch.device(args.device)
     gpu = args.device.type == "cuda"
     args.preset = args.preset or ("small" if args.quick else "llama" if gpu else "bench")
@@ -303,42 +307,58 @@ def main() -> None:
         raise SystemExit("--repeats must be >= 1 and --sweep-points >= 2")
     args.torch_dtype = getattr(torch, args.dtype)
     args.threads = args.threads or (None if gpu else 1)
+    return args
+
+
+def kv_pool_class() -> type:
+    """SGLang's ``MHATokenToKVPool``, or ``PagedKVPool`` on a host without SGLang (a lent GPU)."""
+    import hcache_sglang  # noqa: F401 - applies the CPU platform patches before SGLang is imported
+    try:
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    except ImportError:  # the same per-layer K/V tensors
+        return PagedKVPool
+    return MHATokenToKVPool
+
+
+def run_geometries(args: argparse.Namespace, pool_cls: type) -> list[dict]:
+    """Every geometry of the preset, every read setting: the result rows."""
+    results = []
+    for g in (g for g in PRESETS[args.preset] if g.name in args.geometries):
+        model = RandomModel(g, args.torch_dtype, args.device, max(args.tokens) + 1)
+        geometry = g.planner_geometry(torch.empty((), dtype=args.torch_dtype).element_size())
+        contexts = [Context(model, n, args.torch_dtype, args.device, pool_cls) for n in args.tokens]
+        host = "pinned host memory" if args.device.type == "cuda" else "host memory"
+        settings = [(host, None)] if args.source == "host" else [
+            ("disk, O_DIRECT" if args.o_direct else "disk, buffered", None)]
+        if args.source == "store" and args.throttle_gbps not in ("none", "auto"):
+            settings += [(f"THROTTLED {float(x):.3f} GB/s", float(x) * 1e9)
+                         for x in args.throttle_gbps.split(",")]
+        recompute_times: dict = {}
+        for i, (label, limit) in enumerate(settings):
+            rows, compute = run_setting(args, g, model, contexts, label, limit, recompute_times)
+            if i == 0 and args.source == "store" and args.throttle_gbps == "auto":
+                # where neither pure method wins by IO or compute alone: all-K/V read = all-hidden projection
+                limit = geometry.kv_bytes / compute["project_s"]
+                settings.append((f"THROTTLED {limit / 1e9:.3f} GB/s (auto)", limit))
+            for row in rows:
+                _print_row(row)
+                results.append(row)
+        del contexts, model
+    return results
+
+
+def main() -> None:
+    args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     own_dir = args.dir is None
     args.dir = args.dir or tempfile.mkdtemp(prefix="hcache-bench-restore-")
-    import hcache_sglang  # noqa: F401 - applies the CPU platform patches before SGLang is imported
-    try:
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool as pool_cls
-    except ImportError:  # a host without SGLang (a lent GPU): the same per-layer K/V tensors
-        pool_cls = PagedKVPool
-
+    pool_cls = kv_pool_class()
     print(f"# bench_restore: preset {args.preset}, source {args.source}, device {args.device}, "
           f"{args.dtype}, tokens {args.tokens}, repeats {args.repeats}, o_direct {args.o_direct}, "
           f"torch threads {torch.get_num_threads()}, KV pool {pool_cls.__name__}", flush=True)
-    results = []
     try:
-        for g in (g for g in PRESETS[args.preset] if g.name in args.geometries):
-            model = RandomModel(g, args.torch_dtype, args.device, max(args.tokens) + 1)
-            geometry = g.planner_geometry(torch.empty((), dtype=args.torch_dtype).element_size())
-            contexts = [Context(model, n, args.torch_dtype, args.device, pool_cls) for n in args.tokens]
-            host = "pinned host memory" if args.device.type == "cuda" else "host memory"
-            settings = [(host, None)] if args.source == "host" else [
-                ("disk, O_DIRECT" if args.o_direct else "disk, buffered", None)]
-            if args.source == "store" and args.throttle_gbps not in ("none", "auto"):
-                settings += [(f"THROTTLED {float(x):.3f} GB/s", float(x) * 1e9)
-                             for x in args.throttle_gbps.split(",")]
-            recompute_times: dict = {}
-            for i, (label, limit) in enumerate(settings):
-                rows, compute = run_setting(args, g, model, contexts, label, limit, recompute_times)
-                if i == 0 and args.source == "store" and args.throttle_gbps == "auto":
-                    # where neither pure method wins by IO or compute alone: all-K/V read = all-hidden projection
-                    limit = geometry.kv_bytes / compute["project_s"]
-                    settings.append((f"THROTTLED {limit / 1e9:.3f} GB/s (auto)", limit))
-                for row in rows:
-                    _print_row(row)
-                    results.append(row)
-            del contexts, model
+        results = run_geometries(args, pool_cls)
     finally:
         if own_dir:
             shutil.rmtree(args.dir, ignore_errors=True)

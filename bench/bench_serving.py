@@ -190,13 +190,14 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
     """Every (model, system) server in turn; returns the JSON document."""
     from tqdm import tqdm
 
-    from hcache_sglang import models
+    from hcache_sglang import toy_models
+    from hcache_sglang.model_check import check_model_path
 
     doc: dict = {"config": {k: v for k, v in plan.items()}, "geometries": {}}
     geometries = []
     for name in plan["models"]:
-        path = models.resolve_model(name)
-        info = models.check_model_path(path)
+        path = toy_models.resolve_model(name)
+        info = check_model_path(path)
         vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
         dtype = (info.torch_dtype or "auto") if plan["dtype"] == "checkpoint" else plan["dtype"]
         work = {w: build_workload(w, plan["seed"] + i, vocab, **kw)

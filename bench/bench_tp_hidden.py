@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hcache_sglang.backends.pool import aligned_buffer, byte_view
+from hcache_sglang.backends import aligned_buffer
 
 PRESETS = {"bench-llama": dict(hidden_size=1024, dtype="bfloat16"),
            "llama2-7b": dict(hidden_size=4096, dtype="float16"),
@@ -61,7 +61,7 @@ def _worker(rank: int, args, path: str, init: str, results) -> None:
     row = hidden * torch.empty((), dtype=dtype).element_size()
     layer_bytes = n * row
     whole = aligned_buffer(layer_bytes)[:layer_bytes]
-    view = byte_view(whole)
+    view = memoryview(whole.numpy()).cast("B")
     fd = os.open(path, os.O_RDONLY)
     share = n // ranks
     timings: dict[str, list[float]] = {"full": [], "gather": []}

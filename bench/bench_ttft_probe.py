@@ -54,10 +54,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
 
-    from hcache_sglang import Engine, models
-    from hcache_sglang.demo import engine_kwargs
+    from hcache_sglang import Engine, toy_models
+    from hcache_sglang.demo.runner import engine_kwargs
 
-    path = models.resolve_model(args.model)
+    path = toy_models.resolve_model(args.model)
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
     extra = dict(args.option)
     pool = args.tokens * 2 + 512  # the context and one flood fit; three floods evict it

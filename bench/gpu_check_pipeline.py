@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from gpu_check import run_case
 from restore_setup import PRESETS, BenchGeometry, Context, PagedKVPool, RandomModel
 
-from hcache_sglang.backends import LayerKind, Namespace
-from hcache_sglang.backends.host_buffers import HostBuffers, carve, carved_bytes
-from hcache_sglang.backends.layout import chunk_layout, split_chunks
+from hcache_sglang.backends import HostBuffers, LayerKind, Namespace, carve, carved_bytes, chunk_layout
+from hcache_sglang.backends.layout import split_chunks
 from hcache_sglang.backends.staging import StagedChunk, StagingArea, stage_chunks
-from hcache_sglang.capture import HiddenStateCapture
+from hcache_sglang.serving.capture import HiddenStateCapture
 
 if TYPE_CHECKING:
     from gpu_check import Config, Report

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
-from hcache_sglang.backends.throttle import BandwidthThrottle
+from hcache_sglang.backends import BandwidthThrottle
 
 
 class ThrottledHiCacheFile(HiCacheFile):

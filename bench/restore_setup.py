@@ -13,13 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hcache_sglang.backends import LayerKind
-from hcache_sglang.backends.pool import aligned_buffer
-from hcache_sglang.kernels import KVProjection
+from hcache_sglang.backends import LayerKind, aligned_buffer
+from hcache_sglang.kernels import KVProjection, causal_attention
 from hcache_sglang.kernels.reference import apply_rope, compute_kv, rms_norm
 from hcache_sglang.planner import Geometry
-from hcache_sglang.recompute import causal_attention
-from hcache_sglang.restore import LayerRestorer, RestoreJob
+from hcache_sglang.serving.restorer import LayerRestorer, RestoreJob
 
 
 @dataclass(frozen=True)
@@ -43,7 +41,7 @@ def _pair(name, layers, hidden, heads, gqa_heads, head_dim, inter, gqa_name=None
 
 
 PRESETS = {
-    "bench": _pair("bench-llama", 12, 1024, 16, 4, 64, 2816),  # hcache_sglang.models bench-llama(-gqa)
+    "bench": _pair("bench-llama", 12, 1024, 16, 4, 64, 2816),  # hcache_sglang.toy_models bench-llama(-gqa)
     "small": _pair("small", 6, 512, 8, 2, 64, 1408),
     "llama": (BenchGeometry("llama2-7b", 32, 4096, 32, 32, 128, 11008),
               BenchGeometry("llama3-8b", 32, 4096, 32, 8, 128, 14336)),

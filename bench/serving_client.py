@@ -94,7 +94,7 @@ class Server:
             # The committed chunks in the pool's indexes: extents (header, alignment included). At
             # --tp N: the group's hidden store and every rank's K/V shard store (each holds the same
             # tokens, so tokens count once: the most any one store holds).
-            from hcache_sglang.backends.index import ChunkIndex
+            from hcache_sglang.backends import ChunkIndex
 
             nbytes, tokens = 0, 0
             for path in sorted((self.workdir / "pool").glob("**/index")):

@@ -1,11 +1,11 @@
 """hcache-sglang: restore evicted SGLang prefix-cache state from saved hidden states.
 
-Data flow (one module per step):
-  capture (hcache_sglang.capture)   every layer's input hidden state -> a side pool indexed by KV slot
-  spill   (hcache_sglang.linker)    tree write-through -> hcache_sglang.backends.ChunkStore.save
-  store   (hcache_sglang.backends)  layer-major 64-token chunks in a file pool, indexed by LMDB
-  restore (hcache_sglang.linker)    lookup -> read per layer -> hcache_sglang.kernels -> paged KV
-  plan    (hcache_sglang.planner)   which layers restore from hidden states, stored K/V or recompute
+Data flow (one module per step; README.md has the full table):
+  capture (hcache_sglang.serving.capture)          every layer's input hidden state -> a side pool by KV slot
+  spill   (hcache_sglang.serving.spill)            tree write-through -> hcache_sglang.backends.ChunkStore.save
+  store   (hcache_sglang.backends)                 layer-major 64-token chunks in a file pool, indexed by LMDB
+  restore (hcache_sglang.serving.restore_pipeline) lookup -> read per layer -> serving.restorer -> paged KV
+  plan    (hcache_sglang.planner)                  which layers restore from hidden states, stored K/V or recompute
 """
 
 __version__ = "0.1.0"

@@ -3,15 +3,15 @@
 SGLang modules import ``sgl_kernel`` and ``torchvision`` at import time, and the
 spawned scheduler imports them before SGLang's plugin loader runs, so the CPU
 stand-ins must be reachable from the first line of every interpreter. The ``.pth``
-file that ``python -m hcache_sglang.platform install-hook`` writes into
+file that ``python -m hcache_sglang.cpu_platform install-hook`` writes into
 site-packages imports this module, which, on a host without an NVIDIA device
-(see :mod:`hcache_sglang.platform.detect`):
+(see :mod:`hcache_sglang.cpu_platform.detect`):
 
 1. sets ``SGLANG_USE_CPU_ENGINE=1`` unless the environment already sets it;
 2. appends the stand-in finder at the END of ``sys.meta_path``, so an installed
    ``sgl_kernel`` or ``torchvision`` always wins over its stand-in;
 3. filters SGLang's import-time "needs CUDA" warnings, by their exact text
-   (:mod:`hcache_sglang.platform.quiet`).
+   (:mod:`hcache_sglang.cpu_platform.quiet`).
 
 Standard library only (no torch): it runs in every interpreter of the environment.
 """
@@ -24,13 +24,13 @@ import sys
 
 def install() -> bool:
     """Set up the import-time part of the CPU platform (idempotent); True when active."""
-    from hcache_sglang.platform.detect import wants_cpu_platform
+    from hcache_sglang.cpu_platform.detect import wants_cpu_platform
 
     if not wants_cpu_platform():
         return False
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    from hcache_sglang.platform.quiet import silence_cpu_import_warnings
-    from hcache_sglang.platform.standins import install_finder
+    from hcache_sglang.cpu_platform.quiet import silence_cpu_import_warnings
+    from hcache_sglang.cpu_platform.standins import install_finder
 
     silence_cpu_import_warnings()
 

@@ -3,7 +3,7 @@
 Two servers share chunks only when they serve the same weights with the same numerics: the config,
 the weight files (names, sizes, and a hash of their first and last MiB: cheap, yet any re-save or
 fine-tune changes it), the serving dtype and this package's format version. The tensor-parallel layout is not part of it:
-at ``--tp N`` the namespaces derived from it add the layout (:func:`hcache_sglang.tp_layout.group_namespaces`).
+at ``--tp N`` the namespaces derived from it add the layout (:func:`hcache_sglang.serving.tp_layout.group_namespaces`).
 """
 
 from __future__ import annotations

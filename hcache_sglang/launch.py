@@ -6,7 +6,7 @@ One function, :func:`sglang_kwargs`, decides what each system means in SGLang 0.
 
 - ``off``:     SGLang's radix cache alone; an evicted prefix is recomputed.
 - ``hicache``: SGLang's HiCache, host tier plus its file storage backend (the KV-offload peer).
-- ``hcache``:  the external cache linker :class:`hcache_sglang.linker.HCacheLinker`, configured by an
+- ``hcache``:  the external cache linker :class:`hcache_sglang.serving.linker.HCacheLinker`, configured by an
                :class:`~hcache_sglang.config.HCacheConfig` serialised into the linker config.
 
 On a host without CUDA the CPU defaults are filled in (``device=cpu``, the ``torch_native`` attention
@@ -25,7 +25,7 @@ from hcache_sglang.config import HCacheConfig, HierarchicalCache, LoadCheck, Obj
 
 logger = logging.getLogger(__name__)
 
-LINKER_MODULE = "hcache_sglang.linker"
+LINKER_MODULE = "hcache_sglang.serving.linker"
 LINKER_CLASS = "HCacheLinker"
 
 
@@ -197,7 +197,7 @@ def _option_names(argv: Sequence[str]) -> set[str]:
     return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
-def _option_value(argv: Sequence[str], flag: str) -> Optional[str]:
+def option_value(argv: Sequence[str], flag: str) -> Optional[str]:
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
@@ -215,10 +215,10 @@ def build_server_argv(argv: Sequence[str]) -> tuple[list[str], HierarchicalCache
     # Only the keys SGLang has not been given on the command line are added.
     implied: dict[str, Any] = {k: True for k in given}
     if "device" in given:
-        implied["device"] = _option_value(rest, "--device")
+        implied["device"] = option_value(rest, "--device")
     for flag in ("--tp-size", "--tp"):
         if flag[2:].replace("-", "_") in given:
-            implied["tp_size"] = _option_value(rest, flag)
+            implied["tp_size"] = option_value(rest, flag)
             given.add("tp_size")  # the user's own flag stays the only one
     extra = sglang_kwargs(mode, implied, hcache)
     added = {k: v for k, v in extra.items() if k not in given}

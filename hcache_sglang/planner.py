@@ -16,36 +16,29 @@ once its bytes are in) under a storage objective:
 A plan is fixed when the server starts, because the capture side pool (device memory) holds only the
 HIDDEN layers. It is recorded with every chunk, so chunks saved under another plan are still read
 correctly (each layer by the kind it was stored as).
+
+Pure: a geometry, a cost profile and an objective in, a plan out; no SGLang, no torch. The server's
+side (the model's geometry, measured costs) is :mod:`hcache_sglang.serving.plan_resolution`.
 """
 
 from __future__ import annotations
 
-import enum
-import logging
-
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
+from hcache_sglang.backends import LayerKind
 from hcache_sglang.config import HCacheConfig, Objective
-
-logger = logging.getLogger(__name__)
 
 BALANCED_SLACK = 0.25
 
 
-class Method(str, enum.Enum):
-    HIDDEN = "H"
-    KV = "K"
-    RECOMPUTE = "R"
-
-
 @dataclass(frozen=True)
 class LayerPlan:
-    methods: tuple[Method, ...]
+    methods: tuple[LayerKind, ...]
 
     @classmethod
     def parse(cls, text: str) -> "LayerPlan":
-        return cls(tuple(Method(c) for c in text))
+        return cls(tuple(LayerKind.from_letter(c) for c in text))
 
     @property
     def num_layers(self) -> int:
@@ -53,14 +46,14 @@ class LayerPlan:
 
     @property
     def hidden_layers(self) -> tuple[int, ...]:
-        return tuple(i for i, m in enumerate(self.methods) if m is Method.HIDDEN)
+        return tuple(i for i, m in enumerate(self.methods) if m is LayerKind.HIDDEN)
 
-    def count(self, method: Method) -> int:
+    def count(self, method: LayerKind) -> int:
         return sum(m is method for m in self.methods)
 
     def describe(self) -> str:
         """``"32 layers: 0-30 hidden states, 31 stored K/V"``."""
-        names = {Method.HIDDEN: "hidden states", Method.KV: "stored K/V", Method.RECOMPUTE: "recompute"}
+        names = {LayerKind.HIDDEN: "hidden states", LayerKind.KV: "stored K/V", LayerKind.RECOMPUTE: "recompute"}
         runs: list[str] = []
         start = 0
         for i in range(1, self.num_layers + 1):
@@ -71,7 +64,7 @@ class LayerPlan:
         return f"{self.num_layers} layers: " + ", ".join(runs)
 
     def __str__(self) -> str:
-        return "".join(m.value for m in self.methods)
+        return "".join(m.letter for m in self.methods)
 
 
 @dataclass(frozen=True)
@@ -148,9 +141,9 @@ class CostProfile:
             label=label,
         )
 
-    def bandwidth(self, method: "Method") -> float:
+    def bandwidth(self, method: LayerKind) -> float:
         """Read bytes/s of a layer stored as ``method`` (HIDDEN or KV)."""
-        if method is Method.KV and self.kv_read_bandwidth > 0:
+        if method is LayerKind.KV and self.kv_read_bandwidth > 0:
             return self.kv_read_bandwidth
         return self.read_bandwidth
 
@@ -182,17 +175,17 @@ def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: i
     io_end = compute_end = io_total = compute_total = 0.0
     stored = 0
     for method in plan.methods:
-        if method is Method.RECOMPUTE:
+        if method is LayerKind.RECOMPUTE:
             cost = profile.recompute_seconds(tokens, prefix_tokens)
             compute_end += cost
             compute_total += cost
             continue
-        size = geometry.hidden_bytes if method is Method.HIDDEN else geometry.kv_bytes
+        size = geometry.hidden_bytes if method is LayerKind.HIDDEN else geometry.kv_bytes
         stored += size
         io = size * tokens / profile.bandwidth(method)
         io_end += io
         io_total += io
-        per_token = profile.project_s if method is Method.HIDDEN else profile.copy_s
+        per_token = profile.project_s if method is LayerKind.HIDDEN else profile.copy_s
         cost = per_token * tokens + profile.layer_overhead_s + profile.read_cpu_share * io
         compute_end = max(compute_end, io_end) + cost
         compute_total += cost
@@ -207,20 +200,20 @@ def candidate_plans(num_layers: int) -> Iterable[LayerPlan]:
         for n_k in range(stored + 1):
             layouts = {_first(stored, n_k), _last(stored, n_k), _spread(stored, n_k)}
             for layout in layouts:
-                yield LayerPlan((Method.RECOMPUTE,) * n_r + layout)
+                yield LayerPlan((LayerKind.RECOMPUTE,) * n_r + layout)
 
 
-def _first(n: int, k: int) -> tuple[Method, ...]:
-    return (Method.KV,) * k + (Method.HIDDEN,) * (n - k)
+def _first(n: int, k: int) -> tuple[LayerKind, ...]:
+    return (LayerKind.KV,) * k + (LayerKind.HIDDEN,) * (n - k)
 
 
-def _last(n: int, k: int) -> tuple[Method, ...]:
-    return (Method.HIDDEN,) * (n - k) + (Method.KV,) * k
+def _last(n: int, k: int) -> tuple[LayerKind, ...]:
+    return (LayerKind.HIDDEN,) * (n - k) + (LayerKind.KV,) * k
 
 
-def _spread(n: int, k: int) -> tuple[Method, ...]:
+def _spread(n: int, k: int) -> tuple[LayerKind, ...]:
     picks = {int((j + 0.5) * n / k) for j in range(k)} if k else set()
-    return tuple(Method.KV if i in picks else Method.HIDDEN for i in range(n))
+    return tuple(LayerKind.KV if i in picks else LayerKind.HIDDEN for i in range(n))
 
 
 def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective,
@@ -229,26 +222,26 @@ def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective,
     restore path: a server whose model or parallel setup cannot rerun layers passes
     ``allow_recompute=False``; one whose model's K/V are not a projection of the stored hidden state
     (per-head K norms, quantized weights) passes ``allow_hidden=False``."""
-    smaller = Method.HIDDEN if allow_hidden and geometry.hidden_bytes <= geometry.kv_bytes else Method.KV
-    space_bytes = geometry.num_layers * (geometry.hidden_bytes if smaller is Method.HIDDEN else geometry.kv_bytes)
+    smaller = LayerKind.HIDDEN if allow_hidden and geometry.hidden_bytes <= geometry.kv_bytes else LayerKind.KV
+    space_bytes = geometry.num_layers * (geometry.hidden_bytes if smaller is LayerKind.HIDDEN else geometry.kv_bytes)
     best: Optional[Prediction] = None
     for plan in candidate_plans(geometry.num_layers):
-        if plan.count(Method.RECOMPUTE) == geometry.num_layers:
+        if plan.count(LayerKind.RECOMPUTE) == geometry.num_layers:
             continue  # that is not a restore
-        if not allow_recompute and Method.RECOMPUTE in plan.methods:
+        if not allow_recompute and LayerKind.RECOMPUTE in plan.methods:
             continue
-        if not allow_hidden and Method.HIDDEN in plan.methods:
+        if not allow_hidden and LayerKind.HIDDEN in plan.methods:
             continue
         pred = predict(plan, geometry, profile, tokens)
         if objective is Objective.SPACE and any(
-            m not in (smaller, Method.RECOMPUTE) for m in plan.methods
+            m not in (smaller, LayerKind.RECOMPUTE) for m in plan.methods
         ):
             continue
         if objective is Objective.BALANCED and pred.bytes_per_token > space_bytes * (1 + BALANCED_SLACK):
             continue
-        key = (round(pred.seconds_per_1k_tokens, 12), pred.bytes_per_token, plan.count(Method.RECOMPUTE))
+        key = (round(pred.seconds_per_1k_tokens, 12), pred.bytes_per_token, plan.count(LayerKind.RECOMPUTE))
         if best is None or key < (round(best.seconds_per_1k_tokens, 12), best.bytes_per_token,
-                                   best.plan.count(Method.RECOMPUTE)):
+                                   best.plan.count(LayerKind.RECOMPUTE)):
             best = pred
     assert best is not None
     return best
@@ -258,16 +251,16 @@ def static_plan(num_layers: int, hidden_size: int, kv_dim: int, config: HCacheCo
     """The plan without a cost profile: a forced ``layer_plan``, or the smaller payload per layer."""
     forced = (config.layer_plan or "").strip()
     if forced.lower() == "hidden":
-        return LayerPlan((Method.HIDDEN,) * num_layers)
+        return LayerPlan((LayerKind.HIDDEN,) * num_layers)
     if forced.lower() == "kv":
-        return LayerPlan((Method.KV,) * num_layers)
+        return LayerPlan((LayerKind.KV,) * num_layers)
     if forced:
         if len(forced) != num_layers:
             raise ValueError(
                 f"hcache: layer plan {forced!r} has {len(forced)} letters; the model has {num_layers} layers"
             )
         return LayerPlan.parse(forced)
-    method = Method.HIDDEN if hidden_size < 2 * kv_dim else Method.KV
+    method = LayerKind.HIDDEN if hidden_size < 2 * kv_dim else LayerKind.KV
     return LayerPlan((method,) * num_layers)
 
 
@@ -276,92 +269,15 @@ def check_servable(plan: LayerPlan, recompute_refused: Optional[str] = None,
     """A plan the serving restore path can run: RECOMPUTE layers lead (nothing stored for them) and
     are refused with ``recompute_refused`` (the reason) where this model / setup cannot rerun them;
     HIDDEN layers are refused with ``hidden_refused`` where re-projection would not give the model's K/V."""
-    r = plan.count(Method.RECOMPUTE)
-    if any(m is Method.RECOMPUTE for m in plan.methods[r:]):
+    r = plan.count(LayerKind.RECOMPUTE)
+    if any(m is LayerKind.RECOMPUTE for m in plan.methods[r:]):
         raise ValueError(f"hcache: layer plan {plan}: recomputed layers (R) must be the leading ones")
     if r == plan.num_layers:
         raise ValueError(f"hcache: layer plan {plan} stores nothing; use --hierarchical-cache off instead")
     if r and recompute_refused:
         raise ValueError(f"hcache: layer plan {plan} recomputes layers (R), which this server cannot: "
                          f"{recompute_refused}")
-    if plan.count(Method.HIDDEN) and hidden_refused:
+    if plan.count(LayerKind.HIDDEN) and hidden_refused:
         raise ValueError(f"hcache: layer plan {plan} restores layers from hidden states (H), which this model "
                          f"cannot: {hidden_refused}; use stored K/V (--hcache-layer-plan kv)")
     return plan
-
-
-def _recompute_refused(runner: Any, num_layers: int) -> Optional[str]:
-    from hcache_sglang.recompute import unsupported_reason
-    from hcache_sglang.tp_layout import runner_pp_size, runner_tp_size
-
-    return unsupported_reason(runner.model, num_layers, runner_tp_size(), runner_pp_size())
-
-
-def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
-    """The plan a server runs with: forced by ``layer_plan``, else chosen from measured costs."""
-    from hcache_sglang.capture import reprojection_unsupported
-
-    num_layers, hidden, kv_dim = model_dims(runner.model_config.hf_config)
-    hidden_refused = reprojection_unsupported(runner.model)
-    if config.layer_plan:
-        plan = static_plan(num_layers, hidden, kv_dim, config)
-        r = plan.count(Method.RECOMPUTE)
-        return check_servable(plan, _recompute_refused(runner, r) if r else None, hidden_refused)
-    import torch
-
-    from hcache_sglang.capture import kv_projections
-    from hcache_sglang.profile import load_or_measure
-
-    projection = kv_projections(runner.model)[0]
-    dtype = runner.model_config.dtype
-    cfg = getattr(runner.model_config.hf_config, "text_config", None) or runner.model_config.hf_config
-    geometry = Geometry(
-        num_layers, hidden, projection.num_kv_heads * projection.head_dim,
-        torch._utils._element_size(dtype), getattr(cfg, "intermediate_size", None),
-        getattr(cfg, "num_attention_heads", None),
-    )
-    profile = load_or_measure(
-        projection, geometry, dtype, torch.device(runner.device), store_dir=config.directory,
-        o_direct=config.o_direct, read_bandwidth_limit=config.read_bandwidth_limit,
-        refresh=config.refresh_profile,
-    )
-    refused = _recompute_refused(runner, num_layers - 1)
-    if refused:
-        logger.info("hcache: plans with recomputed layers are off: %s", refused)
-    if hidden_refused:
-        logger.warning("hcache: hidden-state layers are off (stored K/V instead): %s", hidden_refused)
-    best = choose_plan(geometry, profile, config.objective, allow_recompute=refused is None,
-                       tokens=config.plan_tokens, allow_hidden=hidden_refused is None)
-    logger.info(
-        "hcache: plan %s predicted %.1f ms per 1K tokens for %d-token restores (%s, objective %s)",
-        best.plan, best.seconds_per_1k_tokens * 1e3, config.plan_tokens, profile.label, config.objective.value,
-    )
-    return best.plan
-
-
-def model_dims(hf_config: Any) -> tuple[int, int, int]:
-    """(num_layers, hidden_size, kv_dim = num_kv_heads * head_dim) of a HF config (text part)."""
-    cfg = getattr(hf_config, "text_config", None) or hf_config
-    heads, kv_heads = model_heads(hf_config)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, cfg.hidden_size, kv_heads * head_dim
-
-
-def model_heads(hf_config: Any) -> tuple[int, int]:
-    """(num_attention_heads, num_key_value_heads) of a HF config (text part), before any TP split."""
-    cfg = getattr(hf_config, "text_config", None) or hf_config
-    return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-
-
-def side_pool_bytes_per_token(hf_config: Any, dtype: Any, num_layers: int, plan: LayerPlan) -> int:
-    """Device bytes per KV slot of the capture side pool (HIDDEN layers of this rank's stage only)."""
-    import torch
-
-    total_layers, hidden, _ = model_dims(hf_config)
-    fraction = len(plan.hidden_layers) / max(total_layers, 1)
-    element = torch._utils._element_size(dtype)
-    # + 8 bytes for the position (int64) and 4 for the token id (int32) of every slot.
-    return int(round(num_layers * fraction)) * hidden * element + 12
-
-
-

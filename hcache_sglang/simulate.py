@@ -12,7 +12,8 @@ import sys
 from dataclasses import asdict
 
 from hcache_sglang.config import Objective
-from hcache_sglang.planner import PLAN_TOKENS, CostProfile, Geometry, LayerPlan, Method, choose_plan, predict
+from hcache_sglang.backends import LayerKind
+from hcache_sglang.planner import PLAN_TOKENS, CostProfile, Geometry, LayerPlan, choose_plan, predict
 
 # Layer geometries of public models (per TP rank = whole model here), bf16.
 MODELS: dict[str, Geometry] = {
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     best = choose_plan(geometry, profile, Objective(args.objective), tokens=args.context)
     pure = {
         name: predict(LayerPlan((method,) * geometry.num_layers), geometry, profile, args.context)
-        for name, method in (("all hidden", Method.HIDDEN), ("all K/V", Method.KV), ("recompute", Method.RECOMPUTE))
+        for name, method in (("all hidden", LayerKind.HIDDEN), ("all K/V", LayerKind.KV), ("recompute", LayerKind.RECOMPUTE))
     }
     if args.json:
         print(json.dumps({

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 
@@ -106,37 +105,4 @@ class KVProjection:
             head_dim=int(attn_module.head_dim),
             norm_weight=norm_weight,
             norm_eps=norm_eps,
-        )
-
-    def shard(self, rank: int, tp_size: int) -> KVProjection:
-        """The projection a TP rank holds when this one is the full (unsharded) layer.
-
-        Rank r of tp owns KV heads ``[r * H/tp, (r+1) * H/tp)``; when ``tp > H``
-        heads are replicated (rank r holds head ``r * H // tp``), as SGLang does.
-        """
-        if not 0 <= rank < tp_size:
-            raise ValueError(f"rank must be in [0, tp_size={tp_size}), got {rank}")
-        heads = self.num_kv_heads
-        if tp_size <= heads:
-            if heads % tp_size:
-                raise ValueError(f"num_kv_heads={heads} is not divisible by tp_size={tp_size}")
-            per = heads // tp_size
-            first = rank * per
-        else:
-            if tp_size % heads:
-                raise ValueError(f"tp_size={tp_size} is not a multiple of num_kv_heads={heads}")
-            per, first = 1, rank * heads // tp_size
-        d, kv = self.head_dim, self.kv_size
-        rows = torch.arange(first * d, (first + per) * d, device=self.weight.device)
-        rows = torch.cat([rows, rows + kv])
-        return KVProjection(
-            weight=self.weight.index_select(0, rows),
-            bias=None if self.bias is None else self.bias.index_select(0, rows),
-            cos_sin_cache=self.cos_sin_cache,
-            rotary_dim=self.rotary_dim,
-            is_neox_style=self.is_neox_style,
-            num_kv_heads=per,
-            head_dim=d,
-            norm_weight=self.norm_weight,
-            norm_eps=self.norm_eps,
         )

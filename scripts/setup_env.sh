@@ -49,12 +49,12 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
     "${PIP[@]}" --no-deps sglang==0.5.23
   else
     "${PIP[@]}" sglang==0.5.23
-    "${PIP[@]}" lmdb pytest hypothesis
+    "${PIP[@]}" lmdb pytest hypothesis "import-linter==2.16"
   fi
   "${PIP[@]}" --no-deps --no-build-isolation -e "$ROOT"
   # The CPU platform's stand-ins must reach every Python process SGLang spawns: a .pth file in
   # site-packages runs hcache_sglang._boot at interpreter start (a no-op on hosts with a GPU).
-  "$VENV/bin/python" -m hcache_sglang.platform install-hook
+  "$VENV/bin/python" -m hcache_sglang.cpu_platform install-hook
   # SGLang JIT-builds its C++ page hash on first use: build it now, not on a server's first request
   # (without a compiler, servers use the same hash in Python: hcache_sglang.page_hash).
   "$VENV/bin/python" -m hcache_sglang.page_hash

@@ -1,7 +1,7 @@
 """Shared fixtures: demo models built once per test session.
 
 ``model_dir(name, **overrides)`` returns the directory of a built-in model from
-``hcache_sglang.models.GEOMETRIES`` (fields may be overridden, e.g. ``rope_scaling={...}``),
+``hcache_sglang.toy_models.GEOMETRIES`` (fields may be overridden, e.g. ``rope_scaling={...}``),
 built on first use into a session temp dir (tiny models take well under a second).
 """
 
@@ -12,7 +12,7 @@ from typing import Callable
 
 import pytest
 
-from hcache_sglang.models import ensure_model, get_geometry
+from hcache_sglang.toy_models import ensure_model, get_geometry
 
 
 @pytest.fixture(scope="session")

@@ -90,9 +90,9 @@ def test_storage_bound_hicache_reads_its_file_tier_at_the_capped_rate(tmp_path):
 
     from serving_client import system_server
 
-    from hcache_sglang import models
+    from hcache_sglang import toy_models
 
-    path = models.resolve_model("tiny-llama-mha")
+    path = toy_models.resolve_model("tiny-llama-mha")
     cfg = json.loads((Path(path) / "config.json").read_text())
     layers, hidden = cfg["num_hidden_layers"], cfg["hidden_size"]
     cap = 8 << 20  # "8M": 8 MiB/s

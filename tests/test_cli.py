@@ -45,18 +45,18 @@ def test_contradictory_cache_flags_are_a_clear_error(tmp_path):
 def test_missing_dependency_is_named(monkeypatch, capsys):
     import importlib.util
 
-    from hcache_sglang import cli
+    from hcache_sglang import launch_server
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lmdb" else real(name, *a))
     with pytest.raises(SystemExit, match="missing dependencies: lmdb"):
-        cli.check_dependencies()
+        launch_server.check_dependencies()
 
 
 def test_taken_port_is_a_clear_error(tmp_path):
     import socket
 
-    from hcache_sglang.models import ensure_model
+    from hcache_sglang.toy_models import ensure_model
 
     model = ensure_model("tiny-llama-mha")
     with socket.socket() as busy:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from hcache_sglang.platform.cpu import Device, detect_device
+from hcache_sglang.cpu_platform.cpu import Device, detect_device
 
 
 @pytest.mark.skipif(detect_device() is not Device.CPU, reason="the filter is for CPU hosts")

@@ -9,7 +9,10 @@ import statistics
 
 import pytest
 
-from hcache_sglang import demo, demo_report, models
+from hcache_sglang.demo import records, workloads
+from hcache_sglang.demo import report as demo_report
+from hcache_sglang.demo.main import main as demo_main
+from hcache_sglang.model_check import ModelInfo
 
 
 def _tokenizer(model_dir):
@@ -21,8 +24,8 @@ def _tokenizer(model_dir):
 def test_schedule_evicts_every_prefix_before_it_returns(model_dir):
     tok = _tokenizer(model_dir)
     pool = 1024
-    steps = demo.demo_schedule(pool, turns=3, num_questions=3)
-    ids = [demo.encode(tok, s.requests[0]) for s in steps]
+    steps = workloads.demo_schedule(pool, turns=3, num_questions=3)
+    ids = [workloads.encode(tok, s.requests[0]) for s in steps]
     # every request stays well under the device pool (a longer one livelocks SGLang)
     assert max(len(x) for x in ids) < 0.75 * pool
     # chat and rag alternate, each followed by other traffic
@@ -37,35 +40,35 @@ def test_schedule_evicts_every_prefix_before_it_returns(model_dir):
         # ... and more than a pool's worth of other tokens was sent in between, so LRU evicted it
         assert sum(len(ids[j]) for j in range(prev + 1, i)) > pool
     with pytest.raises(ValueError, match="max_total_tokens=100"):
-        demo.demo_schedule(100)
+        workloads.demo_schedule(100)
 
 
 def test_sources_split_prompt_tokens():
     # hcache run: the hook's split is taken as is
     split = {"device": 16, "hcache": 384, "computed": 30}
     meta = {"cached_tokens": 400, "cached_tokens_details": split}
-    assert demo._sources(430, meta) == {"device": 16, "hcache": 384, "computed": 30}
+    assert records.prompt_sources(430, meta) == {"device": 16, "hcache": 384, "computed": 30}
     # off run: SGLang's own keys, or nothing at all when nothing was cached
     meta = {"cached_tokens": 64, "cached_tokens_details": {"device": 64, "host": 0}}
-    assert demo._sources(430, meta) == {"device": 64, "hcache": 0, "computed": 366}
-    assert demo._sources(430, {"cached_tokens": 0}) == {"device": 0, "hcache": 0, "computed": 430}
+    assert records.prompt_sources(430, meta) == {"device": 64, "hcache": 0, "computed": 366}
+    assert records.prompt_sources(430, {"cached_tokens": 0}) == {"device": 0, "hcache": 0, "computed": 430}
 
 
 def _result(step, returning, prompt, cached, out, ttft, workload="chat"):
-    return demo.RequestResult(
+    return records.RequestResult(
         workload, step, returning, prompt, cached, tuple(out), ttft, ttft + 0.1
     )
 
 
 def _runs(hcache_outputs):
     computed = lambda n: {"device": 0, "hcache": 0, "computed": n}  # noqa: E731
-    off = demo.DemoRun("off", 20.0, (
+    off = records.DemoRun("off", 20.0, (
         _result("turn 1", False, 100, computed(100), [5, 6], 0.30),
         _result("filler 2", False, 700, computed(700), [9], 0.50, workload="traffic"),
         _result("turn 2", True, 200, computed(200), [7, 8], 0.40),
         _result("turn 3", True, 300, computed(300), [3, 4], 0.60),
     ))
-    hcache = demo.DemoRun("hcache", 21.0, (
+    hcache = records.DemoRun("hcache", 21.0, (
         _result("turn 1", False, 100, computed(100), hcache_outputs[0], 0.30),
         _result("filler 2", False, 700, computed(700), [9], 0.52, workload="traffic"),
         _result("turn 2", True, 200, {"device": 16, "hcache": 96, "computed": 88},
@@ -76,7 +79,7 @@ def _runs(hcache_outputs):
     return off, hcache
 
 
-INFO = models.ModelInfo(None, "LlamaForCausalLM", 4, 256, 4, 4, 64, "float32")
+INFO = ModelInfo(None, "LlamaForCausalLM", 4, 256, 4, 4, 64, "float32")
 STORE = demo_report.StoreSummary(chunks=5, tokens=320, bytes_on_disk=2 << 20, plan="HHHK")
 
 
@@ -115,7 +118,7 @@ def test_compare_flags_different_generations_and_schedules():
 @pytest.mark.engine
 def test_demo_end_to_end_restores_and_matches(model_dir, tmp_path, capsys):
     out = tmp_path / "demo.json"
-    rc = demo.main([
+    rc = demo_main([
         "--model", str(model_dir("tiny-llama-mha")), "--turns", "2", "--questions", "2",
         "--max-total-tokens", "1024", "--hcache-dir", str(tmp_path / "store"),
         "--hcache-capacity", "64M", "--json", str(out),

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from hcache_sglang import demo
+from hcache_sglang.demo import workloads
 
 NEW_TOKENS = 16
 GREEDY = {"max_new_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}
@@ -27,8 +27,8 @@ def test_chat_turns_extend_the_previous_prompt(model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama-mha"))
-    steps = demo.multi_turn_chat(turns=5)
-    ids = [demo.encode(tok, step.requests[0]) for step in steps]
+    steps = workloads.multi_turn_chat(turns=5)
+    ids = [workloads.encode(tok, step.requests[0]) for step in steps]
     assert [len(step.requests) for step in steps] == [1] * 5
     # each turn's prompt starts with the whole previous prompt, so the cache can serve it
     for prev, cur in zip(ids, ids[1:]):
@@ -40,14 +40,14 @@ def test_rag_questions_share_the_document_prefix(model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir("tiny-llama-mha"))
-    steps = demo.rag_questions(num_questions=8, doc_chars=3000)
+    steps = workloads.rag_questions(num_questions=8, doc_chars=3000)
     assert [len(s.requests) for s in steps] == [1] * 8
     assert [s.returning for s in steps] == [False] + [True] * 7
-    ids = [demo.encode(tok, s.requests[0]) for s in steps]
+    ids = [workloads.encode(tok, s.requests[0]) for s in steps]
     shared = min(len(os.path.commonprefix([ids[0], other])) for other in ids[1:])
     assert shared > 0.95 * min(len(x) for x in ids) and shared > 1000
     with pytest.raises(ValueError, match="num_questions=1"):
-        demo.rag_questions(num_questions=1)
+        workloads.rag_questions(num_questions=1)
 
 
 @pytest.fixture(scope="module", params=["tiny-llama-gqa", "tiny-qwen2"])

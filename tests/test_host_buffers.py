@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hcache_sglang.backends.host_buffers import HostBuffers, carve, carved_bytes
+from hcache_sglang.backends import HostBuffers, carve, carved_bytes
 
 
 def test_released_buffers_are_reused_best_fit_and_bounded():

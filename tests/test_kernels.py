@@ -1,6 +1,6 @@
 """Restore kernels, reference implementation: the executable spec checked against
 independent oracles (SGLang's own rotary embeddings and RMSNorm, a float64 complex-number
-RoPE) over MHA/GQA/MQA, head_dim 64/128, page sizes 1/16/64 and TP shards."""
+RoPE) over MHA/GQA/MQA, head_dim 64/128 and page sizes 1/16/64."""
 
 from __future__ import annotations
 
@@ -115,26 +115,6 @@ def test_reference_rope_table_rejects_unknown_scaling():
         rope_cos_sin_cache(64, 128, 10000, {"rope_type": "longrope", "factor": 2.0})
 
 
-@pytest.mark.parametrize("kv_heads,tp", [(8, 2), (8, 4), (8, 8), (2, 4)])
-def test_tp_rank_projects_its_heads_from_full_hidden(kv_heads, tp):
-    # the full layer, and what each TP rank's qkv_proj holds
-    head_dim, hidden_size, n = 64, 512, 40
-    full = random_projection(hidden_size, kv_heads, head_dim, torch.float32, bias=True)
-    hidden, positions, slots = torch.randn(n, hidden_size), torch.arange(n) + 5, torch.arange(n)
-    k_full, v_full = _empty_cache(n, full, torch.float32)
-    project_kv_into_cache(hidden, positions, full, k_full, v_full, slots)
-    for rank in range(tp):
-        shard = full.shard(rank, tp)
-        per = max(1, kv_heads // tp)
-        first = rank * per if tp <= kv_heads else rank * kv_heads // tp
-        assert shard.num_kv_heads == per
-        k_rank, v_rank = _empty_cache(n, shard, torch.float32)
-        project_kv_into_cache(hidden, positions, shard, k_rank, v_rank, slots)
-        # rank r's heads == the corresponding heads of the full projection
-        torch.testing.assert_close(k_rank, k_full[:, first : first + per], atol=1e-6, rtol=0)
-        torch.testing.assert_close(v_rank, v_full[:, first : first + per], atol=1e-6, rtol=0)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pre_norm_input_equals_sglang_rmsnorm_then_post_norm_restore(dtype):
     from sglang.srt.layers.layernorm import RMSNorm
@@ -217,5 +197,3 @@ def test_wrappers_reject_bad_inputs_with_clear_errors(monkeypatch):
         copy_kv_into_cache(torch.zeros(n, 3, 2, 64), k, v, idx)
     with pytest.raises(ValueError, match=r"weight must be \[2 \* num_kv_heads \* head_dim = 256"):
         KVProjection(torch.zeros(200, 128), None, proj.cos_sin_cache, 64, True, 2, 64)
-    with pytest.raises(ValueError, match="rank must be in"):
-        proj.shard(2, 2)

@@ -8,8 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hcache_sglang import models
-from hcache_sglang.models import check_model_path, ensure_model, get_geometry
+from hcache_sglang import toy_models as models
+from hcache_sglang.model_check import check_model_path
+from hcache_sglang.toy_models import ensure_model, get_geometry
 
 TINY = [n for n in models.GEOMETRIES if n.startswith("tiny-")]
 

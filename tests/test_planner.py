@@ -2,9 +2,10 @@
 
 import pytest
 
+from hcache_sglang.backends import LayerKind
 from hcache_sglang.config import HCacheConfig, Objective
 from hcache_sglang.planner import (
-    CostProfile, Geometry, LayerPlan, Method, check_servable, choose_plan, predict, static_plan,
+    CostProfile, Geometry, LayerPlan, check_servable, choose_plan, predict, static_plan,
 )
 from hcache_sglang.simulate import HARDWARE, MODELS, main as simulate_main
 
@@ -16,14 +17,14 @@ def _profile(model, hardware="a100-4nvme"):
 def test_reproduces_the_papers_llama2_7b_split():
     # EuroSys'25 HCache, A100 + 4 NVMe SSDs: Llama-2-7B restores 31 layers from hidden states + 1 from K/V.
     plan = choose_plan(MODELS["llama-2-7b"], _profile("llama-2-7b"), Objective.BALANCED).plan
-    assert (plan.count(Method.HIDDEN), plan.count(Method.KV), plan.count(Method.RECOMPUTE)) == (31, 1, 0)
+    assert (plan.count(LayerKind.HIDDEN), plan.count(LayerKind.KV), plan.count(LayerKind.RECOMPUTE)) == (31, 1, 0)
 
 
 def test_reproduces_the_papers_llama2_13b_split_approximately():
     # The paper reports about 36 hidden + 4 K/V layers for 13B on the same machine.
     plan = choose_plan(MODELS["llama-2-13b"], _profile("llama-2-13b"), Objective.BALANCED).plan
-    assert plan.count(Method.RECOMPUTE) == 0
-    assert 3 <= plan.count(Method.KV) <= 5 and plan.count(Method.HIDDEN) == 40 - plan.count(Method.KV)
+    assert plan.count(LayerKind.RECOMPUTE) == 0
+    assert 3 <= plan.count(LayerKind.KV) <= 5 and plan.count(LayerKind.HIDDEN) == 40 - plan.count(LayerKind.KV)
 
 
 @pytest.mark.parametrize("hardware", sorted(HARDWARE))
@@ -32,8 +33,8 @@ def test_gqa_prefers_kv_or_recompute_over_hidden_states(hardware):
     # costs compute too, so hidden states never win.
     geometry = MODELS["llama-3-8b"]
     best = choose_plan(geometry, _profile("llama-3-8b", hardware), Objective.SPEED)
-    assert best.plan.count(Method.HIDDEN) == 0
-    all_hidden = predict(LayerPlan((Method.HIDDEN,) * 32), geometry, _profile("llama-3-8b", hardware))
+    assert best.plan.count(LayerKind.HIDDEN) == 0
+    all_hidden = predict(LayerPlan((LayerKind.HIDDEN,) * 32), geometry, _profile("llama-3-8b", hardware))
     assert best.seconds_per_1k_tokens < all_hidden.seconds_per_1k_tokens
 
 
@@ -41,8 +42,8 @@ def test_io_bound_machine_recomputes_leading_layers():
     geometry = MODELS["llama-2-7b"]
     slow_disk = CostProfile.from_hardware(geometry, tflops=700, read_gbps=3, copy_gbps=3000)
     plan = choose_plan(geometry, slow_disk, Objective.SPEED).plan
-    n_r = plan.count(Method.RECOMPUTE)
-    assert n_r > 0 and all(m is Method.RECOMPUTE for m in plan.methods[:n_r])
+    n_r = plan.count(LayerKind.RECOMPUTE)
+    assert n_r > 0 and all(m is LayerKind.RECOMPUTE for m in plan.methods[:n_r])
 
 
 def test_recomputed_layers_cost_more_per_token_in_longer_restores():
@@ -56,10 +57,10 @@ def test_recomputed_layers_cost_more_per_token_in_longer_restores():
                                    * geometry.attention_flops_per_pair) / flops)
     # behind a device-resident prefix, every restored token also attends to the prefix
     assert slow_disk.recompute_seconds(1024, prefix_tokens=4096) > one_k + 1024 * 4096 * slow_disk.attention_s * 0.99
-    r_short = choose_plan(geometry, slow_disk, Objective.SPEED, tokens=512).plan.count(Method.RECOMPUTE)
-    r_long = choose_plan(geometry, slow_disk, Objective.SPEED, tokens=32768).plan.count(Method.RECOMPUTE)
+    r_short = choose_plan(geometry, slow_disk, Objective.SPEED, tokens=512).plan.count(LayerKind.RECOMPUTE)
+    r_long = choose_plan(geometry, slow_disk, Objective.SPEED, tokens=32768).plan.count(LayerKind.RECOMPUTE)
     assert r_short > r_long
-    full = LayerPlan((Method.RECOMPUTE,) * 32)
+    full = LayerPlan((LayerKind.RECOMPUTE,) * 32)
     per_token = [predict(full, geometry, slow_disk, n).seconds_per_1k_tokens for n in (1024, 32768)]
     assert per_token[1] > 1.4 * per_token[0]
 
@@ -72,7 +73,7 @@ def test_objectives_trade_time_for_space():
     assert speed.seconds_per_1k_tokens <= balanced.seconds_per_1k_tokens <= space.seconds_per_1k_tokens
     assert space.bytes_per_token <= balanced.bytes_per_token
     assert space.bytes_per_token <= 32 * geometry.hidden_bytes  # hidden states (or nothing) only
-    assert Method.KV not in space.plan.methods
+    assert LayerKind.KV not in space.plan.methods
 
 
 def test_pipeline_prediction_is_bounded_by_its_resources():
@@ -89,7 +90,7 @@ def test_reads_that_share_the_cpu_with_compute_are_charged_to_it():
     independent = CostProfile(read_bandwidth=2e9, project_s=20e-6, copy_s=1e-6, recompute_s=1e-3)
     shared = CostProfile(read_bandwidth=2e9, project_s=20e-6, copy_s=1e-6, recompute_s=1e-3,
                          read_cpu_share=1.0)
-    all_kv = LayerPlan((Method.KV,) * 12)
+    all_kv = LayerPlan((LayerKind.KV,) * 12)
     io = predict(all_kv, geometry, independent).io_seconds_per_1k
     copies = predict(all_kv, geometry, independent).compute_seconds_per_1k
     assert predict(all_kv, geometry, independent).seconds_per_1k_tokens < io + copies
@@ -102,15 +103,15 @@ def test_reads_that_share_the_cpu_with_compute_are_charged_to_it():
     # Independent resources: a few K/V layers soak up idle IO while compute projects the rest. On a
     # shared CPU every byte read costs compute time too, so the smaller hidden state wins every layer.
     close = dict(read_bandwidth=1e9, project_s=2.5e-6, copy_s=1e-6, recompute_s=1e-3)
-    assert choose_plan(geometry, CostProfile(**close), Objective.SPEED).plan.count(Method.KV) >= 1
-    all_hidden = LayerPlan((Method.HIDDEN,) * 12)
+    assert choose_plan(geometry, CostProfile(**close), Objective.SPEED).plan.count(LayerKind.KV) >= 1
+    all_hidden = LayerPlan((LayerKind.HIDDEN,) * 12)
     assert choose_plan(geometry, CostProfile(**close, read_cpu_share=1.0), Objective.SPEED).plan == all_hidden
 
 
 def test_static_plan_and_forced_plans():
     cfg = HCacheConfig.create(directory="/tmp/hc", capacity="1G")
-    assert static_plan(4, 256, 256, cfg) == LayerPlan((Method.HIDDEN,) * 4)  # MHA: hidden is smaller
-    assert static_plan(4, 256, 64, cfg) == LayerPlan((Method.KV,) * 4)  # GQA 4:1: K+V is smaller
+    assert static_plan(4, 256, 256, cfg) == LayerPlan((LayerKind.HIDDEN,) * 4)  # MHA: hidden is smaller
+    assert static_plan(4, 256, 64, cfg) == LayerPlan((LayerKind.KV,) * 4)  # GQA 4:1: K+V is smaller
     forced = HCacheConfig.create(directory="/tmp/hc", capacity="1G", layer_plan="HHKK")
     assert str(static_plan(4, 256, 256, forced)) == "HHKK"
     with pytest.raises(ValueError, match="has 4 letters; the model has 6"):
@@ -137,7 +138,7 @@ def test_serving_plans_recompute_leading_layers_only_where_supported():
 def test_recompute_support_is_checked_on_the_model_structure():
     from torch import nn
 
-    from hcache_sglang.recompute import unsupported_reason
+    from hcache_sglang.serving.introspect import recompute_unsupported as unsupported_reason
 
     class Attn(nn.Module):
         qkv_proj = rotary_emb = o_proj = None

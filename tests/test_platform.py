@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from hcache_sglang.platform import attention, cpu_ops, detect, hook, host_pool, standins
+from hcache_sglang.cpu_platform import attention, cpu_ops, detect, hook, host_pool, standins
 
 pytestmark = pytest.mark.skipif(
     not detect.wants_cpu_platform(), reason="the CPU platform is inactive on this host"
@@ -97,7 +97,7 @@ def test_unmeasured_sgl_kernel_submodule_stays_absent():
 
 def test_hook_file_is_installed():
     assert hook.is_installed(), (
-        f"{hook.pth_path()} missing: run `python -m hcache_sglang.platform install-hook`"
+        f"{hook.pth_path()} missing: run `python -m hcache_sglang.cpu_platform install-hook`"
     )
 
 
@@ -133,16 +133,16 @@ def test_bad_platform_value_is_named(monkeypatch):
 
 
 def test_apply_reports_cpu_and_patches():
-    from hcache_sglang import platform
-    from hcache_sglang.platform.cpu import Device
+    from hcache_sglang import cpu_platform
+    from hcache_sglang.cpu_platform.cpu import Device
 
-    report = platform.apply()
+    report = cpu_platform.apply()
     assert report.device is Device.CPU
-    assert attention.backend_class()._run_sdpa_forward_extend is attention.prefix_aware_sdpa_extend
+    assert attention.active_sdpa_extend() is attention.prefix_aware_sdpa_extend
     from sglang.srt.mem_cache.pool_host import mha
 
     assert mha.transfer_kv_direct is cpu_ops.transfer_kv_direct
-    assert getattr(mha.MHATokenToKVPoolHost.__init__, host_pool._PATCHED)
+    assert getattr(mha.MHATokenToKVPoolHost.__init__, host_pool.PATCHED_MARK)
 
 
 # --- CPU ops ---------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from hcache_sglang.kernels import KVProjection
 from hcache_sglang.planner import Geometry
-from hcache_sglang.profile import load_or_measure, profile_path
+from hcache_sglang.profiling import load_or_measure, profile_path
 
 
 def _projection(hidden=128, heads=2, head_dim=32):

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 import hcache_sglang  # noqa: F401 - CPU platform patches before SGLang is imported
-from hcache_sglang.backends import ChunkCorrupt, ChunkStore, LayerKind, Namespace, StoreConfig
-from hcache_sglang.backends.layout import chunk_layout
+from hcache_sglang.backends import ChunkCorrupt, ChunkStore, LayerKind, Namespace, StoreConfig, chunk_layout
+from hcache_sglang.kernels import causal_attention
 from hcache_sglang.kernels.reference import compute_kv
-from hcache_sglang.restore import LayerRestorer, RestoreJob, RestoreProgress
+from hcache_sglang.serving.restore_pipeline import RestoreProgress
+from hcache_sglang.serving.restorer import LayerRestorer, RestoreJob
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from kernel_cases import paged_slots, random_projection
 
@@ -166,7 +167,7 @@ def test_cancelled_restore_stops_writing_before_cancel_returns(tmp_path):
         ns = s.save(kinds)
         buffers, handle = s.read(ns, kinds)
         progress = RestoreProgress()
-        job = RestoreJob(s.slots, s.positions, s.token_ids, buffers, list(kinds), handle, progress)
+        job = RestoreJob(s.slots, s.positions, s.token_ids, buffers, list(kinds), handle)
 
         def run():
             assert progress.begin()
@@ -200,17 +201,14 @@ def test_cancelled_restore_stops_writing_before_cancel_returns(tmp_path):
 
 
 @pytest.mark.parametrize("n,total,heads,kv_heads", [(5, 12, 4, 2), (40, 100, 4, 1), (37, 37, 2, 2)])
-def test_causal_attention_of_a_tail_behind_a_prefix_matches_a_loop(monkeypatch, n, total, heads, kv_heads):
+def test_causal_attention_of_a_tail_behind_a_prefix_matches_a_loop(n, total, heads, kv_heads):
     """Recomputed layers: the restored tokens attend to the prefix and to the tokens before them
     (query blocks of 16 on the CPU path: one block, blocks behind a prefix, no prefix at all)."""
-    from hcache_sglang import recompute
-
-    monkeypatch.setattr(recompute, "_SCORES_BUDGET", 1)  # the smallest block (16 queries)
     gen = torch.Generator().manual_seed(0)
     d = 8
     q = torch.randn(n, heads, d, generator=gen)
     k, v = torch.randn(total, kv_heads, d, generator=gen), torch.randn(total, kv_heads, d, generator=gen)
-    got = recompute.causal_attention(q, k, v, scale=d**-0.5)
+    got = causal_attention(q, k, v, scale=d**-0.5, scores_budget=1)  # the smallest block (16 queries)
     assert got.shape == q.shape and got.dtype == q.dtype
     for i in range(n):
         seen = total - n + i + 1
@@ -219,16 +217,14 @@ def test_causal_attention_of_a_tail_behind_a_prefix_matches_a_loop(monkeypatch, 
             want = torch.softmax(kh @ q[i, h] * d**-0.5, dim=0) @ vh
             torch.testing.assert_close(got[i, h], want, rtol=1e-5, atol=1e-5)
     # bf16 inputs: float32 inside, as close to the float32 result as bf16 output rounding allows
-    got16 = recompute.causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=d**-0.5)
-    want16 = recompute.causal_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(),
-                                        scale=d**-0.5)
+    got16 = causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=d**-0.5, scores_budget=1)
+    want16 = causal_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(),
+                              scale=d**-0.5, scores_budget=1)
     assert got16.dtype == torch.bfloat16
     torch.testing.assert_close(got16.float(), want16, rtol=2**-7, atol=2**-7)
 
 
 def test_namespace_of_a_recomputing_plan_is_its_own_and_old_keys_are_kept():
-    from hcache_sglang.backends import Namespace
-
     base = dict(model_fingerprint="m", num_layers=4, hidden_size=8, num_kv_heads=2, head_dim=4,
                 dtype="float32", page_size=16)
     old = Namespace(**base)

@@ -10,7 +10,7 @@ Each configuration (MHA with 16-token pages, GQA with 1-token pages) runs, in fl
   gets no hits.
 One more test runs the HTTP server (``python -m hcache_sglang.launch_server``): the startup log
 states the restore plan and pool, and /metrics exports the hcache_* gauges.
-Counters come from the scheduler RPC ``hcache_stats`` (:mod:`hcache_sglang.metrics`).
+Counters come from the scheduler RPC ``hcache_stats`` (:mod:`hcache_sglang.serving.rpc`).
 """
 
 from __future__ import annotations
@@ -355,9 +355,9 @@ def test_per_head_k_norms_are_served_from_stored_kv(model_dir, tmp_path):
 
 _SKEW = '''
 import dataclasses
-import hcache_sglang.capture as capture
+import hcache_sglang.serving.introspect as introspect
 
-_own = capture.kv_projections
+_own = introspect.kv_projections
 
 
 def _skewed(model):
@@ -367,7 +367,7 @@ def _skewed(model):
     return projections
 
 
-capture.kv_projections = _skewed
+introspect.kv_projections = _skewed
 '''
 
 

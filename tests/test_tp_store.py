@@ -9,10 +9,9 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from hcache_sglang.backends import LayerKind, Namespace, StoreConfig
-from hcache_sglang.backends.layout import chunk_layout, split_chunks
-from hcache_sglang.tp_layout import TPLayout, check_kv_heads, group_namespaces
-from hcache_sglang.tp_store import GroupStore
+from hcache_sglang.backends import LayerKind, Namespace, StoreConfig, chunk_layout
+from hcache_sglang.serving.tp_layout import TPLayout, check_kv_heads, check_tp_size, group_namespaces
+from hcache_sglang.serving.tp_store import GroupStore
 
 from test_store import chain, payload
 
@@ -101,8 +100,8 @@ def test_one_hidden_copy_per_group_and_per_rank_shards(tmp_path):
         assert torch.equal(torch.tensor(out1[1]), mine)
         assert pos1 == data["positions"].tolist() and tok1 == data["token_ids"].tolist()
         # one copy of the hidden states: the hidden store holds exactly the chunks of layers 0 and 2
-        one_copy = sum(chunk_layout(rank0.hidden_ns, n * NS.page_size, (H, H)).total_bytes
-                       for _, n in split_chunks(PAGES, NS.page_size, 64))
+        one_copy = sum(chunk_layout(rank0.hidden_ns, tokens, (H, H)).total_bytes
+                       for tokens in (64, 16))  # 20 pages of 4 tokens: a 64-token chunk and a 16-token one
         assert rank0.hidden.stats().bytes_written == one_copy
     finally:
         rank0.close()
@@ -149,20 +148,12 @@ def test_tp_sizes_the_heads_cannot_be_split_by_are_refused_by_name(heads, kv_hea
             check_kv_heads(kv_heads, heads, tp)
 
 
-def test_the_load_model_hook_refuses_a_tp_size_before_sglang_asserts(tmp_path):
-    """What a server at --tp 3 on a 4-head model hears (SGLang's own parallel state says 3)."""
+def test_a_model_config_the_tp_size_cannot_split_is_refused_before_sglang_asserts():
+    """What a server at --tp 3 on a 4-head model hears (the model-load hook runs this check)."""
     from types import SimpleNamespace
 
-    from sglang.srt.runtime_context import get_parallel
-
-    from hcache_sglang.launch import sglang_kwargs
-    from hcache_sglang.config import HCacheConfig
-    from hcache_sglang.sglang_hooks import _before_load_model
-
-    kwargs = sglang_kwargs("hcache", {"device": "cpu"}, HCacheConfig.create(directory=str(tmp_path)))
     hf_config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, hidden_size=256, num_hidden_layers=2)
-    runner = SimpleNamespace(server_args=SimpleNamespace(**kwargs), model_config=SimpleNamespace(hf_config=hf_config))
-    with get_parallel().override(tp_size=2, pp_size=1):
-        assert _before_load_model(runner) is None
-    with get_parallel().override(tp_size=3, pp_size=1), pytest.raises(ValueError, match=r"expected one of \[1, 2, 4\]"):
-        _before_load_model(runner)
+    check_tp_size(hf_config, 2)
+    with pytest.raises(ValueError, match=r"--tp 3 cannot split the model's 4 attention heads and 2 KV heads: "
+                                         r"expected one of \[1, 2, 4\]"):
+        check_tp_size(hf_config, 3)

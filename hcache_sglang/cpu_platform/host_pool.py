@@ -8,7 +8,7 @@ Supported: ``--hicache-io-backend direct --hicache-mem-layout layer_first``. SGL
   allocate plain host memory (``pin_memory=False``) -- there is nothing to pin for.
 - ``transfer_kv_direct``: ``pool_host/mha.py`` imports it from
   ``sgl_kernel.kvcacheio`` only on CUDA/ROCm, so on CPU the name is unbound. It is
-  set to the pure-torch :func:`hcache_sglang.platform.cpu_ops.transfer_kv_direct`.
+  set to the pure-torch :func:`hcache_sglang.cpu_platform.cpu_ops.transfer_kv_direct`.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import functools
 import importlib
 import inspect
 
-from hcache_sglang.platform.cpu_ops import transfer_kv_direct
+from hcache_sglang.cpu_platform.cpu_ops import transfer_kv_direct
 
 # module -> host pool classes whose buffers must not be pinned
 _HOST_POOLS = {
     "sglang.srt.mem_cache.pool_host.mha": ("MHATokenToKVPoolHost", "MHATokenToKOnlyPoolHost"),
     "sglang.srt.mem_cache.pool_host.mla": ("MLATokenToKVPoolHost",),
 }
-_PATCHED = "_hcache_cpu_unpinned"
+PATCHED_MARK = "_hcache_cpu_unpinned"  # set on a patched __init__
 
 
 def unpinned_init(init):
@@ -39,7 +39,7 @@ def unpinned_init(init):
         bound.arguments["pin_memory"] = False
         init(*bound.args, **bound.kwargs)
 
-    setattr(__init__, _PATCHED, True)
+    setattr(__init__, PATCHED_MARK, True)
     return __init__
 
 
@@ -57,7 +57,7 @@ def patch_host_pools() -> list[str]:
             cls = getattr(module, class_name, None)
             if cls is None:
                 continue
-            if not getattr(cls.__init__, _PATCHED, False):
+            if not getattr(cls.__init__, PATCHED_MARK, False):
                 cls.__init__ = unpinned_init(cls.__init__)
             patched.append(f"{module_name}.{class_name}")
     return patched

@@ -105,32 +105,45 @@ def prefix_aware_sdpa_extend(
             else:
                 start_kv = enc_lens[i]
         tokens = req_to_token[req_pool_indices[i], start_kv : start_kv + kv_len]
-        # index_select: same rows as k_cache[tokens], several times faster on CPU
-        key = k_cache.index_select(0, tokens).movedim(0, query.dim() - 2)
-        value = v_cache.index_select(0, tokens).movedim(0, query.dim() - 2)
-        per_req_query = query[:, start_q:end_q, :]
-        if not per_req_query.dtype == key.dtype == value.dtype:
-            key = key.to(per_req_query.dtype)
-            value = value.to(per_req_query.dtype)
-
-        attn_mask, is_causal = None, False
-        if causal and (windowed or q_len != kv_len):
-            attn_mask = offset_causal_mask(q_len, kv_len, query.device, sliding_window_size)
-        elif causal:
-            is_causal = True  # no prefix: SGLang's own call, bit for bit
-
-        out = scaled_dot_product_attention(
-            per_req_query.unsqueeze(0),
-            key.unsqueeze(0),
-            value.unsqueeze(0),
-            attn_mask=attn_mask,
-            enable_gqa=enable_gqa,
-            scale=scaling,
-            is_causal=is_causal,
-        )
-        output[start_q:end_q] = out.squeeze(0).movedim(query.dim() - 2, 0)
+        mask = _request_mask(q_len, kv_len, causal, windowed, query.device, sliding_window_size)
+        output[start_q:end_q] = _request_attention(query[:, start_q:end_q, :], k_cache, v_cache, tokens, mask,
+                                                   enable_gqa, scaling)
         start_q = end_q
     return output
+
+
+_CAUSAL = "causal"  # no prefix: SGLang's own is_causal call, bit for bit
+
+
+def _request_mask(q_len: int, kv_len: int, causal: bool, windowed: bool, device: torch.device,
+                  sliding_window_size: Optional[int]):
+    """One request's attention mask: None, ``_CAUSAL``, or the causal mask offset by its prefix."""
+    if causal and (windowed or q_len != kv_len):
+        return offset_causal_mask(q_len, kv_len, device, sliding_window_size)
+    return _CAUSAL if causal else None
+
+
+def _request_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tokens: torch.Tensor,
+                       mask, enable_gqa: bool, scaling) -> torch.Tensor:
+    """SDPA of one request's queries ``[heads, q_len, head_dim]`` over its KV slots ``tokens``;
+    returns ``[q_len, heads, head_dim]``."""
+    # index_select: same rows as k_cache[tokens], several times faster on CPU
+    key = k_cache.index_select(0, tokens).movedim(0, query.dim() - 2)
+    value = v_cache.index_select(0, tokens).movedim(0, query.dim() - 2)
+    if not query.dtype == key.dtype == value.dtype:
+        key = key.to(query.dtype)
+        value = value.to(query.dtype)
+    causal = isinstance(mask, str)
+    out = scaled_dot_product_attention(
+        query.unsqueeze(0),
+        key.unsqueeze(0),
+        value.unsqueeze(0),
+        attn_mask=None if causal else mask,
+        enable_gqa=enable_gqa,
+        scale=scaling,
+        is_causal=causal,
+    )
+    return out.squeeze(0).movedim(query.dim() - 2, 0)
 
 
 def backend_class():
@@ -147,6 +160,11 @@ def original_sdpa_extend():
     """SGLang's own ``_run_sdpa_forward_extend`` (also after patching)."""
     cls = backend_class()
     return cls.__dict__.get(_ORIGINAL_ATTR, cls.__dict__["_run_sdpa_forward_extend"])
+
+
+def active_sdpa_extend():
+    """The extend attention the torch_native backend runs now."""
+    return backend_class().__dict__["_run_sdpa_forward_extend"]
 
 
 def patch_torch_native_backend(mode: ExtendAttention = ExtendAttention.PREFIX_AWARE) -> None:

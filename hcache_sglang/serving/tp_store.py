@@ -1,7 +1,7 @@
 """GroupStore: one TP rank's view of its group's stores, behind ``ChunkStore``'s interface.
 
 The linker saves, looks up and reads the stored layers of a plan as one chunk store would; at
-``--tp N > 1`` this facade splits them as :mod:`hcache_sglang.tp_layout` lays them out:
+``--tp N > 1`` this facade splits them as :mod:`hcache_sglang.serving.tp_layout` lays them out:
 
 - ``save``   HIDDEN layers into the group's hidden store (rank 0 only; the others drop them), KV layers
              into this rank's shard store;
@@ -21,9 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from hcache_sglang.backends import ChunkStore, Hit, LayerKind, Namespace, StoreConfig, StoreStats
-from hcache_sglang.backends.peer import PeerStore
-from hcache_sglang.tp_layout import TPLayout, group_namespaces
+from hcache_sglang.backends import ChunkStore, Hit, LayerKind, Namespace, PeerStore, StoreConfig, StoreStats
+from hcache_sglang.serving.tp_layout import TPLayout, group_namespaces
 
 logger = logging.getLogger(__name__)
 

@@ -7,17 +7,13 @@ this runs), and SGLang's HTTP server collects it, so the gauges below appear bes
     hcache_restore_<field>        every field of :class:`RestoreStats`
 
 Without an HTTP server (``hcache_sglang.Engine``), the scheduler RPC ``hcache_stats(out_path)``
-(installed by :func:`install_stats_rpc`) writes the same numbers as JSON
-``{"store": {...}, "restore": {...}, "plan": "HHK...", "reprojection_failure": null}``:
-``engine.collective_rpc("hcache_stats", out_path=P)``.
+(:mod:`hcache_sglang.serving.rpc`) writes the same numbers as JSON.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -61,7 +57,7 @@ class RestoreStats:
                 self._ms_per_1k.append(seconds * 1e3 * 1000 / tokens)
                 del self._ms_per_1k[: -self._window]
 
-    def record_refused(self, tokens: int) -> None:
+    def record_refused(self) -> None:
         with self._lock:
             self._counts["refused_loads"] += 1
 
@@ -123,42 +119,3 @@ def start_metrics_exporter(store: Any, restore_stats: RestoreStats, interval_s: 
     exporter = _Exporter(store, restore_stats, interval_s)
     exporter.update()
     return exporter
-
-
-_SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
-
-
-def _scheduler_linker(scheduler: Any) -> Any:
-    """The HCache linker behind a scheduler's radix tree (``UnifiedCacheLinkerWrapper.cache_linker``)."""
-    wrapper = getattr(scheduler.tree_cache, "linker", None)
-    linker = getattr(wrapper, "cache_linker", None)
-    if linker is None or not hasattr(linker, "restore_stats"):
-        raise RuntimeError(
-            f"hcache_stats: the scheduler's cache {type(scheduler.tree_cache).__name__} runs no HCache "
-            "linker; start the engine with hierarchical_cache='hcache'"
-        )
-    return linker
-
-
-def _hcache_stats(self: Any, out_path: str) -> None:
-    linker = _scheduler_linker(self)
-    result = {
-        "store": dataclasses.asdict(linker.store.stats()),
-        "restore": dataclasses.asdict(linker.restore_stats.snapshot()),
-        "plan": str(linker.plan),
-        "reprojection_failure": linker.reprojection_failure,
-        "tp_rank": linker.tp.rank,
-        "tp_size": linker.tp.size,
-    }
-    # Every TP rank's scheduler runs the RPC: rank 0 answers at out_path, each rank at out_path.tp<r>.
-    paths = ([out_path] if linker.tp.rank == 0 else []) + ([f"{out_path}.tp{linker.tp.rank}"] if linker.tp.size > 1 else [])
-    for path in paths:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
-
-
-def install_stats_rpc() -> None:
-    """Add ``Scheduler.hcache_stats(out_path)`` (idempotent; a no-op outside the scheduler process)."""
-    scheduler_cls = getattr(sys.modules.get(_SCHEDULER_MODULE), "Scheduler", None)
-    if scheduler_cls is not None and not hasattr(scheduler_cls, "hcache_stats"):
-        scheduler_cls.hcache_stats = _hcache_stats

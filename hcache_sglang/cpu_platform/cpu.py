@@ -1,4 +1,4 @@
-"""The CPU adaptations :func:`hcache_sglang.platform.apply` makes in an SGLang process."""
+"""The CPU adaptations :func:`hcache_sglang.cpu_platform.apply` makes in an SGLang process."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from hcache_sglang.platform import detect
+from hcache_sglang.cpu_platform import detect
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def apply() -> PlatformReport:
 
 
 def _apply_cpu() -> PlatformReport:
-    from hcache_sglang.platform import attention, host_pool, standins
+    from hcache_sglang.cpu_platform import attention, host_pool, standins
 
     if os.environ.get("SGLANG_USE_CPU_ENGINE") != "1":
         logger.warning(
@@ -68,7 +68,7 @@ def _apply_cpu() -> PlatformReport:
         logger.warning(
             "hcache-sglang platform: the interpreter-start hook is not installed, so "
             "processes SGLang spawns cannot import sgl_kernel/torchvision; run "
-            "`python -m hcache_sglang.platform install-hook`"
+            "`python -m hcache_sglang.cpu_platform install-hook`"
         )
         standins.install_finder()
     mode = attention.ExtendAttention.parse(

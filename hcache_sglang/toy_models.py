@@ -1,4 +1,5 @@
-"""Demo and test models: deterministic random weights in Hugging Face format, built offline.
+"""Toy models for the demo, tests and benchmarks: deterministic random weights in Hugging Face
+format, built offline (the serving path never imports this module).
 
 Nothing is downloaded. A model directory holds ``config.json``, ``model.safetensors`` and a
 byte-level BPE tokenizer trained on the small English corpus embedded below, with ``<s>`` /
@@ -8,8 +9,7 @@ byte-level BPE tokenizer trained on the small English corpus embedded below, wit
 Call order:
     get_geometry(name, **overrides) -> ModelGeometry   # a named preset, optionally varied
     ensure_model(name | geometry)   -> Path            # build once into the cache, reuse after
-    check_model_path(path)          -> ModelInfo       # validate a user's model for the launcher
-    resolve_model(name | path)      -> Path            # either of the two above, for CLIs
+    resolve_model(name | path)      -> Path            # a preset, or a checked user model (model_check)
 
 Same geometry (seed included) -> byte-identical ``model.safetensors``.
 """
@@ -23,16 +23,15 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
+from hcache_sglang.config import default_cache_root
+from hcache_sglang.model_check import check_model_path
+
 # Bump when the build recipe changes: it is part of every cache key.
 BUILD_RECIPE = 2
-
-# Architectures SGLang 0.5.23 serves that this project can capture and re-project
-# (dense decoder, per-layer qkv_proj + rotary_emb, no q/k norm).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -142,10 +141,8 @@ def get_geometry(name: str, **overrides: Any) -> ModelGeometry:
 
 
 def default_cache_dir() -> Path:
-    """``$HCACHE_CACHE_DIR/models`` or ``~/.cache/hcache-sglang/models``."""
-    root = os.environ.get("HCACHE_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "hcache-sglang"
-    return base / "models"
+    """``models/`` under the one cache root (:func:`hcache_sglang.config.default_cache_root`)."""
+    return default_cache_root() / "models"
 
 
 def ensure_model(model: str | ModelGeometry, cache_dir: str | Path | None = None) -> Path:
@@ -186,55 +183,6 @@ def build_model(geometry: ModelGeometry, out_dir: str | Path) -> Path:
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     save_file(_random_weights(geometry), out / "model.safetensors", metadata={"format": "pt"})
     return out
-
-
-class ModelInfo(NamedTuple):
-    """What the launcher needs to know about a model directory."""
-
-    path: Path
-    architecture: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    torch_dtype: str | None
-
-
-def check_model_path(path: str | Path) -> ModelInfo:
-    """Validate a local Hugging Face model directory; one clear ``ValueError`` if unusable."""
-    p = Path(path).expanduser()
-    expected = (
-        f"expected a local Hugging Face model directory with a config.json whose "
-        f"architectures is one of {', '.join(SUPPORTED_ARCHITECTURES)}"
-    )
-    if not p.is_dir():
-        raise ValueError(f"model path {str(p)!r} is not a directory; {expected}")
-    cfg_file = p / "config.json"
-    if not cfg_file.is_file():
-        raise ValueError(f"model path {str(p)!r} has no config.json; {expected}")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{cfg_file} is not readable JSON ({e}); {expected}") from None
-    archs = cfg.get("architectures") or []
-    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
-    if arch is None:
-        raise ValueError(
-            f"model at {str(p)!r} has architectures={archs!r}, unsupported; {expected}"
-        )
-    num_heads = int(cfg["num_attention_heads"])
-    hidden = int(cfg["hidden_size"])
-    return ModelInfo(
-        path=p,
-        architecture=arch,
-        num_layers=int(cfg["num_hidden_layers"]),
-        hidden_size=hidden,
-        num_heads=num_heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
-        torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
-    )
 
 
 def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> Path:

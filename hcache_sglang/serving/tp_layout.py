@@ -41,6 +41,7 @@ from typing import Any, Optional
 import torch
 
 from hcache_sglang.backends import LayerKind, Namespace
+from hcache_sglang.serving.introspect import model_heads
 
 logger = logging.getLogger(__name__)
 
@@ -79,34 +80,25 @@ class TPLayout:
         return f"tp rank {self.rank} of {self.size}: " + ("; ".join(parts) or "stores nothing")
 
 
-def layout_from_params(params: Any) -> TPLayout:
-    """Rank and size as SGLang's Mooncake linker takes them: the attention-TP cache group if there is
-    one, else the TP cache group (both CPU groups), else the published parallel config."""
-    from sglang.srt.runtime_context import get_parallel
-
+def layout_from_params(params: Any, tp_size: int) -> TPLayout:
+    """Rank and size as SGLang's Mooncake linker takes them: from the attention-TP cache group if
+    there is one, else the TP cache group (both CPU groups); ``tp_size`` is SGLang's published TP size
+    (``get_parallel().tp_size``), which a server without a group must have as 1."""
     group = getattr(params, "attn_tp_cache_group", None) or getattr(params, "tp_cache_group", None)
     if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         size = torch.distributed.get_world_size(group=group)
         rank = torch.distributed.get_rank(group=group)
+    elif tp_size != 1:
+        raise RuntimeError(f"hcache: tp size {tp_size} but SGLang handed the linker no TP cache group")
     else:
-        size, rank = int(get_parallel().tp_size), 0
-        if size != 1:
-            raise RuntimeError(f"hcache: tp size {size} but SGLang handed the linker no TP cache group")
+        size, rank = 1, 0
     return TPLayout(rank, size, group if size > 1 else None)
 
 
-def runner_tp_size() -> int:
-    """The TP size of this process (SGLang's published parallel state; the model runner has none)."""
-    from sglang.srt.runtime_context import get_parallel
-
-    return int(get_parallel().tp_size)
-
-
-def runner_pp_size() -> int:
-    """The pipeline size of this process, from the same published state."""
-    from sglang.srt.runtime_context import get_parallel
-
-    return int(get_parallel().pp_size)
+def check_tp_size(hf_config: Any, tp_size: int) -> None:
+    """Refuse a TP size this model's heads cannot be split by (a HF config), naming both."""
+    heads, kv_heads = model_heads(hf_config)
+    check_kv_heads(kv_heads, heads, tp_size)
 
 
 def check_kv_heads(total_kv_heads: int, num_heads: int, tp_size: int) -> None:
@@ -151,19 +143,16 @@ def agree(ok: bool, layout: TPLayout) -> bool:
     return bool(flag.item())
 
 
-def from_rank0(compute, what: str) -> Any:
-    """``compute()`` on TP rank 0, its result (or its error) on every rank of the TP group.
+def from_rank0(compute, what: str, group: Any) -> Any:
+    """``compute()`` on rank 0 of ``group`` (SGLang's TP ``GroupCoordinator``; None: one rank), its
+    result -- or its error -- on every rank of it.
 
     Used at model load, when every rank runs the same code: the cost profile is measured once per
     server and every rank runs the plan rank 0 chose. An error is raised on every rank alike, so no
     rank is left waiting for a result that never comes.
     """
-    from sglang.srt.runtime_context import get_parallel
-
-    parallel = get_parallel()
-    if int(parallel.tp_size) == 1:
+    if group is None or group.world_size == 1:
         return compute()
-    group = parallel.tp_group
     result: list[Any] = [None]
     if group.rank_in_group == 0:
         try:

@@ -4,8 +4,7 @@
 - the chunk store's read bandwidth (chunks written then read back through a scratch ``ChunkStore``
   beside the pool, with the configured read throttle and O_DIRECT mode applied), for hidden-state
   rows and for K/V rows (per-segment costs make small rows slower), over 128 MiB: more than a CPU's
-  last-level cache, as a restore's reads are (smaller samples read 1.5x faster than an 8K-token
-  restore does on the page cache);
+  last-level cache, as a restore's reads are (bench/README.md: why that size);
 - re-projection of one layer (``project_kv_into_cache``) per token;
 - the K/V copy of one layer (``copy_kv_into_cache``) per token;
 - a recomputed layer (a Llama-style layer forward: RMSNorms, QKV, RoPE, K/V write, causal attention,
@@ -34,7 +33,11 @@ from typing import Callable, Optional
 
 import torch
 
+from hcache_sglang.backends import (ChunkStore, LayerKind, Namespace, StoreConfig, aligned_buffer, carve,
+                                    carved_bytes)
 from hcache_sglang.config import default_cache_root
+from hcache_sglang.kernels import causal_attention, copy_kv_into_cache, project_kv_into_cache
+from hcache_sglang.kernels.reference import apply_rope, rms_norm
 from hcache_sglang.planner import CostProfile, Geometry
 
 logger = logging.getLogger(__name__)
@@ -75,8 +78,6 @@ def measure_compute(projection, geometry: Geometry, dtype: torch.dtype, device: 
     """Seconds per token per layer for projection and K/V copy (over ``tokens`` tokens), per restored
     layer (``layer_overhead_s``), and a recomputed layer's two parts (``recompute_s`` per token,
     ``attention_s`` per causal (query, key) pair)."""
-    from hcache_sglang.kernels import copy_kv_into_cache, project_kv_into_cache
-
     heads, head_dim = projection.num_kv_heads, projection.head_dim
     hidden = torch.randn(tokens, geometry.hidden_size, dtype=dtype, device=device) * 0.1
     positions = torch.arange(tokens, device=device, dtype=torch.int64)
@@ -97,12 +98,9 @@ def measure_compute(projection, geometry: Geometry, dtype: torch.dtype, device: 
 
 def measure_recompute(projection, geometry: Geometry, dtype: torch.dtype, device: torch.device,
                       tokens: int = 256, prefix: int = 1792) -> dict[str, float]:
-    """A Llama-style decoder layer (RMSNorms, QKV, RoPE, K/V write, ``recompute.causal_attention``,
+    """A Llama-style decoder layer (RMSNorms, QKV, RoPE, K/V write, ``kernels.causal_attention``,
     O, residuals, gated MLP) timed over ``tokens`` tokens alone and behind ``prefix`` more: the
     difference is the attention's cost per (query, key) pair, the rest its cost per token."""
-    from hcache_sglang.kernels.reference import apply_rope, rms_norm
-    from hcache_sglang.recompute import causal_attention
-
     d, head_dim = geometry.hidden_size, projection.head_dim
     inter = geometry.intermediate_size or int(8 * d / 3)
     num_heads = geometry.num_heads or max(d // head_dim, 1)
@@ -163,10 +161,6 @@ def measure_read_bandwidth(directory: str, layer_bytes: int, *, o_direct: bool,
                            total_bytes: int = READ_SAMPLE_BYTES, layers: int = 16) -> ReadSample:
     """``ChunkStore.read`` of freshly saved chunks in a scratch store beside the pool: bytes/s, and
     the CPU it burns (the caller waits blocked, so the process's CPU time is the readers')."""
-    from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
-    from hcache_sglang.backends.host_buffers import carve, carved_bytes
-    from hcache_sglang.backends.pool import aligned_buffer
-
     page = 64  # ``layers`` per chunk: one read task each, spread over the reader threads as a restore's
     hidden = max(layer_bytes // 2, 64)
     ns = Namespace("profile", layers, hidden, 1, 64, "bfloat16", page)

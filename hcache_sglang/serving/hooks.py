@@ -1,6 +1,7 @@
 """The few SGLang hooks HCache needs, registered through SGLang's plugin ``HookRegistry``.
 
-Installed by :mod:`hcache_sglang.plugin` in every SGLang process; each hook checks at call time
+Installed by :mod:`hcache_sglang.plugin` in every SGLang process (the scheduler RPCs are
+:mod:`hcache_sglang.serving.rpc`'s); each hook checks at call time
 whether the HCache linker is the configured external linker and does nothing otherwise.
 
 1. ``ModelRunner.load_model`` (before): refuse a TP size the model's heads cannot be split by, with
@@ -8,7 +9,7 @@ whether the HCache linker is the configured external linker and does nothing oth
    process, so the linker (constructed by SGLang with no handle to the model) can reach the model's
    layers, and fix the restore plan from measured costs (the side pool's size depends on it, and the
    KV pool is sized right after the model loads); at ``--tp N`` rank 0 measures and plans, and every
-   rank runs its plan (:func:`hcache_sglang.tp_layout.from_rank0`).
+   rank runs its plan (:func:`hcache_sglang.serving.tp_layout.from_rank0`).
 2. ``DefaultPoolConfigurator._compute_cell_size`` (around): account for the hidden-state side pool
    in the per-token memory cost, so an auto-sized KV pool shrinks by what the side pool takes and the
    process does not run out of memory. An explicit ``--max-total-tokens`` is honoured as asked; the
@@ -19,8 +20,6 @@ whether the HCache linker is the configured external linker and does nothing oth
 4. ``UnifiedCacheLinkerWrapper.load_back`` (around): when the plan recomputes leading layers, hand
    the linker the request's device-prefix KV slots and the tail's token ids before it loads (SGLang's
    linker API passes neither); the recomputed layers attend over that prefix.
-5. ``Scheduler.hcache_stats(out_path)``: an RPC writing the store and restore counters as JSON
-   (:func:`hcache_sglang.metrics.install_stats_rpc`).
 """
 
 from __future__ import annotations
@@ -76,11 +75,11 @@ def hcache_config_from_server_args(server_args: Any) -> Optional[HCacheConfig]:
 def _before_load_model(runner: Any, *args: Any, **kwargs: Any) -> None:
     if getattr(runner, "is_draft_worker", False) or hcache_config_from_server_args(runner.server_args) is None:
         return None
-    from hcache_sglang.planner import model_heads
-    from hcache_sglang.tp_layout import check_kv_heads, runner_tp_size
+    from sglang.srt.runtime_context import get_parallel
 
-    heads, kv_heads = model_heads(runner.model_config.hf_config)
-    check_kv_heads(kv_heads, heads, runner_tp_size())
+    from hcache_sglang.serving.tp_layout import check_tp_size
+
+    check_tp_size(runner.model_config.hf_config, int(get_parallel().tp_size))
     return None
 
 
@@ -95,10 +94,15 @@ def _after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> An
         page_hash.warm()  # SGLang's page hash, built or loaded now: not on the first write-through
     config = hcache_config_from_server_args(runner.server_args)
     if config is not None:
-        from hcache_sglang.planner import resolve_plan
-        from hcache_sglang.tp_layout import from_rank0
+        from sglang.srt.runtime_context import get_parallel
 
-        _plans[id(runner)] = from_rank0(lambda: resolve_plan(runner, config), "restore plan")
+        from hcache_sglang.serving.plan_resolution import resolve_plan
+        from hcache_sglang.serving.tp_layout import from_rank0
+
+        parallel = get_parallel()
+        sizes = int(parallel.tp_size), int(parallel.pp_size)
+        group = parallel.tp_group if sizes[0] > 1 else None
+        _plans[id(runner)] = from_rank0(lambda: resolve_plan(runner, config, *sizes), "restore plan", group)
     return result
 
 
@@ -110,7 +114,7 @@ def _around_cell_size(original: Any, configurator: Any, kvc: Any, num_layers: in
         return cell_size
     if config is None or not cell_size:
         return cell_size
-    from hcache_sglang.planner import side_pool_bytes_per_token
+    from hcache_sglang.serving.plan_resolution import side_pool_bytes_per_token
 
     plan = current_plan()
     extra = side_pool_bytes_per_token(kvc.model_config.hf_config, kvc.kv_cache_dtype, num_layers, plan)
@@ -167,9 +171,6 @@ def _is_hcache(streamer: Any) -> bool:
 def register() -> None:
     """Register the hooks (idempotent). SGLang applies them right after its plugins load."""
     global _registered
-    from hcache_sglang.metrics import install_stats_rpc
-
-    install_stats_rpc()  # needs the scheduler module, which may be imported after a first call
     if _registered:
         return
     _registered = True

@@ -1,7 +1,7 @@
 """Pure-torch versions of the ``sgl_kernel`` ops SGLang's CPU engine calls.
 
 SGLang calls these under the ``sgl_kernel`` names when ``SGLANG_USE_CPU_ENGINE=1``;
-the stand-in module (:mod:`hcache_sglang.platform.standins`) binds them:
+the stand-in module (:mod:`hcache_sglang.cpu_platform.standins`) binds them:
 
 - ``sgl_kernel.assign_req_to_token_pool_cpu`` -> :func:`assign_req_to_token_pool`
   (every extend/decode batch writes its new KV slots into ``req_to_token``);

@@ -1,15 +1,15 @@
-"""``python -m hcache_sglang.platform install-hook|remove-hook|status``."""
+"""``python -m hcache_sglang.cpu_platform install-hook|remove-hook|status``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from hcache_sglang.platform import detect, hook
+from hcache_sglang.cpu_platform import detect, hook
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hcache_sglang.platform", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m hcache_sglang.cpu_platform", description=__doc__)
     parser.add_argument("action", choices=("install-hook", "remove-hook", "status"))
     args = parser.parse_args(argv)
     if args.action == "install-hook":
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.action == "remove-hook":
         print("removed" if hook.remove_hook() else "no hook was installed")
     else:
-        from hcache_sglang.platform.standins import find_installed_finder
+        from hcache_sglang.cpu_platform.standins import find_installed_finder
 
         print(f"hook file: {hook.pth_path()} ({'installed' if hook.is_installed() else 'missing'})")
         print(f"CPU platform wanted here: {detect.wants_cpu_platform()}")

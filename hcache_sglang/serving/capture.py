@@ -9,96 +9,31 @@ Primitives, in call order:
    (prefill, chunked prefill, decode, mixed) writes its tokens' rows with ``index_copy_`` at
    ``forward_batch.out_cache_loc``, the SAME slots SGLang writes their K/V to. No host sync,
    no data-dependent shapes, so the hooks are CUDA-graph capturable;
-3. ``kv_projections(model)`` -- each layer's ``KVProjection`` for the restore kernels;
-4. ``.detach()``.
+3. ``.detach()``.
 
-What is stored (DESIGN DECISION): the POST-norm ``x_l = input_layernorm(h_l)``, i.e. the
-exact tensor ``qkv_proj`` consumes. Re-projecting it reproduces the pool bit-for-bit in
-bf16/fp16 (and in fp32 when the GEMM row count matches, else ~1e-6), with no RMSNorm at
-restore time. The pre-norm residual ``h_l`` is 1-2 ulp off in bf16/fp16, because SGLang's
-fused add+RMSNorm normalises the unrounded fp32 sum while the stored residual is rounded
-(measured in the capture spike). The kernels still accept pre-norm inputs
+And the re-projection checks on what was captured: :func:`check_reprojection` (one page, before the
+first hidden state is stored) and :func:`verify_against_pool` (every slot the tree holds, the
+``hcache_capture_verify`` RPC of :mod:`hcache_sglang.serving.rpc`).
+
+What is stored (DESIGN DECISION): the POST-norm ``x_l = input_layernorm(h_l)``, i.e. the exact
+tensor ``qkv_proj`` consumes. Re-projecting it reproduces the pool bit-for-bit in bf16/fp16 (and in
+fp32 when the GEMM row count matches), with no RMSNorm at restore time; the pre-norm residual is off
+by rounding in SGLang's fused add+RMSNorm. The kernels still accept pre-norm inputs
 (``KVProjection.norm_weight``) for stores that keep ``h_l``.
-
-Scheduler RPCs (added by ``register()``, which the plugin runs in every SGLang process;
-they are used only where a ``Scheduler`` exists). Call with
-``engine.collective_rpc(name, **kwargs)``:
-
-- ``hcache_capture_install()``   -- side pool sized like the KV pool, attached;
-- ``hcache_capture_verify(out_path, triton_rows=32)`` -- re-project every slot the radix
-  tree holds with the restore kernels into scratch tensors and write, per layer, max |dK|,
-  |dV| and bit-equal fractions vs the KV pool to ``out_path`` (JSON); the Triton impl also
-  runs on the first ``triton_rows`` slots when ``TRITON_INTERPRET=1`` or on CUDA;
-- ``hcache_capture_uninstall()``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import sys
 from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from hcache_sglang.kernels import Impl, KVProjection, project_kv_into_cache
+from hcache_sglang.serving.introspect import first_layer, kv_projections, local_layers
 
 logger = logging.getLogger(__name__)
-
-_SCHEDULER_MODULE = "sglang.srt.managers.scheduler"
-
-
-def _decoder(model):
-    """The decoder stack (``model.model`` for Llama/Qwen2 causal-LM wrappers)."""
-    inner = getattr(model, "model", model)
-    if not hasattr(inner, "layers"):
-        raise TypeError(f"{type(model).__name__} has no decoder layers (.model.layers)")
-    return inner
-
-
-def _local_layers(model) -> list:
-    """This pipeline stage's decoder layers (SGLang fills the others with placeholders)."""
-    inner = _decoder(model)
-    start = getattr(inner, "start_layer", 0)
-    end = getattr(inner, "end_layer", len(inner.layers))
-    return [inner.layers[i] for i in range(start, end)]
-
-
-def kv_projections(model) -> list[KVProjection]:
-    """Each local layer's restore parameters (post-norm input; this TP rank's heads)."""
-    return [KVProjection.from_attention(layer.self_attn) for layer in _local_layers(model)]
-
-
-_QK_NORMS = ("q_norm", "k_norm", "qk_norm", "k_layernorm", "q_layernorm")
-
-
-def reprojection_unsupported(model) -> str | None:
-    """Why re-projecting this model's stored hidden states would not give the K/V its own forward
-    writes (None: it would). The restore models ``K, V = RoPE(x W_k + b_k), x W_v + b_v`` on the
-    ``qkv_proj`` input ``x``; a per-head Q/K norm (Qwen3, OLMo2, Gemma3) or a quantized ``qkv_proj``
-    is outside that. Stored K/V (and recomputed layers, where supported) do not depend on it."""
-    try:
-        layers = _local_layers(model)
-    except TypeError as e:
-        return str(e)
-    for i, layer in enumerate(layers):
-        attn = getattr(layer, "self_attn", None)
-        missing = [p for p in ("qkv_proj", "rotary_emb", "q_size", "kv_size", "num_kv_heads", "head_dim")
-                   if not hasattr(attn, p)]
-        if missing:
-            return f"layer {i} ({type(attn).__name__}) lacks {', '.join(missing)}"
-        norms = [n for n in _QK_NORMS if getattr(attn, n, None) is not None]
-        if norms:
-            return f"layer {i}: per-head Q/K norms ({', '.join(norms)}) are applied after the projection"
-        weight = getattr(attn.qkv_proj, "weight", None)
-        if weight is None or not weight.is_floating_point() or weight.element_size() < 2:
-            return f"layer {i}: qkv_proj has no floating-point weight (quantized?)"
-        if not hasattr(attn.rotary_emb, "cos_sin_cache"):
-            return f"layer {i}: {type(attn.rotary_emb).__name__} has no cos_sin_cache"
-    return None
-
 
 # Re-projection vs the pool, relative to the largest |K| / |V|, by K/V element size: a few units in the
 # last place of the largest value (the GEMMs may differ in accumulation order, TF32 on GPUs).
@@ -157,7 +92,7 @@ class HiddenStateCapture:
 
     def __init__(self, model, num_slots: int, dtype: torch.dtype, device: torch.device | str,
                  layers: Sequence[int] | None = None):
-        self._layers = _local_layers(model)
+        self._layers = local_layers(model)
         hidden_size = model.config.hidden_size
         captured = set(range(len(self._layers)) if layers is None else layers)
         bad = sorted(i for i in captured if not 0 <= i < len(self._layers))
@@ -171,10 +106,6 @@ class HiddenStateCapture:
         self.positions = torch.full((num_slots,), -1, dtype=torch.int64, device=device)
         self.token_ids = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self._handles: list = []
-
-    @property
-    def attached(self) -> bool:
-        return bool(self._handles)
 
     def nbytes(self) -> int:
         """Device bytes of the side pool."""
@@ -254,7 +185,7 @@ def verify_against_pool(
 ) -> list[dict]:
     """Re-project ``slots: [n]`` of every layer into scratch K/V and compare with the pool."""
     projections = kv_projections(model)
-    start = getattr(_decoder(model), "start_layer", 0)
+    start = first_layer(model)
     positions = capture.positions.index_select(0, slots)
     out = []
     for i, proj in enumerate(projections):
@@ -269,63 +200,3 @@ def verify_against_pool(
             "k_pool_max_abs": float(k_pool.float().abs().max()),
         })
     return out
-
-
-def _install_scheduler_methods(scheduler_cls) -> None:
-    def hcache_capture_install(self) -> None:
-        old = getattr(self, "_hcache_capture", None)
-        if old is not None:
-            old.detach()
-        runner = self.tp_worker.model_runner
-        pool = runner.token_to_kv_pool
-        k0 = pool._get_key_buffer(pool.start_layer)
-        cap = HiddenStateCapture(runner.model, k0.shape[0], runner.dtype, k0.device)
-        cap.attach()
-        self._hcache_capture = cap
-
-    def hcache_capture_uninstall(self) -> None:
-        cap = getattr(self, "_hcache_capture", None)
-        if cap is not None:
-            cap.detach()
-        self._hcache_capture = None
-
-    def hcache_capture_verify(self, out_path: str, triton_rows: int = 32) -> None:
-        cap = self._hcache_capture
-        if cap is None:
-            raise RuntimeError("hcache_capture_verify: call hcache_capture_install first")
-        runner = self.tp_worker.model_runner
-        pool = runner.token_to_kv_pool
-        slots = self.tree_cache.all_values_flatten().to(torch.int64).to(cap.positions.device)
-        slots = torch.unique(slots)
-        result = {
-            "num_tree_slots": int(slots.numel()),
-            "uncaptured_tree_slots": int((cap.positions.index_select(0, slots) < 0).sum()),
-            "dtype": str(runner.dtype),
-            "kv_dtype": str(pool._get_key_buffer(pool.start_layer).dtype),
-            "page_size": int(pool.page_size),
-            "reference": verify_against_pool(cap, runner.model, pool, slots, Impl.REFERENCE),
-            "triton": None,
-        }
-        if slots.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-            subset = slots[:triton_rows]
-            result["triton"] = verify_against_pool(cap, runner.model, pool, subset, Impl.TRITON)
-            result["triton_rows"] = int(subset.numel())
-        with open(out_path, "w") as f:
-            json.dump(result, f, indent=1)
-
-    scheduler_cls.hcache_capture_install = hcache_capture_install
-    scheduler_cls.hcache_capture_uninstall = hcache_capture_uninstall
-    scheduler_cls.hcache_capture_verify = hcache_capture_verify
-
-
-def register() -> None:
-    """Add the capture RPCs to SGLang's ``Scheduler`` (idempotent, cheap).
-
-    The plugin loader runs inside ``sglang.srt.managers.scheduler`` in the scheduler
-    process, so the module is already imported there; elsewhere this is a no-op.
-    """
-    module = sys.modules.get(_SCHEDULER_MODULE)
-    scheduler_cls = getattr(module, "Scheduler", None)
-    if scheduler_cls is None or hasattr(scheduler_cls, "hcache_capture_verify"):
-        return
-    _install_scheduler_methods(scheduler_cls)

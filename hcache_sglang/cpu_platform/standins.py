@@ -6,7 +6,7 @@ for a CUDA build. SGLang imports both at module import time. The stand-ins make
 those imports succeed:
 
 - ``sgl_kernel``: the few CPU ops SGLang's CPU engine calls are implemented in
-  :mod:`hcache_sglang.platform.cpu_ops`; every other attribute is a callable that
+  :mod:`hcache_sglang.cpu_platform.cpu_ops`; every other attribute is a callable that
   raises ``NotImplementedError`` naming itself when called. The submodules
   ``elementwise``, ``flash_attn``, ``kvcacheio``, ``sampling`` import (the set
   SGLang's CPU path was measured to import); any other submodule raises
@@ -35,11 +35,11 @@ _HINT = (
 # Implemented ops: stand-in module -> {attribute: "module:function"}.
 _IMPLEMENTED = {
     "sgl_kernel": {
-        "assign_req_to_token_pool_cpu": "hcache_sglang.platform.cpu_ops:assign_req_to_token_pool",
-        "copy_all_layer_kv_cache_cpu": "hcache_sglang.platform.cpu_ops:copy_all_layer_kv_cache",
+        "assign_req_to_token_pool_cpu": "hcache_sglang.cpu_platform.cpu_ops:assign_req_to_token_pool",
+        "copy_all_layer_kv_cache_cpu": "hcache_sglang.cpu_platform.cpu_ops:copy_all_layer_kv_cache",
     },
     "sgl_kernel.kvcacheio": {
-        "transfer_kv_direct": "hcache_sglang.platform.cpu_ops:transfer_kv_direct",
+        "transfer_kv_direct": "hcache_sglang.cpu_platform.cpu_ops:transfer_kv_direct",
     },
 }
 _SGL_KERNEL_SUBMODULES = frozenset(

@@ -1,6 +1,6 @@
 """The demo's comparison: what HCache left on disk, the two runs paired, the report.
 
-Call order (after both runs of :mod:`hcache_sglang.demo` have shut their engines down):
+Call order (after both runs of :mod:`hcache_sglang.demo.main` have shut their engines down):
     read_store(directory, capacity) -> StoreSummary   # chunks, tokens, bytes, restore plan
     compare(off, hcache, store, model) -> Comparison  # request by request
     format_report(comparison) -> str                  # table + summary lines
@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from hcache_sglang import models
-from hcache_sglang.demo import DTYPE, DemoRun, RequestResult
+from hcache_sglang.backends import ChunkStore, StoreConfig, StoreLocked
+from hcache_sglang.demo.records import DTYPE, DemoRun, RequestResult
+from hcache_sglang.model_check import ModelInfo
+from hcache_sglang.planner import LayerPlan
 
 # ---------------------------------------------------------------------------- store on disk
 
@@ -30,8 +32,6 @@ class StoreSummary(NamedTuple):
 
 def read_store(directory: str | Path, capacity_bytes: int) -> StoreSummary:
     """Open the chunk store an engine wrote to (after it shut down) and summarise its chunks."""
-    from hcache_sglang.backends import ChunkStore, LayerKind, StoreConfig, StoreLocked
-
     config = StoreConfig(directory=str(directory), capacity_bytes=capacity_bytes)
     deadline = time.monotonic() + 60
     while True:  # the engine's scheduler process may still be exiting and holding the store
@@ -46,7 +46,7 @@ def read_store(directory: str | Path, capacity_bytes: int) -> StoreSummary:
         records = list(store.index.records())
     kinds = {rec.kinds for rec in records}
     first = next(iter(kinds)) if kinds else ()
-    plan = "".join("H" if k is LayerKind.HIDDEN else "K" for k in first) or "?"
+    plan = "".join(k.letter for k in first) or "?"
     return StoreSummary(len(records), sum(r.num_tokens for r in records),
                         sum(r.nbytes for r in records), plan if len(kinds) <= 1 else "mixed")
 
@@ -87,7 +87,7 @@ class Comparison(NamedTuple):
 
 
 def compare(
-    off: DemoRun, hcache: DemoRun, store: StoreSummary, info: models.ModelInfo
+    off: DemoRun, hcache: DemoRun, store: StoreSummary, info: ModelInfo
 ) -> Comparison:
     """Pair the two runs request by request (same schedule, same order)."""
     if len(off.results) != len(hcache.results):
@@ -162,8 +162,6 @@ def format_report(c: Comparison) -> str:
 
 
 def _describe(plan: str) -> str:
-    from hcache_sglang.planner import LayerPlan
-
     try:
         return LayerPlan.parse(plan).describe()
     except ValueError:
