@@ -89,7 +89,7 @@ def _after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> An
     _model_runners.append(runner)
     args = runner.server_args
     if getattr(args, "enable_hierarchical_cache", False) or hcache_config_from_server_args(args):
-        from hcache_sglang import page_hash
+        from hcache_sglang.serving import page_hash
 
         page_hash.warm()  # SGLang's page hash, built or loaded now: not on the first write-through
     config = hcache_config_from_server_args(runner.server_args)

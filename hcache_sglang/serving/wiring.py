@@ -3,7 +3,8 @@
 :func:`build` checks the model and its KV pool, then builds, in data-flow order: the capture side pool
 (hooked into the model), the namespace and the chunk store (:data:`STORE_BACKENDS`: one small factory
 per backend; at ``--tp N`` the TP group's stores, :mod:`~hcache_sglang.serving.tp_layout`), the layer
-restorer (and the recomputed leading layers), the restore and spill pipelines with their threads, the restore counters and their ``/metrics`` exporter. It logs the
+restorer (and the recomputed leading layers), the restore and spill pipelines with their threads, the
+restore counters and their ``/metrics`` exporter. It logs the
 startup line (plan, pool, capacity, side pool, load check) and returns a :class:`Runtime`.
 """
 
