@@ -19,6 +19,7 @@ from .mooncake import MooncakeChunkStore, MooncakeStoreConfig, largest_object_by
 from .mooncake_connect import MooncakeConfigError, MooncakeTarget
 from .mooncake_objects import manifest_key, object_key
 from .mooncake_procs import MooncakeMaster, MooncakeStoreProcess
+from .peer import PeerStore
 from .pool import ExtentAllocator, StoreLocked, aligned_buffer, byte_view
 from .reader import ChunkCorrupt, ReadHandle
 from .recovery import KEEP_DAMAGED
@@ -29,7 +30,6 @@ from .throttle import BandwidthThrottle
 __all__ = ["ALIGN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
            "ExtentAllocator", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind", "MooncakeChunkStore",
            "MooncakeConfigError", "MooncakeMaster", "MooncakeStoreConfig", "MooncakeStoreProcess",
-           "MooncakeTarget", "Namespace",
-           "OpenReport", "ReadHandle", "StoreConfig", "StoreLocked", "StoreStats", "aligned_buffer",
-           "byte_view", "carve", "carved_bytes", "chunk_layout", "largest_object_bytes", "manifest_key",
-           "object_key"]
+           "MooncakeTarget", "Namespace", "OpenReport", "PeerStore", "ReadHandle", "StoreConfig",
+           "StoreLocked", "StoreStats", "aligned_buffer", "byte_view", "carve", "carved_bytes",
+           "chunk_layout", "largest_object_bytes", "manifest_key", "object_key"]

@@ -76,6 +76,7 @@ class Server:
     argv: list[str]
     start_s: float = 0.0
     log: Path = field(default=Path())
+    tp: int = 1
 
     def metrics(self) -> dict[str, float]:
         """``hcache_*`` gauges of ``/metrics`` (empty for systems without them)."""
@@ -90,20 +91,26 @@ class Server:
     def storage(self) -> dict:
         """Bytes and tokens held by this system's storage tier now."""
         if self.system.startswith("hcache"):
-            # The committed chunks in the pool's index: extents (header, alignment included).
+            # The committed chunks in the pool's indexes: extents (header, alignment included). At
+            # --tp N: the group's hidden store and every rank's K/V shard store (each holds the same
+            # tokens, so tokens count once: the most any one store holds).
             from hcache_sglang.backends import ChunkIndex
 
-            index = ChunkIndex(str(self.workdir / "pool" / "index"))
-            try:
-                recs = list(index.records())
-            finally:
-                index.close()
-            return dict(bytes=float(sum(r.nbytes for r in recs)),
-                        tokens=float(sum(r.num_tokens for r in recs)), source="pool index extents")
+            nbytes, tokens = 0, 0
+            for path in sorted((self.workdir / "pool").glob("**/index")):
+                index = ChunkIndex(str(path))
+                try:
+                    recs = list(index.records())
+                finally:
+                    index.close()
+                nbytes += sum(r.nbytes for r in recs)
+                tokens = max(tokens, sum(r.num_tokens for r in recs))
+            return dict(bytes=float(nbytes), tokens=float(tokens), source="pool index extents")
         if self.system == "hicache":
+            # One file per page and TP rank (each rank's keys carry its rank).
             files = [p for p in (self.workdir / "hicache-file").glob("*") if p.is_file()]
             return dict(bytes=float(sum(p.stat().st_size for p in files)),
-                        tokens=float(len(files) * self.page_size), source="file backend directory")
+                        tokens=float(len(files) * self.page_size / self.tp), source="file backend directory")
         return dict(bytes=0.0, tokens=0.0, source="none")
 
     def describe(self) -> dict:
@@ -136,12 +143,23 @@ def system_server(system: str, model_path, dtype: str, max_total_tokens: int, pl
                       plan.get("storage_bandwidth"), plan.get("hicache_ratio")),
         *plan.get("server_flags", ()),  # later flags win (e.g. bench_overhead's forced layer plans)
     ]
+    tp = plan.get("tp", 1)
     env = dict(os.environ, SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(workdir / "hicache-file"),
                **plan.get("server_env", {}))
+    if tp > 1:
+        argv += ["--tp-size", str(tp)]
+        if system == "hicache" and plan.get("hicache_ratio") is None:
+            # SGLang's auto-sizing of the host tier keeps 10 GiB of the host free for the machine and
+            # refuses to start when less is left, which N ranks on one small host hit: its default
+            # ratio, stated, is used as asked.
+            argv += ["--hicache-ratio", "2"]
+        from hcache_sglang.launch import cpu_binding
+
+        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_binding(tp))
     # the throttled HiCache backend (hicache_throttled.py) is imported by the server from here
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH")) if p)
     log = workdir / "server.log"
-    server = Server(system, f"http://127.0.0.1:{port}", workdir, plan["page_size"], argv, log=log)
+    server = Server(system, f"http://127.0.0.1:{port}", workdir, plan["page_size"], argv, log=log, tp=tp)
     t0 = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen(LAUNCHER + argv, stdout=out, stderr=subprocess.STDOUT, env=env,

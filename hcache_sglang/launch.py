@@ -153,6 +153,18 @@ def _apply_device_defaults(out: dict[str, Any]) -> None:
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         out.setdefault("attention_backend", "torch_native")
         out.setdefault("disable_cuda_graph", True)
+        tp = int(out.get("tp_size") or 1)
+        if tp > 1:  # SGLang on a CPU refuses more ranks than NUMA nodes without explicit core sets
+            os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_binding(tp))
+
+
+def cpu_binding(tp: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``tp`` ranks: this process's cores split into disjoint sets."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        raise ValueError(f"--tp {tp} on a CPU needs at least {tp} cores; this process may use {len(cores)}")
+    per = len(cores) // tp
+    return "|".join(",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(tp))
 
 
 def _refuse(out: dict[str, Any], mode: HierarchicalCache, *flags: str) -> None:
@@ -210,6 +222,10 @@ def build_server_argv(argv: Sequence[str]) -> tuple[list[str], HierarchicalCache
     implied: dict[str, Any] = {k: True for k in given}
     if "device" in given:
         implied["device"] = option_value(rest, "--device")
+    for flag in ("--tp-size", "--tp"):
+        if flag[2:].replace("-", "_") in given:
+            implied["tp_size"] = option_value(rest, flag)
+            given.add("tp_size")  # the user's own flag stays the only one
     extra = sglang_kwargs(mode, implied, hcache)
     added = {k: v for k, v in extra.items() if k not in given}
     return list(rest) + kwargs_to_argv(added), mode, hcache
