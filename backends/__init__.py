@@ -4,14 +4,22 @@ Modules in data-flow order: ``layout`` (namespace, chunk byte layout) -> ``stagi
 -> ``store`` (writers, eviction, facade) -> ``pool`` (file grown in extents + allocator) -> ``index``
 (LMDB) -> ``recovery`` (open: damaged state set aside) -> ``lru`` (chain-aware eviction order) ->
 ``reader`` (per-layer futures) -> ``stats``; ``host_buffers`` (reused landing buffers of restore
-reads) and ``throttle`` (read bandwidth caps) beside them.
+reads) and ``throttle`` (read bandwidth caps) beside them. ``base`` is the contract both stores meet;
+``mooncake`` (+ ``mooncake_objects``, ``mooncake_read``, ``mooncake_connect``) the shared store on
+Mooncake Store, ``mooncake_procs`` the local Mooncake processes tests and benchmarks start.
 
 This package is the face the rest of hcache_sglang, bench/ and tests/ import: the names below.
 """
 
+from .base import ChunkBackend
 from .host_buffers import HostBuffers, carve, carved_bytes
 from .index import ChunkIndex, ChunkRecord
 from .layout import ALIGN, LayerKind, Namespace, chunk_layout
+from .mooncake import MooncakeChunkStore, MooncakeStoreConfig, largest_object_bytes
+from .mooncake_connect import MooncakeConfigError, MooncakeTarget
+from .mooncake_objects import manifest_key, object_key
+from .mooncake_procs import MooncakeMaster, MooncakeStoreProcess
+from .peer import PeerStore
 from .pool import ExtentAllocator, StoreLocked, aligned_buffer, byte_view
 from .reader import ChunkCorrupt, ReadHandle
 from .recovery import KEEP_DAMAGED
@@ -19,7 +27,9 @@ from .stats import StoreStats
 from .store import ChunkStore, Hit, OpenReport, StoreConfig
 from .throttle import BandwidthThrottle
 
-__all__ = ["ALIGN", "BandwidthThrottle", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
-           "ExtentAllocator", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind", "Namespace",
-           "OpenReport", "ReadHandle", "StoreConfig", "StoreLocked", "StoreStats", "aligned_buffer",
-           "byte_view", "carve", "carved_bytes", "chunk_layout"]
+__all__ = ["ALIGN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
+           "ExtentAllocator", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind", "MooncakeChunkStore",
+           "MooncakeConfigError", "MooncakeMaster", "MooncakeStoreConfig", "MooncakeStoreProcess",
+           "MooncakeTarget", "Namespace", "OpenReport", "PeerStore", "ReadHandle", "StoreConfig",
+           "StoreLocked", "StoreStats", "aligned_buffer", "byte_view", "carve", "carved_bytes",
+           "chunk_layout", "largest_object_bytes", "manifest_key", "object_key"]

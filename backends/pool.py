@@ -330,6 +330,31 @@ class FilePool:
         os.close(self._lock_fd)
 
 
+class PoolReader:
+    """Another process's ``pool.bin``, opened read-only: what a reader of a store it does not own
+    needs of a pool (``read_into``, ``o_direct``). ``id`` is the pool id in its header (None: no
+    usable header), which the index must name for its offsets to point into this file."""
+
+    o_direct = False
+
+    def __init__(self, directory: str, read_bandwidth_limit: float | None = None):
+        self.path = os.path.join(directory, "pool.bin")
+        self.fd = os.open(self.path, os.O_RDONLY)
+        head = os.pread(self.fd, _HEADER.size, 0)
+        magic, fmt, pool_id, _ = _HEADER.unpack(head) if len(head) == _HEADER.size else (b"", 0, None, b"")
+        self.id = pool_id if magic == _MAGIC and fmt == POOL_FORMAT else None
+        self._throttle = BandwidthThrottle(read_bandwidth_limit) if read_bandwidth_limit else None
+
+    def read_into(self, buf: memoryview, offset: int) -> int:
+        n = _read_at(self.fd, buf, HEADER_BYTES + offset)
+        if self._throttle is not None:
+            self._throttle.charge(n)
+        return n
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 def default_disk_reserve(fd: int) -> int:
     """Free space a pool leaves on its disk: 5% of the filesystem, at most 4 GiB."""
     disk = os.fstatvfs(fd)

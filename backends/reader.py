@@ -82,7 +82,7 @@ class ReadHandle:
         return h
 
 
-class _ReadJob:
+class ReadJob:
     """Issues and tracks the tasks of one read; ``on_done(corrupt_ids, bytes_read, seconds)`` runs once,
     after the last task and before the last layer future resolves.
 

@@ -25,7 +25,7 @@ from .index import ChunkRecord
 from .layout import LayerKind, Namespace, chunk_layout, digest, split_chunks
 from .lru import ChainLRU
 from .pool import GROW_BYTES, ExtentAllocator, FilePool
-from .reader import ReadHandle, _ReadJob, check_out_buffers, plan_pieces
+from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces
 from .recovery import open_index
 from .staging import StagedChunk, StagedSave, StagingArea, check_save, stage_chunks
 from .stats import StatsRecorder, StoreStats
@@ -170,7 +170,7 @@ class ChunkStore:
             self._stats.add(chunks_read=len(pieces), bytes_read=nbytes)
             self._stats.observe("read", time.perf_counter() - t_issue)
 
-        job = _ReadJob(self.pool, self._readers, ns, pieces, out, positions_out, token_ids_out, done)
+        job = ReadJob(self.pool, self._readers, ns, pieces, out, positions_out, token_ids_out, done)
         return job.handle
 
     def _touch(self, resolved: Sequence[tuple[ChunkRecord, int]]) -> None:

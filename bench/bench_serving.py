@@ -31,6 +31,7 @@ recompute run. Per workload the paper's ratios: ``ttft_speedup_vs_hicache``,
     python bench/bench_serving.py --from-json OUT.json --markdown bench/RESULTS.md --plot OUT.svg
     python bench/bench_serving.py --preset storage --json OUT.json    # storage-bound: reads capped
     python bench/bench_serving.py --from-json A.json B.json --sweep   # runs at several caps, one table
+    python bench/bench_serving.py --smoke --tp 2      # every system at tensor parallelism 2
 
 ``--storage-bandwidth X`` caps the storage reads of HCache and HiCache alike (what-if: a slower disk or a
 remote store; labelled in every output), see bench/README.md "Two regimes".
@@ -118,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workloads", help=f"comma-separated, from {', '.join(WORKLOADS)}")
     ap.add_argument("--dtype", help="serving dtype; 'checkpoint' = config.json's")
     ap.add_argument("--max-total-tokens", type=int, help="device KV pool of the evicting systems")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel size of every system's server (CPU: one core set per rank)")
     ap.add_argument("--objective", choices=("speed", "balanced"), default="balanced",
                     help="planner objective of the 'hcache' (hybrid plan) system")
     ap.add_argument("--storage-bandwidth",
@@ -177,7 +180,9 @@ def plan_run(args) -> dict:
             raise SystemExit(f"--storage-bandwidth {preset['storage_bandwidth']!r}: {e}") from None
     if preset.get("hicache_ratio") is not None and preset["hicache_ratio"] <= 0:
         raise SystemExit(f"--hicache-ratio {preset['hicache_ratio']}: must be positive")
-    preset.update(preset=args.preset, objective=args.objective, seed=args.seed)
+    if args.tp < 1:
+        raise SystemExit(f"--tp {args.tp}: expected a positive TP size")
+    preset.update(preset=args.preset, objective=args.objective, seed=args.seed, tp=args.tp)
     return preset
 
 
@@ -265,7 +270,8 @@ def main(argv=None) -> int:
 
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-serving-"))
         print(f"bench_serving: preset {plan['preset']}, models {', '.join(plan['models'])}, "
-              f"systems {', '.join(plan['systems'])}; logs and pools under {workdir}", flush=True)
+              f"systems {', '.join(plan['systems'])}, tp {plan['tp']}; logs and pools under {workdir}",
+              flush=True)
         if plan.get("storage_bandwidth"):
             print(f"bench_serving: STORAGE READS THROTTLED to {plan['storage_bandwidth']} (binary "
                   "multiples: M = MiB) per second for "

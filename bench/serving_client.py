@@ -76,6 +76,7 @@ class Server:
     argv: list[str]
     start_s: float = 0.0
     log: Path = field(default=Path())
+    tp: int = 1
 
     def metrics(self) -> dict[str, float]:
         """``hcache_*`` gauges of ``/metrics`` (empty for systems without them)."""
@@ -90,20 +91,26 @@ class Server:
     def storage(self) -> dict:
         """Bytes and tokens held by this system's storage tier now."""
         if self.system.startswith("hcache"):
-            # The committed chunks in the pool's index: extents (header, alignment included).
+            # The committed chunks in the pool's indexes: extents (header, alignment included). At
+            # --tp N: the group's hidden store and every rank's K/V shard store (each holds the same
+            # tokens, so tokens count once: the most any one store holds).
             from hcache_sglang.backends import ChunkIndex
 
-            index = ChunkIndex(str(self.workdir / "pool" / "index"))
-            try:
-                recs = list(index.records())
-            finally:
-                index.close()
-            return dict(bytes=float(sum(r.nbytes for r in recs)),
-                        tokens=float(sum(r.num_tokens for r in recs)), source="pool index extents")
+            nbytes, tokens = 0, 0
+            for path in sorted((self.workdir / "pool").glob("**/index")):
+                index = ChunkIndex(str(path))
+                try:
+                    recs = list(index.records())
+                finally:
+                    index.close()
+                nbytes += sum(r.nbytes for r in recs)
+                tokens = max(tokens, sum(r.num_tokens for r in recs))
+            return dict(bytes=float(nbytes), tokens=float(tokens), source="pool index extents")
         if self.system == "hicache":
+            # One file per page and TP rank (each rank's keys carry its rank).
             files = [p for p in (self.workdir / "hicache-file").glob("*") if p.is_file()]
             return dict(bytes=float(sum(p.stat().st_size for p in files)),
-                        tokens=float(len(files) * self.page_size), source="file backend directory")
+                        tokens=float(len(files) * self.page_size / self.tp), source="file backend directory")
         return dict(bytes=0.0, tokens=0.0, source="none")
 
     def describe(self) -> dict:
@@ -134,12 +141,25 @@ def system_server(system: str, model_path, dtype: str, max_total_tokens: int, pl
         "--enable-metrics", "--random-seed", "0", "--log-level", os.environ.get("BENCH_SERVER_LOG_LEVEL", "info"),
         *system_flags(system, plan["objective"], workdir, plan.get("hcache_capacity", "2G"),
                       plan.get("storage_bandwidth"), plan.get("hicache_ratio")),
+        *plan.get("server_flags", ()),  # later flags win (e.g. bench_overhead's forced layer plans)
     ]
-    env = dict(os.environ, SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(workdir / "hicache-file"))
+    tp = plan.get("tp", 1)
+    env = dict(os.environ, SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR=str(workdir / "hicache-file"),
+               **plan.get("server_env", {}))
+    if tp > 1:
+        argv += ["--tp-size", str(tp)]
+        if system == "hicache" and plan.get("hicache_ratio") is None:
+            # SGLang's auto-sizing of the host tier keeps 10 GiB of the host free for the machine and
+            # refuses to start when less is left, which N ranks on one small host hit: its default
+            # ratio, stated, is used as asked.
+            argv += ["--hicache-ratio", "2"]
+        from hcache_sglang.launch import cpu_binding
+
+        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_binding(tp))
     # the throttled HiCache backend (hicache_throttled.py) is imported by the server from here
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH")) if p)
     log = workdir / "server.log"
-    server = Server(system, f"http://127.0.0.1:{port}", workdir, plan["page_size"], argv, log=log)
+    server = Server(system, f"http://127.0.0.1:{port}", workdir, plan["page_size"], argv, log=log, tp=tp)
     t0 = time.perf_counter()
     with open(log, "wb") as out:
         proc = subprocess.Popen(LAUNCHER + argv, stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -256,9 +276,25 @@ async def _replay(url: str, workload: Workload, on_done) -> list[dict]:
         return list(await asyncio.gather(*tasks))
 
 
-def run_workload(server: Server, workload: Workload, on_done=lambda: None) -> dict:
-    """Replay ``workload``; flush the device cache first so each workload starts cold."""
-    requests.post(f"{server.url}/flush_cache", timeout=60)
+def flush_cache(server: Server) -> bool:
+    """Empty the device cache (False: the server refused, e.g. requests in flight); with HCache this
+    also waits until every spill is staged and written."""
+    return requests.post(f"{server.url}/flush_cache", timeout=600).status_code == 200
+
+
+def run_workload(server: Server, workload: Workload, on_done=lambda: None, *,
+                 scrape: bool = True) -> dict:
+    """Replay ``workload``; flush the device cache first so each workload starts cold.
+
+    ``scrape=False`` skips the ``/metrics`` and storage snapshots around it (and their waits for the
+    once-a-second gauges): the flush and the replay alone, for benchmarks timing many short runs.
+    """
+    flush_cache(server)
+    if not scrape:
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
+        records = asyncio.run(_replay(server.url, workload, on_done))
+        return dict(requests=records, wall_s=time.perf_counter() - t0,
+                    load_avg=(load0 + os.getloadavg()[0]) / 2)
     time.sleep(METRICS_WAIT_S)
     before, store_before = server.metrics(), server.storage()
     t0, load0 = time.perf_counter(), os.getloadavg()[0]

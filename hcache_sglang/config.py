@@ -34,6 +34,13 @@ class Objective(str, enum.Enum):
     BALANCED = "balanced"  # fastest restore within ~the bytes of the space plan
 
 
+class Backend(str, enum.Enum):
+    """Where chunks live (``--hcache-backend``)."""
+
+    LOCAL = "local"  # this server's file pool with its LMDB index
+    MOONCAKE = "mooncake"  # Mooncake Store, shared by every server on one master
+
+
 class LoadCheck(str, enum.Enum):
     """When stored bytes are verified against their checksums during a restore.
 
@@ -116,6 +123,10 @@ class HCacheConfig:
     o_direct: bool = False
     refresh_profile: bool = False
     plan_tokens: int = 1000  # the restore length the planner plans for (see planner.PLAN_TOKENS)
+    backend: Backend = Backend.LOCAL
+    # Mooncake settings in SGLang's config keys (master_server_address, protocol, ...); None: read
+    # SGLANG_HICACHE_MOONCAKE_CONFIG_PATH or the MOONCAKE_* variables, as SGLang's Mooncake backend does.
+    mooncake: Optional[dict] = None
     timeline_dir: Optional[str] = None  # write a restore timeline per sampled restore here (debug)
     timeline_every: int = 1  # sample every N-th restore into the timeline
 
@@ -132,6 +143,9 @@ class HCacheConfig:
             raise ValueError(
                 f"hcache: read bandwidth limit must be positive, got {self.read_bandwidth_limit}"
             )
+        if self.mooncake is not None and not isinstance(self.mooncake, dict):
+            raise ValueError(f"hcache: mooncake config {self.mooncake!r}; expected a dict of SGLang's "
+                             "Mooncake keys (master_server_address, protocol, ...) or None")
         if not isinstance(self.plan_tokens, int) or self.plan_tokens < 16:
             raise ValueError(f"hcache: plan tokens {self.plan_tokens!r}; expected an integer >= 16")
         if not isinstance(self.timeline_every, int) or self.timeline_every < 1:
@@ -157,7 +171,7 @@ class HCacheConfig:
         capacity_bytes = parse_size(capacity) if capacity is not None else default_capacity(directory)
         if "staging" in kwargs:
             kwargs["staging_bytes"] = parse_size(kwargs.pop("staging"))
-        for name, enum_type in (("objective", Objective), ("load_check", LoadCheck)):
+        for name, enum_type in (("objective", Objective), ("load_check", LoadCheck), ("backend", Backend)):
             if isinstance(kwargs.get(name), str):
                 kwargs[name] = _parse_enum(enum_type, kwargs[name], "--hcache-" + name.replace("_", "-"))
         return cls(directory=directory, capacity_bytes=capacity_bytes, **kwargs)
@@ -166,6 +180,7 @@ class HCacheConfig:
         out = dataclasses.asdict(self)
         out["objective"] = self.objective.value
         out["load_check"] = self.load_check.value
+        out["backend"] = self.backend.value
         return out
 
     @classmethod
@@ -179,6 +194,8 @@ class HCacheConfig:
             data["objective"] = _parse_enum(Objective, data["objective"], "objective")
         if "load_check" in data:
             data["load_check"] = _parse_enum(LoadCheck, data["load_check"], "load_check")
+        if "backend" in data:
+            data["backend"] = _parse_enum(Backend, data["backend"], "backend")
         return cls(**data)
 
 

@@ -33,6 +33,8 @@ _HCACHE_KEYS = {
     "hcache_o_direct": "o_direct",
     "hcache_refresh_profile": "refresh_profile",
     "hcache_plan_tokens": "plan_tokens",
+    "hcache_backend": "backend",
+    "hcache_mooncake": "mooncake",
     "hcache_timeline": "timeline_dir",
     "hcache_timeline_every": "timeline_every",
 }

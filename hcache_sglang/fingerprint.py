@@ -2,7 +2,8 @@
 
 Two servers share chunks only when they serve the same weights with the same numerics: the config,
 the weight files (names, sizes, and a hash of their first and last MiB: cheap, yet any re-save or
-fine-tune changes it), the serving dtype, the tensor-parallel split, and this package's format version.
+fine-tune changes it), the serving dtype and this package's format version. The tensor-parallel layout is not part of it:
+at ``--tp N`` the namespaces derived from it add the layout (:func:`hcache_sglang.serving.tp_layout.group_namespaces`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ FORMAT_VERSION = "hcache-chunks-v1"
 _SAMPLE = 1 << 20
 
 
-def model_fingerprint(model_path: str, dtype: str, tp_rank: int = 0, tp_size: int = 1) -> str:
+def model_fingerprint(model_path: str, dtype: str) -> str:
     root = Path(model_path)
     digest = hashlib.sha256()
-    digest.update(f"{FORMAT_VERSION}|{dtype}|tp{tp_rank}/{tp_size}".encode())
+    # "tp0/1": what fingerprints of one TP rank hashed when they carried the layout (pools keep their keys).
+    digest.update(f"{FORMAT_VERSION}|{dtype}|tp0/1".encode())
     config = root / "config.json"
     if config.is_file():
         # Canonical JSON, so key order or whitespace changes do not split the cache.

@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Any, Optional, Sequence
 
-from hcache_sglang.config import HCacheConfig, HierarchicalCache, LoadCheck, Objective, default_cache_root
+from hcache_sglang.config import Backend, HCacheConfig, HierarchicalCache, LoadCheck, Objective, default_cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[m.value for m in HierarchicalCache],
         default=HierarchicalCache.HCACHE.value,
         help="off: radix cache only; hicache: SGLang's KV offload; hcache: hidden-state restore",
+    )
+    group.add_argument(
+        "--hcache-backend", choices=[b.value for b in Backend], default=Backend.LOCAL.value,
+        help="local: this server's file pool; mooncake: Mooncake Store shared by many servers "
+             "(configured like SGLang's: MOONCAKE_* variables or SGLANG_HICACHE_MOONCAKE_CONFIG_PATH)",
     )
     group.add_argument("--hcache-dir", default=None, help="chunk pool + LMDB index directory")
     group.add_argument("--hcache-capacity", default=None, help="pool size, e.g. 64G (default: fits the free disk)")
@@ -86,6 +91,7 @@ def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
         o_direct=args.hcache_o_direct,
         refresh_profile=args.hcache_refresh_profile,
         plan_tokens=args.hcache_plan_tokens,
+        backend=args.hcache_backend,
         timeline_dir=args.hcache_timeline,
         timeline_every=args.hcache_timeline_every,
     )
@@ -153,6 +159,18 @@ def _apply_device_defaults(out: dict[str, Any]) -> None:
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         out.setdefault("attention_backend", "torch_native")
         out.setdefault("disable_cuda_graph", True)
+        tp = int(out.get("tp_size") or 1)
+        if tp > 1:  # SGLang on a CPU refuses more ranks than NUMA nodes without explicit core sets
+            os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_binding(tp))
+
+
+def cpu_binding(tp: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``tp`` ranks: this process's cores split into disjoint sets."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < tp:
+        raise ValueError(f"--tp {tp} on a CPU needs at least {tp} cores; this process may use {len(cores)}")
+    per = len(cores) // tp
+    return "|".join(",".join(map(str, cores[r * per:(r + 1) * per])) for r in range(tp))
 
 
 def _refuse(out: dict[str, Any], mode: HierarchicalCache, *flags: str) -> None:
@@ -210,6 +228,10 @@ def build_server_argv(argv: Sequence[str]) -> tuple[list[str], HierarchicalCache
     implied: dict[str, Any] = {k: True for k in given}
     if "device" in given:
         implied["device"] = option_value(rest, "--device")
+    for flag in ("--tp-size", "--tp"):
+        if flag[2:].replace("-", "_") in given:
+            implied["tp_size"] = option_value(rest, flag)
+            given.add("tp_size")  # the user's own flag stays the only one
     extra = sglang_kwargs(mode, implied, hcache)
     added = {k: v for k, v in extra.items() if k not in given}
     return list(rest) + kwargs_to_argv(added), mode, hcache

@@ -99,3 +99,20 @@ def test_engine_keywords_reach_the_hcache_config(tmp_path):
     assert kwargs["page_size"] == 16 and not any(k.startswith("hcache_") for k in kwargs)
     with pytest.raises(ValueError, match="need hierarchical_cache='hcache'"):
         resolve_engine_kwargs(dict(model_path="/m", hierarchical_cache="off", hcache_plan_tokens=8192))
+
+
+def test_tp_on_a_cpu_binds_each_rank_to_its_own_cores(monkeypatch):
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    argv, _, _ = build_server_argv(["--model-path", "m", "--device", "cpu", "--tp", "2"])
+    import os
+
+    assert os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    assert argv.count("--tp") == 1 and "--tp-size" not in argv
+    # a user's own binding wins; more ranks than cores is a clear error
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "3|2")
+    sglang_kwargs("off", {"device": "cpu", "tp_size": 2})
+    assert os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "3|2"
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND")
+    with pytest.raises(ValueError, match="--tp 8 on a CPU needs at least 8 cores"):
+        sglang_kwargs("off", {"device": "cpu", "tp_size": 8})

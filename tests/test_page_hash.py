@@ -10,7 +10,7 @@ from array import array
 
 import pytest
 
-from hcache_sglang import page_hash
+from hcache_sglang.serving import page_hash
 
 
 def native():
@@ -56,7 +56,7 @@ def test_no_compiler_serves_with_the_python_hash(tmp_path):
     code = textwrap.dedent(f"""
         import logging
         logging.basicConfig(level=logging.WARNING)
-        from hcache_sglang import page_hash
+        from hcache_sglang.serving import page_hash
         from sglang.srt.mem_cache.utils import get_hash_str
         print("state:", page_hash.warm())
         print("keys:", get_hash_str(list(range(100, 164)), None, page_size=16) == {want!r})

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from hcache_sglang.kernels import Impl, KVProjection, project_kv_into_cache
 from hcache_sglang.serving.introspect import first_layer, kv_projections, local_layers
+from hcache_sglang.serving.row_copy import scatter_rows, slot_runs
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class HiddenStateCapture:
         self.positions = torch.full((num_slots,), -1, dtype=torch.int64, device=device)
         self.token_ids = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self._handles: list = []
+        self._runs: tuple = (None, None)  # (out_cache_loc, its slot runs): found once per forward
 
     def nbytes(self) -> int:
         """Device bytes of the side pool."""
@@ -160,8 +162,12 @@ class HiddenStateCapture:
             forward_batch = args[2] if len(args) > 2 else kwargs["forward_batch"]
             loc = forward_batch.out_cache_loc
             n = loc.shape[0]  # rows beyond n are CUDA-graph padding
+            # Every layer of a forward writes the same slots: their runs are found by the first layer's
+            # hook (each forward: loc may be a buffer refilled in place) and reused while loc is the same.
+            if first or self._runs[0] is not loc:
+                self._runs = (loc, slot_runs(loc, max_runs=n // 8))
             if buf is not None:
-                buf.index_copy_(0, loc, x[:n].to(buf.dtype))
+                scatter_rows(buf, loc, x[:n], self._runs[1])
             if first:
                 self.positions.index_copy_(0, loc, positions[:n].to(torch.int64))
                 ids = forward_batch.input_ids

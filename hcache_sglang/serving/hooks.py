@@ -4,10 +4,12 @@ Installed by :mod:`hcache_sglang.plugin` in every SGLang process (the scheduler 
 :mod:`hcache_sglang.serving.rpc`'s); each hook checks at call time
 whether the HCache linker is the configured external linker and does nothing otherwise.
 
-1. ``ModelRunner.load_model`` (after): remember the target model runner of this process, so the linker
-   (constructed by SGLang with no handle to the model) can reach the model's layers, and fix the
-   restore plan from measured costs (the side pool's size depends on it, and the KV pool is sized
-   right after the model loads).
+1. ``ModelRunner.load_model`` (before): refuse a TP size the model's heads cannot be split by, with
+   the reason (SGLang would fail an assertion). (After): remember the target model runner of this
+   process, so the linker (constructed by SGLang with no handle to the model) can reach the model's
+   layers, and fix the restore plan from measured costs (the side pool's size depends on it, and the
+   KV pool is sized right after the model loads); at ``--tp N`` rank 0 measures and plans, and every
+   rank runs its plan (:func:`hcache_sglang.serving.tp_layout.from_rank0`).
 2. ``DefaultPoolConfigurator._compute_cell_size`` (around): account for the hidden-state side pool
    in the per-token memory cost, so an auto-sized KV pool shrinks by what the side pool takes and the
    process does not run out of memory. An explicit ``--max-total-tokens`` is honoured as asked; the
@@ -70,6 +72,17 @@ def hcache_config_from_server_args(server_args: Any) -> Optional[HCacheConfig]:
     return HCacheConfig.from_dict(config.get("linker_extra_config") or {})
 
 
+def _before_load_model(runner: Any, *args: Any, **kwargs: Any) -> None:
+    if getattr(runner, "is_draft_worker", False) or hcache_config_from_server_args(runner.server_args) is None:
+        return None
+    from sglang.srt.runtime_context import get_parallel
+
+    from hcache_sglang.serving.tp_layout import check_tp_size
+
+    check_tp_size(runner.model_config.hf_config, int(get_parallel().tp_size))
+    return None
+
+
 def _after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
     if getattr(runner, "is_draft_worker", False):
         return result
@@ -81,9 +94,15 @@ def _after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> An
         page_hash.warm()  # SGLang's page hash, built or loaded now: not on the first write-through
     config = hcache_config_from_server_args(runner.server_args)
     if config is not None:
-        from hcache_sglang.serving.plan_resolution import resolve_plan
+        from sglang.srt.runtime_context import get_parallel
 
-        _plans[id(runner)] = resolve_plan(runner, config)
+        from hcache_sglang.serving.plan_resolution import resolve_plan
+        from hcache_sglang.serving.tp_layout import from_rank0
+
+        parallel = get_parallel()
+        sizes = int(parallel.tp_size), int(parallel.pp_size)
+        group = parallel.tp_group if sizes[0] > 1 else None
+        _plans[id(runner)] = from_rank0(lambda: resolve_plan(runner, config, *sizes), "restore plan", group)
     return result
 
 
@@ -157,6 +176,9 @@ def register() -> None:
     _registered = True
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    HookRegistry.register(
+        "sglang.srt.model_executor.model_runner.ModelRunner.load_model", _before_load_model, HookType.BEFORE
+    )
     HookRegistry.register(
         "sglang.srt.model_executor.model_runner.ModelRunner.load_model", _after_load_model, HookType.AFTER
     )

@@ -53,10 +53,15 @@ def text_config(hf_config: Any) -> Any:
 def model_dims(hf_config: Any) -> tuple[int, int, int]:
     """(num_layers, hidden_size, kv_dim = num_kv_heads * head_dim) of a HF config (text part)."""
     cfg = text_config(hf_config)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    heads, kv_heads = model_heads(hf_config)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     return cfg.num_hidden_layers, cfg.hidden_size, kv_heads * head_dim
+
+
+def model_heads(hf_config: Any) -> tuple[int, int]:
+    """(num_attention_heads, num_key_value_heads) of a HF config (text part), before any TP split."""
+    cfg = text_config(hf_config)
+    return cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
 
 
 def unsupported_model(model_config: Any) -> Optional[str]:

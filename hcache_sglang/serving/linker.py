@@ -9,7 +9,9 @@ thread) for a context that leaves and comes back:
 2. ``lookup``                    -> the restore pipeline's lookup (nothing once the re-projection
                                     check failed: evicted prefixes are then recomputed).
 3. ``load``                      -> the restore pipeline (:mod:`~hcache_sglang.serving.restore_pipeline`):
-                                    read, restore and, with the EAGER load check, verify.
+                                    read, restore and, with the EAGER load check, verify; at
+                                    ``--tp N`` the ranks' verdicts are MIN-reduced
+                                    (:func:`~hcache_sglang.serving.tp_layout.agree`).
 4. ``start_layer_wise_loading``  -> bind the batch's restores to the layer-done counter.
 5. ``finish_layer_wise_loading`` -> wait for the batch; False fails its requests.
 
@@ -19,16 +21,21 @@ What the linker runs on is built in one place, :func:`hcache_sglang.serving.wiri
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Optional
 
 import torch
 
 from sglang.srt.mem_cache.hicache_storage import PoolName, PoolTransfer
 from sglang.srt.mem_cache.unified_cache.unified_cache_linker import LayerWiseLoadCounter, UnifiedCacheLinker
+from sglang.srt.runtime_context import get_parallel
 
 from hcache_sglang.config import HCacheConfig
 from hcache_sglang.serving import wiring
 from hcache_sglang.serving.restore_pipeline import RequestContext
+from hcache_sglang.serving.tp_layout import agree, layout_from_params
+
+logger = logging.getLogger(__name__)
 
 
 class HCacheLinker(UnifiedCacheLinker):
@@ -40,8 +47,10 @@ class HCacheLinker(UnifiedCacheLinker):
         wiring.check_kv_pool(kvcache)
         self.pools = {PoolName.KV: kvcache}
         self.layer_done_counter = LayerWiseLoadCounter(kvcache.layer_num)
+        # Rank and size as SGLang's own linkers take them (the model runner carries none).
+        self.tp = layout_from_params(params, int(get_parallel().tp_size))
         self.runtime = wiring.build(server_args, kvcache, params.page_size, self.layer_done_counter, config,
-                                    forward_stream)
+                                    self.tp, forward_stream)
 
     # ---- lookup / load -----------------------------------------------------------------------
 
@@ -49,13 +58,23 @@ class HCacheLinker(UnifiedCacheLinker):
         kv = _kv_transfer(transfers)
         if kv is None or not kv.keys or self.runtime.spill.reprojection_failure:
             return []
-        return list(range(1, self.runtime.restore.lookup(kv.keys) + 1))
+        hit = self.runtime.restore.lookup(kv.keys)
+        if self.runtime.debug_off:  # a debug measurement run stored nothing restorable (debug_stages)
+            return []
+        return list(range(1, hit + 1))
 
     def load(self, rid: str, transfers: list[PoolTransfer]) -> bool:
         kv = _kv_transfer(transfers)
         if kv is None or kv.device_indices is None or not kv.keys:
-            return False
-        return self.runtime.restore.load(rid, kv.keys, kv.device_indices)
+            return False  # the same on every rank: it depends on the transfers alone
+        accepted = self.runtime.restore.load(rid, kv.keys, kv.device_indices)
+        # SGLang does not reduce a load's verdict: one rank's damaged shard must refuse it everywhere.
+        agreed = agree(accepted, self.tp)  # every rank calls it once per load: never a lone collective
+        if accepted and not agreed:
+            logger.warning("hcache: load of %d pages for %s refused by another TP rank", len(kv.keys), rid)
+            self.runtime.restore.cancel(rid)
+            self.runtime.stats.record_refused()
+        return agreed
 
     def cancel_queued_load(self, rid: str) -> bool:
         return self.runtime.restore.cancel(rid)
@@ -115,6 +134,8 @@ class HCacheLinker(UnifiedCacheLinker):
             "restore": dataclasses.asdict(runtime.stats.snapshot()),
             "plan": str(runtime.plan),
             "reprojection_failure": runtime.spill.reprojection_failure,
+            "tp_rank": self.tp.rank,
+            "tp_size": self.tp.size,
         }
 
 

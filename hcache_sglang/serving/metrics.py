@@ -119,3 +119,18 @@ def start_metrics_exporter(store: Any, restore_stats: RestoreStats, interval_s: 
     exporter = _Exporter(store, restore_stats, interval_s)
     exporter.update()
     return exporter
+
+
+_info_gauge = None  # one per process: prometheus refuses a second gauge of the same name
+
+
+def publish_backend_info(backend: str, location: str) -> None:
+    """``hcache_store_backend_info{backend=..., location=...} 1``: the store and where its bytes live
+    (the local pool's directory, or the Mooncake master)."""
+    global _info_gauge
+    if _info_gauge is None:
+        from prometheus_client import Gauge
+
+        _info_gauge = Gauge("hcache_store_backend_info", "hcache-sglang chunk store backend",
+                            labelnames=("backend", "location"), multiprocess_mode="mostrecent")
+    _info_gauge.labels(backend=backend, location=location).set(1)

@@ -4,7 +4,7 @@ SGLang 0.5.23 keys every stored page by a chained SHA-256 (``mem_cache/cpp_utils
 computed by a C++ extension that torch's ``cpp_extension`` JIT-builds on first use, under
 ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``): on a fresh machine the first
 write-through of the first server paid that build (9.8 s in the demo). :func:`warm` builds or loads
-it at set-up (``python -m hcache_sglang.page_hash``, run by ``scripts/setup_env.sh``) and again in
+it at set-up (``python -m hcache_sglang.serving.page_hash``, run by ``scripts/setup_env.sh``) and again in
 the scheduler before the server reports healthy. Where it cannot be built (no C++ compiler, no
 OpenSSL headers) SGLang has no fallback: every hash retries the build and fails; :func:`warm` then
 installs :func:`get_hash`, the same digests in Python (``hashlib``).

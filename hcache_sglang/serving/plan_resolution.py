@@ -24,19 +24,19 @@ from hcache_sglang.serving.introspect import (
 logger = logging.getLogger(__name__)
 
 
-def _recompute_refused(runner: Any, num_layers: int) -> Optional[str]:
-    return recompute_unsupported(runner.model, num_layers, getattr(runner, "tp_size", 1),
-                                 getattr(runner, "pp_size", 1))
+def _recompute_refused(runner: Any, num_layers: int, tp_size: int, pp_size: int) -> Optional[str]:
+    return recompute_unsupported(runner.model, num_layers, tp_size, pp_size)
 
 
-def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
-    """The plan a server runs with: forced by ``layer_plan``, else chosen from measured costs."""
+def resolve_plan(runner: Any, config: HCacheConfig, tp_size: int = 1, pp_size: int = 1) -> LayerPlan:
+    """The plan a server runs with: forced by ``layer_plan``, else chosen from measured costs.
+    ``tp_size``, ``pp_size``: SGLang's published parallel sizes (the model runner carries none)."""
     num_layers, hidden, kv_dim = model_dims(runner.model_config.hf_config)
     hidden_refused = reprojection_unsupported(runner.model)
     if config.layer_plan:
         plan = static_plan(num_layers, hidden, kv_dim, config)
         r = plan.count(LayerKind.RECOMPUTE)
-        return check_servable(plan, _recompute_refused(runner, r) if r else None, hidden_refused)
+        return check_servable(plan, _recompute_refused(runner, r, tp_size, pp_size) if r else None, hidden_refused)
     projection = kv_projections(runner.model)[0]
     dtype = runner.model_config.dtype
     cfg = text_config(runner.model_config.hf_config)
@@ -47,7 +47,7 @@ def resolve_plan(runner: Any, config: HCacheConfig) -> LayerPlan:
         o_direct=config.o_direct, read_bandwidth_limit=config.read_bandwidth_limit,
         refresh=config.refresh_profile,
     )
-    refused = _recompute_refused(runner, num_layers - 1)
+    refused = _recompute_refused(runner, num_layers - 1, tp_size, pp_size)
     if refused:
         logger.info("hcache: plans with recomputed layers are off: %s", refused)
     if hidden_refused:

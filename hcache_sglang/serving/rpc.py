@@ -5,7 +5,8 @@ loaded) adds, for ``engine.collective_rpc(name, **kwargs)``:
 
 - ``hcache_stats(out_path)`` -- the store and restore counters, the plan and the re-projection
   check's verdict as JSON ``{"store": {...}, "restore": {...}, "plan": "HHK...",
-  "reprojection_failure": null}`` (what ``/metrics`` exports, for engines without an HTTP server);
+  "reprojection_failure": null, "tp_rank": 0, "tp_size": 1}`` (what ``/metrics`` exports, for engines
+  without an HTTP server); at ``--tp N`` rank 0 writes ``out_path`` and rank r also ``out_path.tp<r>``;
 - ``hcache_capture_install()`` -- a side pool sized like the KV pool, attached (tests, tools);
 - ``hcache_capture_verify(out_path, triton_rows=32)`` -- re-project every slot the radix tree holds
   with the restore kernels into scratch tensors and write, per layer, max |dK|, |dV| and bit-equal
@@ -42,8 +43,12 @@ def _scheduler_linker(scheduler: Any) -> Any:
 
 
 def hcache_stats(scheduler: Any, out_path: str) -> None:
-    with open(out_path, "w") as f:
-        json.dump(_scheduler_linker(scheduler).hcache_stats(), f, indent=1)
+    stats = _scheduler_linker(scheduler).hcache_stats()
+    rank, size = stats["tp_rank"], stats["tp_size"]
+    # Every TP rank's scheduler runs the RPC: rank 0 answers at out_path, each rank at out_path.tp<r>.
+    for path in ([out_path] if rank == 0 else []) + ([f"{out_path}.tp{rank}"] if size > 1 else []):
+        with open(path, "w") as f:
+            json.dump(stats, f, indent=1)
 
 
 def hcache_capture_install(scheduler: Any) -> None:

@@ -20,6 +20,7 @@ import torch
 from hcache_sglang.backends import LayerKind, Namespace
 from hcache_sglang.kernels import KVProjection
 from hcache_sglang.serving.capture import HiddenStateCapture, check_reprojection
+from hcache_sglang.serving.debug_stages import Stage
 from hcache_sglang.serving.worker import Worker
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class SpillPipeline:
     as ``kinds`` says per model layer (RECOMPUTE layers are not stored)."""
 
     def __init__(self, store: Any, namespace: Namespace, capture: HiddenStateCapture, kvcache: Any,
-                 projections: Sequence[KVProjection], kinds: Sequence[LayerKind], page_size: int) -> None:
+                 projections: Sequence[KVProjection], kinds: Sequence[LayerKind], page_size: int,
+                 debug_off: frozenset = frozenset()) -> None:
         self.store, self.namespace, self.capture = store, namespace, capture
         self.k_buffers, self.v_buffers = kvcache.k_buffer, kvcache.v_buffer
         self.projections, self.page_size = projections, page_size
@@ -44,9 +46,13 @@ class SpillPipeline:
         self._checked = LayerKind.HIDDEN not in kinds  # the re-projection check, once
         self.reprojection_failure: Optional[str] = None
         self._done: queue.Queue = queue.Queue()  # True / False per spill, in order
-        self._worker = Worker("spill", self._spill_one)
+        self.debug_off = debug_off  # debug_stages: empty unless HCACHE_DEBUG_DISABLE is set
+        self._worker = Worker("spill", self._spill_one, intra_op_threads=1)
 
     def offload(self, keys: list[str], slots: torch.Tensor, events: list) -> None:
+        if Stage.SPILL in self.debug_off:
+            self._done.put(True)
+            return
         self._worker.put(SpillTask(list(keys), slots, events))
 
     def num_completed(self) -> int:
@@ -88,6 +94,8 @@ class SpillPipeline:
                 self.capture, self.projections, self.k_buffers, self.v_buffers, slots[: self.page_size])
         if self.reprojection_failure:
             return False
+        if Stage.STAGING in self.debug_off:
+            return True
         layers = [self.capture.hidden[l] if kind is LayerKind.HIDDEN else (self.k_buffers[l], self.v_buffers[l])
                   for l, kind in self.stored]
         return self.store.save(

@@ -2,8 +2,9 @@
 
 :func:`build` checks the model and its KV pool, then builds, in data-flow order: the capture side pool
 (hooked into the model), the namespace and the chunk store (:data:`STORE_BACKENDS`: one small factory
-per backend), the layer restorer (and the recomputed leading layers), the restore and spill
-pipelines with their threads, the restore counters and their ``/metrics`` exporter. It logs the
+per backend; at ``--tp N`` the TP group's stores, :mod:`~hcache_sglang.serving.tp_layout`), the layer
+restorer (and the recomputed leading layers), the restore and spill pipelines with their threads, the
+restore counters and their ``/metrics`` exporter. It logs the
 startup line (plan, pool, capacity, side pool, load check) and returns a :class:`Runtime`.
 """
 
@@ -14,43 +15,70 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
-from hcache_sglang.config import HCacheConfig, format_size
+from hcache_sglang.config import Backend, HCacheConfig, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.planner import LayerPlan
 from hcache_sglang.serving.capture import HiddenStateCapture
+from hcache_sglang.serving.debug_stages import Stage, disabled_stages, skip_writer_io
 from hcache_sglang.serving.hooks import current_model_runner, current_plan
-from hcache_sglang.serving.introspect import kv_projections, model_dims, unsupported_model
-from hcache_sglang.serving.metrics import RestoreStats, start_metrics_exporter
+from hcache_sglang.serving.introspect import kv_projections, model_dims, model_heads, unsupported_model
+from hcache_sglang.serving.metrics import RestoreStats, publish_backend_info, start_metrics_exporter
 from hcache_sglang.serving.recompute import LeadingLayers
 from hcache_sglang.serving.restore_pipeline import RestorePipeline
 from hcache_sglang.serving.restorer import LayerRestorer
 from hcache_sglang.serving.spill import SpillPipeline
 from hcache_sglang.serving.timeline import Timeline
+from hcache_sglang.serving.tp_layout import TPLayout
+from hcache_sglang.serving.tp_store import GroupStore
 
 logger = logging.getLogger(__name__)
 
 
-def open_local_store(config: HCacheConfig, directory: str) -> ChunkStore:
-    """The chunk pool on a local disk, its LMDB index beside it."""
-    return ChunkStore(StoreConfig(
+def store_config(config: HCacheConfig, directory: str) -> StoreConfig:
+    return StoreConfig(
         directory=directory,
         capacity_bytes=config.capacity_bytes,
         staging_bytes=config.staging_bytes,
         o_direct=config.o_direct,
         read_bandwidth_limit=config.read_bandwidth_limit,
-    ))
+    )
 
 
-# Store backends by name: each opens the store the pipelines save to and read from.
-STORE_BACKENDS: dict[str, Callable[[HCacheConfig, str], Any]] = {"local": open_local_store}
-DEFAULT_STORE_BACKEND = "local"
+def open_local_store(config: HCacheConfig, directory: str, namespace: Namespace) -> ChunkStore:
+    """The chunk pool on a local disk, its LMDB index beside it (one pool serves every namespace)."""
+    return ChunkStore(store_config(config, directory))
 
 
-def open_store(config: HCacheConfig, directory: str, backend: str = DEFAULT_STORE_BACKEND) -> Any:
-    factory = STORE_BACKENDS.get(backend)
-    if factory is None:
-        raise ValueError(f"hcache: store backend {backend!r}; expected one of {', '.join(sorted(STORE_BACKENDS))}")
-    return factory(config, directory)
+def _open_mooncake_store(config: HCacheConfig, directory: str, namespace: Namespace) -> Any:
+    from hcache_sglang.serving.mooncake_config import open_mooncake_store  # imports Mooncake's client
+
+    return open_mooncake_store(config, directory, namespace)
+
+
+# Store backends by name (``--hcache-backend``): each opens the store the pipelines save to and read
+# from; both meet ``backends.base.ChunkBackend``.
+STORE_BACKENDS: dict[str, Callable[[HCacheConfig, str, Namespace], Any]] = {
+    Backend.LOCAL.value: open_local_store,
+    Backend.MOONCAKE.value: _open_mooncake_store,
+}
+
+
+def open_store(config: HCacheConfig, directory: str, namespace: Namespace) -> Any:
+    return STORE_BACKENDS[config.backend.value](config, directory, namespace)
+
+
+def store_location(config: HCacheConfig, store: Any, directory: str) -> tuple[str, str]:
+    """``(location, one line for the log)``: the Mooncake master, or the local pool directory."""
+    if config.backend is Backend.MOONCAKE:
+        return store.target.master, store.describe()
+    return directory, f"pool {directory}, capacity {format_size(config.capacity_bytes)}"
+
+
+def open_group_store(config: HCacheConfig, tp: TPLayout, namespace: Namespace, plan: LayerPlan,
+                     total_kv_heads: int) -> GroupStore:
+    """At tp > 1: the group's hidden store (rank 0 writes it) and this rank's K/V shard store."""
+    kinds = tuple(kind for kind in plan.methods if kind is not LayerKind.RECOMPUTE)
+    return GroupStore(store_config(config, config.directory), tp, namespace, kinds, total_kv_heads)
 
 
 @dataclass(frozen=True)
@@ -59,6 +87,7 @@ class Runtime:
 
     config: HCacheConfig
     plan: LayerPlan
+    tp: TPLayout
     namespace: Namespace
     store: Any
     capture: HiddenStateCapture
@@ -66,6 +95,7 @@ class Runtime:
     spill: SpillPipeline
     stats: RestoreStats
     metrics: Optional[Any]  # the /metrics exporter (--enable-metrics)
+    debug_off: frozenset = frozenset()  # debug_stages: saving stages turned off (measurements only)
 
     def close(self) -> None:
         """Stop the threads, then close the store and unhook the capture (the caller quiesced)."""
@@ -88,12 +118,12 @@ def check_kv_pool(kvcache: Any) -> None:
 def _namespace(runner: Any, model_path: str, kvcache: Any, page_size: int, plan: LayerPlan,
                head: Any) -> Namespace:
     """What must match for stored bytes to be valid here. Leading RECOMPUTE layers store nothing:
-    chunks hold layers r.. (a namespace of L - r layers)."""
-    tp_rank, tp_size = getattr(runner, "tp_rank", 0), getattr(runner, "tp_size", 1)
+    chunks hold layers r.. (a namespace of L - r layers). No TP layout: at tp > 1 the GroupStore
+    derives the namespaces of the group's hidden chunks and of this rank's K/V shard from it."""
     _, hidden_size, _ = model_dims(runner.model_config.hf_config)
     recomputed = plan.count(LayerKind.RECOMPUTE)
     return Namespace(
-        model_fingerprint=model_fingerprint(model_path, str(kvcache.dtype), tp_rank, tp_size),
+        model_fingerprint=model_fingerprint(model_path, str(kvcache.dtype)),
         num_layers=kvcache.layer_num - recomputed,
         hidden_size=hidden_size,
         num_kv_heads=head.num_kv_heads,
@@ -105,9 +135,9 @@ def _namespace(runner: Any, model_path: str, kvcache: Any, page_size: int, plan:
 
 
 def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: HCacheConfig,
-          forward_stream: Any = None) -> Runtime:
+          tp: TPLayout, forward_stream: Any = None) -> Runtime:
     """The runtime of one linker over ``kvcache`` (SGLang's MHATokenToKVPool); ``counter`` is the
-    layer-done counter the forward waits on."""
+    layer-done counter the forward waits on; ``tp`` this rank's place in its TP group."""
     check_kv_pool(kvcache)
     runner = current_model_runner()
     refused = unsupported_model(runner.model_config)
@@ -118,11 +148,21 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     device = kvcache.device
     capture = HiddenStateCapture(runner.model, num_slots=kvcache.size + page_size, dtype=kvcache.dtype,
                                  device=device, layers=plan.hidden_layers)
-    capture.attach()
+    debug_off = disabled_stages()  # empty unless HCACHE_DEBUG_DISABLE is set
+    if Stage.CAPTURE not in debug_off:
+        capture.attach()
     namespace = _namespace(runner, server_args.model_path, kvcache, page_size, plan, projections[0])
-    tp_rank, tp_size = getattr(runner, "tp_rank", 0), getattr(runner, "tp_size", 1)
-    directory = config.directory if tp_size == 1 else f"{config.directory}/tp{tp_rank}"
-    store = open_store(config, directory)
+    directory = config.directory
+    if tp.size == 1:
+        store = open_store(config, directory, namespace)
+    elif config.backend is Backend.LOCAL:
+        total_kv_heads = model_heads(runner.model_config.hf_config)[1]
+        store = open_group_store(config, tp, namespace, plan, total_kv_heads)
+    else:
+        raise ValueError(f"hcache: --hcache-backend {config.backend.value} serves one TP rank (--tp 1); "
+                         f"this server runs --tp {tp.size}: use --hcache-backend local")
+    if Stage.WRITER_IO in debug_off:
+        skip_writer_io(store)
     r = namespace.recomputed_layers
     recompute = LeadingLayers(runner.model, kvcache.k_buffer, kvcache.v_buffer, r) if r else None
     restorer = LayerRestorer(projections, kvcache.k_buffer, kvcache.v_buffer, device, capture=capture,
@@ -132,18 +172,22 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     restore = RestorePipeline(store, namespace, restorer, counter, stats=stats, load_check=config.load_check,
                               page_size=page_size, num_layers=kvcache.layer_num, recomputed=r,
                               dtype=kvcache.dtype, forward_stream=forward_stream, timeline=timeline)
-    spill = SpillPipeline(store, namespace, capture, kvcache, projections, plan.methods, page_size)
-    _log_startup(plan, directory, config, capture, device, kvcache.size)
+    spill = SpillPipeline(store, namespace, capture, kvcache, projections, plan.methods, page_size, debug_off)
+    location, where = store_location(config, store, directory)
+    _log_startup(plan, where, config, capture, device, kvcache.size, tp)
     metrics = start_metrics_exporter(store, stats) if server_args.enable_metrics else None
-    return Runtime(config, plan, namespace, store, capture, restore, spill, stats, metrics)
+    if metrics is not None:
+        publish_backend_info(config.backend.value, location)
+    return Runtime(config, plan, tp, namespace, store, capture, restore, spill, stats, metrics, debug_off)
 
 
-def _log_startup(plan: LayerPlan, directory: str, config: HCacheConfig, capture: HiddenStateCapture,
-                 device: Any, slots: int) -> None:
+def _log_startup(plan: LayerPlan, where: str, config: HCacheConfig, capture: HiddenStateCapture,
+                 device: Any, slots: int, tp: TPLayout) -> None:
     logger.info(
-        "hcache: restore plan %s [%s]; pool %s, capacity %s; side pool %s on %s for %d slots; "
+        "hcache: restore plan %s [%s]; store %s; %s; side pool %s on %s for %d slots; "
         "load check %s%s",
-        plan.describe(), plan, directory, format_size(config.capacity_bytes),
+        plan.describe(), plan, where,
+        tp.describe(config.directory, bool(plan.hidden_layers), LayerKind.KV in plan.methods),
         format_size(capture.nbytes()), device, slots, config.load_check.value,
         f"; READS THROTTLED to {format_size(config.read_bandwidth_limit)}/s"
         if config.read_bandwidth_limit else "",
