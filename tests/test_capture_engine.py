@@ -42,9 +42,11 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
 def _engine(model_path, dtype: str, page_size: int):
-    sgl = pytest.importorskip("sglang")
-    return sgl.Engine(
-        model_path=str(model_path), dtype=dtype, page_size=page_size,
+    pytest.importorskip("sglang")
+    from hcache_sglang import Engine
+
+    return Engine(
+        hierarchical_cache="off", model_path=str(model_path), dtype=dtype, page_size=page_size,
         device="cpu" if not torch.cuda.is_available() else "cuda",
         attention_backend="torch_native", disable_cuda_graph=True, max_total_tokens=4096,
         chunked_prefill_size=64, log_level="warning",

@@ -53,11 +53,15 @@ def test_rag_questions_share_the_document_prefix(model_dir):
 @pytest.fixture(scope="module", params=["tiny-llama-gqa", "tiny-qwen2"])
 def served(request, model_dir):
     """(engine, transformers model) on the same weights, both float32."""
-    import sglang as sgl
     from transformers import AutoModelForCausalLM
 
+    from hcache_sglang import Engine
+
     path = model_dir(request.param)
-    engine = sgl.Engine(
+    # SGLang's own engine with no hierarchical cache; the package's class only adds a shutdown that
+    # leaves multiprocessing's resource tracker alive (see hcache_sglang/engine.py).
+    engine = Engine(
+        hierarchical_cache="off",
         model_path=str(path),
         device="cpu",
         attention_backend="torch_native",
