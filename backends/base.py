@@ -57,7 +57,7 @@ class ChunkBackend(Protocol):
 
         ``layers[l]``: ``[n, *row_shape]`` rows, or with ``rows`` (int64 slot indices) the pool tensor
         to gather from (HIDDEN: ``[slots, hidden]``; KV: ``(k_buffer, v_buffer)``). The caller's
-        tensors are read before return (or, from a GPU, before the copies' event completes); the
+        tensors are read before return, from a GPU too (the caller may free them then); the
         write happens on the store's own threads. Pages already stored are skipped. False: dropped
         (staging full past its wait budget), a future miss, not an error. ``parent_key``: the page
         before ``keys[0]`` in the chain, when known (eviction keeps prefixes).

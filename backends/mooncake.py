@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import LayerKind, Namespace, chunk_layout, digest, split_chunks
+from .layout import LayerKind, Namespace, digest
 from .mooncake_connect import MooncakeTarget, connect
 from .mooncake_objects import Manifest, decode_manifest, manifest_bytes, manifest_key, object_key
 from .mooncake_read import Landing, MooncakeRead
 from .reader import ReadHandle, check_out_buffers, plan_pieces
-from .staging import StagedChunk, StagedSave, StagingArea, check_save, stage_chunks
+from .staging import StagedSave, StagingArea, check_save, stage_save
 from .stats import StatsRecorder, StoreStats
 from .store import Hit
 
@@ -179,23 +179,15 @@ class MooncakeChunkStore:
                 return True
             pending = mkeys[skip:]
             self._pending.update(pending)
-        chunks, starts, off = [], [], 0
-        for p0, np_ in split_chunks(len(keys) - skip, ns.page_size, self.config.chunk_tokens):
-            lay = chunk_layout(ns, np_ * ns.page_size, kinds)
-            chunks.append(StagedChunk(tuple(keys[skip + p0:skip + p0 + np_]), lay, kinds, off))
-            starts.append((skip + p0) * ns.page_size)
-            off += lay.total_bytes
-        base = self.staging.reserve(off, self.config.max_save_block_s)
-        if base is None:
+        job = stage_save(self.staging, ns, keys, skip, kinds, positions, token_ids, layers, rows,
+                         chunk_tokens=self.config.chunk_tokens, timeout=self.config.max_save_block_s,
+                         parent_key=None, pending=pending)
+        if job is None:
             with self._lock:
                 self._pending.difference_update(pending)
             self._stats.add(saves_dropped=1)
             self._stats.observe("save_call", time.perf_counter() - t0)
             return False
-        for c in chunks:
-            c.staging_offset += base
-        job = StagedSave(ns, chunks, base, off, None, pending=pending)
-        job.event = stage_chunks(self.staging, ns, chunks, starts, positions, token_ids, layers, rows)
         with self._idle:
             self._outstanding += 1
         self._queue.put(_Job(job))
@@ -229,8 +221,6 @@ class MooncakeChunkStore:
     def _write(self, job: StagedSave) -> None:
         """Data objects first, then (for the chunks whose objects all landed) the manifests."""
         t0 = time.perf_counter()
-        if job.event is not None:
-            job.event.synchronize()
         ns, view, base_ptr = job.ns, self.staging.view, self.staging.buf.data_ptr()
         per = ns.num_layers + 1
         keys, ptrs, sizes, manifests = [], [], [], []

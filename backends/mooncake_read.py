@@ -18,7 +18,7 @@ import torch
 from .layout import Namespace, align_up, digest
 from .mooncake_objects import object_key
 from .pool import aligned_buffer, byte_view
-from .reader import ChunkCorrupt, Piece, ReadHandle
+from .reader import ChunkCorrupt, LayerTasks, Piece
 
 
 class Landing:
@@ -63,15 +63,8 @@ class MooncakeRead:
                  token_ids_out: torch.Tensor | None, on_done: Callable[[set[str], int], None]):
         self.client, self.landing, self.ns, self.pieces, self.out = client, landing, ns, pieces, out
         self.positions_out, self.token_ids_out = positions_out, token_ids_out
-        self.handle = ReadHandle(ns.num_layers)
-        self._on_done = on_done
-        self._lock = threading.Lock()
-        self._left = [1] * ns.num_layers
-        self._left[0] += 1  # the header completes with layer 0
-        self._errors: list[BaseException | None] = [None] * ns.num_layers
-        self._tasks_left = ns.num_layers + 1
-        self._corrupt: set[str] = set()
-        self._bytes = 0
+        self._tasks = LayerTasks(ns.num_layers, on_done)
+        self.handle = self._tasks.handle
         for l in range(-1, ns.num_layers):
             executor.submit(self._run, l)
 
@@ -83,25 +76,7 @@ class MooncakeRead:
                 nbytes = sum(p.rec.object_bytes(self.ns, l) for p in self.pieces)
         except Exception as exc:  # noqa: BLE001 - surfaces on the layer's future
             err, nbytes = exc, 0
-        layer = max(l, 0)
-        with self._lock:
-            self._corrupt.update(corrupt)
-            self._bytes += nbytes
-            self._errors[layer] = self._errors[layer] or err
-            self._left[layer] -= 1
-            layer_done = self._left[layer] == 0
-            self._tasks_left -= 1
-            all_done = self._tasks_left == 0
-        try:
-            if all_done:
-                self._on_done(self._corrupt, self._bytes)
-        finally:
-            if layer_done:
-                f = self.handle.layer(layer)
-                if self._errors[layer] is not None:
-                    f.set_exception(self._errors[layer])
-                else:
-                    f.set_result(None)
+        self._tasks.done(l, err, corrupt, nbytes)
 
     def _fetch(self, l: int, corrupt: list[str]) -> BaseException | None:
         """Land layer ``l`` (-1: header) of every piece; the first error, or None."""

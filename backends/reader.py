@@ -82,6 +82,45 @@ class ReadHandle:
         return h
 
 
+class LayerTasks:
+    """The completion bookkeeping of one read: a header task (layer -1, which completes with layer
+    0) and one task per layer. ``on_all_done(corrupt, bytes_read)`` runs once, after the last task
+    and before the last layer's future resolves, so stats and drops are visible after ``wait()``."""
+
+    def __init__(self, num_layers: int, on_all_done: Callable[[set, int], None]):
+        self.handle = ReadHandle(num_layers)
+        self._on_all_done = on_all_done
+        self._lock = threading.Lock()
+        self._left = [1] * num_layers
+        self._left[0] += 1
+        self._errors: list[BaseException | None] = [None] * num_layers
+        self._tasks_left = num_layers + 1
+        self._corrupt: set = set()
+        self._bytes = 0
+
+    def done(self, l: int, err: BaseException | None, corrupt: Sequence, nbytes: int) -> None:
+        """Task ``l`` (-1: header) finished: its first error or None, its damaged chunks, its bytes."""
+        layer = max(l, 0)
+        with self._lock:
+            self._corrupt.update(corrupt)
+            self._bytes += nbytes
+            self._errors[layer] = self._errors[layer] or err
+            self._left[layer] -= 1
+            layer_done = self._left[layer] == 0
+            self._tasks_left -= 1
+            all_done = self._tasks_left == 0
+        try:
+            if all_done:
+                self._on_all_done(self._corrupt, self._bytes)
+        finally:
+            if layer_done:
+                f = self.handle.layer(layer)
+                if self._errors[layer] is not None:
+                    f.set_exception(self._errors[layer])
+                else:
+                    f.set_result(None)
+
+
 class ReadJob:
     """Issues and tracks the tasks of one read; ``on_done(corrupt_ids, bytes_read, seconds)`` runs once,
     after the last task and before the last layer future resolves.
@@ -96,16 +135,10 @@ class ReadJob:
                  token_ids_out: torch.Tensor | None, on_done: Callable[[set[int], int, float], None]):
         self.pool, self.ns, self.pieces, self.out = pool, ns, pieces, out
         self.positions_out, self.token_ids_out = positions_out, token_ids_out
-        self.handle = ReadHandle(ns.num_layers)
-        self._on_done = on_done
-        self._lock = threading.Lock()
-        self._left = [1] * ns.num_layers
-        self._left[0] += 1  # headers complete with layer 0
-        self._errors: list[BaseException | None] = [None] * ns.num_layers
-        self._tasks_left = ns.num_layers + 1
-        self.corrupt: set[int] = set()
-        self.bytes_read = 0
-        self._t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        self._tasks = LayerTasks(ns.num_layers,
+                                 lambda corrupt, nbytes: on_done(corrupt, nbytes, time.perf_counter() - t0))
+        self.handle = self._tasks.handle
         self._layouts = {p.rec.chunk_id: chunk_layout(ns, p.rec.num_tokens, p.rec.kinds)
                          for p in pieces}
         for l in range(-1, ns.num_layers):
@@ -122,29 +155,7 @@ class ReadJob:
                 err = err or e
             except Exception as e:  # noqa: BLE001 - surfaces on the layer's future
                 err = err or e
-        layer = max(l, 0)
-        with self._lock:
-            self.corrupt.update(corrupt)
-            self.bytes_read += nbytes
-            if err is not None:
-                self._errors[layer] = self._errors[layer] or err
-            self._left[layer] -= 1
-            layer_done = self._left[layer] == 0
-            self._tasks_left -= 1
-            all_done = self._tasks_left == 0
-        try:
-            if all_done:  # before the last future: stats and corrupt drops are visible after wait()
-                self._on_done(self.corrupt, self.bytes_read, time.perf_counter() - self._t0)
-        finally:
-            if layer_done:
-                self._finish(layer)
-
-    def _finish(self, layer: int) -> None:
-        f = self.handle.layer(layer)
-        if self._errors[layer] is not None:
-            f.set_exception(self._errors[layer])
-        else:
-            f.set_result(None)
+        self._tasks.done(l, err, corrupt, nbytes)
 
     def _read(self, p: Piece, l: int, out: memoryview | None) -> int:
         """Read piece ``p``'s segment of layer ``l`` (-1: header; ``out``: bytes of ``self.out[l]``).

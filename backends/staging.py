@@ -1,9 +1,10 @@
 """Stage one of saving: copy the caller's tensors into a bounded host staging area and return.
 
-``check_save`` (shapes, dtypes) -> ``StagingArea.reserve`` (waits at most ``max_save_block_s``) ->
-``stage_chunks`` (one copy per chunk per layer: a memcpy on the caller's thread from CPU, a gather
-when ``rows`` is given, asynchronous from a GPU with a CUDA event) -> the writer threads (store.py)
-digest, write, sync and commit -> ``StagingArea.release``.
+``check_save`` (shapes, dtypes) -> ``stage_save``: ``StagingArea.reserve`` (waits at most
+``max_save_block_s``), ``stage_chunks`` (one copy per chunk per layer: a memcpy on the caller's thread
+from CPU, a gather when ``rows`` is given; from a GPU asynchronous copies, waited for before the
+save returns) -> the writer threads (store.py) digest, write, sync and commit ->
+``StagingArea.release``.
 The staging image of a chunk is byte-identical to its pool extent, so writers pwrite it as is.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import ChunkLayout, LayerKind, Namespace
+from .layout import ChunkLayout, LayerKind, Namespace, chunk_layout, split_chunks
 from .pool import ExtentAllocator, aligned_buffer, byte_view
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ class StagedSave:
     staging_offset: int
     staging_bytes: int
     parent_key: str | None  # page before the first chunk's first page, when known
-    event: object | None = None  # torch.cuda.Event when the copies were issued from a GPU
     pending: list[bytes] = field(default_factory=list)  # index keys reserved as in flight
 
 
@@ -89,6 +89,33 @@ class StagingArea:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.buf.data_ptr())
             self.pinned = False
+
+
+def stage_save(area: StagingArea, ns: Namespace, keys: Sequence[str], skip: int,
+               kinds: tuple[LayerKind, ...], positions: torch.Tensor, token_ids: torch.Tensor,
+               layers: Sequence, rows: torch.Tensor | None, *, chunk_tokens: int, timeout: float,
+               parent_key: str | None, pending: list) -> StagedSave | None:
+    """Lay out the pages ``keys[skip:]`` as chunks, reserve their staging (waiting at most
+    ``timeout`` s) and copy them in; None when staging stayed full (the caller drops the save).
+
+    Returns only once the copies have read the caller's rows, from a GPU too: the caller then
+    acknowledges the offload and SGLang may free and reuse those device slots at once. The wait is
+    on the spill thread, off the forward's path."""
+    chunks, starts, nbytes = [], [], 0
+    for p0, np_ in split_chunks(len(keys) - skip, ns.page_size, chunk_tokens):
+        lay = chunk_layout(ns, np_ * ns.page_size, kinds)
+        chunks.append(StagedChunk(tuple(keys[skip + p0:skip + p0 + np_]), lay, kinds, nbytes))
+        starts.append((skip + p0) * ns.page_size)
+        nbytes += lay.total_bytes
+    base = area.reserve(nbytes, timeout)
+    if base is None:
+        return None
+    for c in chunks:
+        c.staging_offset += base
+    event = stage_chunks(area, ns, chunks, starts, positions, token_ids, layers, rows)
+    if event is not None:
+        event.synchronize()
+    return StagedSave(ns, chunks, base, nbytes, parent_key, pending=pending)
 
 
 def stage_chunks(area: StagingArea, ns: Namespace, chunks: Sequence[StagedChunk],

@@ -22,12 +22,12 @@ from typing import NamedTuple
 import torch
 
 from .index import ChunkRecord
-from .layout import LayerKind, Namespace, chunk_layout, digest, split_chunks
+from .layout import LayerKind, Namespace, digest
 from .lru import ChainLRU
 from .pool import GROW_BYTES, ExtentAllocator, FilePool
 from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces
 from .recovery import open_index
-from .staging import StagedChunk, StagedSave, StagingArea, check_save, stage_chunks
+from .staging import StagedSave, StagingArea, check_save, stage_save
 from .stats import StatsRecorder, StoreStats
 from .writers import Writers, contiguous_runs
 
@@ -203,23 +203,15 @@ class ChunkStore:
             pending = [ns.key_prefix + k.encode() for k in keys[skip:]]
             self._pending.update(pending)
         parent = keys[skip - 1] if skip else parent_key
-        chunks, starts, off = [], [], 0
-        for p0, np_ in split_chunks(len(keys) - skip, ns.page_size, self.config.chunk_tokens):
-            lay = chunk_layout(ns, np_ * ns.page_size, kinds)
-            chunks.append(StagedChunk(tuple(keys[skip + p0:skip + p0 + np_]), lay, kinds, off))
-            starts.append((skip + p0) * ns.page_size)
-            off += lay.total_bytes
-        base = self.staging.reserve(off, self.config.max_save_block_s)
-        if base is None:
+        job = stage_save(self.staging, ns, keys, skip, kinds, positions, token_ids, layers, rows,
+                         chunk_tokens=self.config.chunk_tokens, timeout=self.config.max_save_block_s,
+                         parent_key=parent, pending=pending)
+        if job is None:
             with self._space:
                 self._pending.difference_update(pending)
             self._stats.add(saves_dropped=1)
             self._stats.observe("save_call", time.perf_counter() - t0)
             return False
-        for c in chunks:
-            c.staging_offset += base
-        job = StagedSave(ns, chunks, base, off, parent, pending=pending)
-        job.event = stage_chunks(self.staging, ns, chunks, starts, positions, token_ids, layers, rows)
         self._writers.put(job)
         self._stats.add(saves_accepted=1)
         self._stats.observe("save_call", time.perf_counter() - t0)
@@ -246,9 +238,6 @@ class ChunkStore:
 
     def _write_batch(self, batch: list[StagedSave]) -> None:
         t0 = time.perf_counter()
-        for job in batch:
-            if job.event is not None:
-                job.event.synchronize()
         chunks = [(job, c) for job in batch for c in job.chunks]
         view = self.staging.view
         digests = []
