@@ -56,6 +56,7 @@ from serving_report import (  # noqa: E402
     write_plot,
 )
 from serving_workloads import WORKLOADS, build_workload  # noqa: E402
+from host_speed import gemm_gflops  # noqa: E402
 
 SYSTEMS = ("recompute", "hicache", "hcache-hidden", "hcache", "hcache-space", "hcache-speed", "ideal")
 PRESETS = {
@@ -188,6 +189,7 @@ def plan_run(args) -> dict:
 
 def run_benchmark(plan: dict, workdir: Path) -> dict:
     """Every (model, system) server in turn; returns the JSON document."""
+    import torch
     from tqdm import tqdm
 
     from hcache_sglang import toy_models
@@ -207,6 +209,8 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
     bar = tqdm(total=total * len(plan["systems"]), unit="req", desc="bench_serving")
     for name, path, info, dtype, work in geometries:
         runs: dict[str, dict] = {}
+        inter = json.loads((Path(path) / "config.json").read_text())["intermediate_size"]
+        torch_dtype = getattr(torch, dtype) if dtype in ("float32", "bfloat16", "float16") else torch.bfloat16
         longest = max(w.longest_request for w in work.values())
         # ideal: room for the largest workload's whole radix tree (workloads run one after the other)
         # and no more: on a CPU host a needlessly large pool costs first-touch page faults per slot.
@@ -216,6 +220,9 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
                              f"device pool of {plan['max_total_tokens']} tokens; raise it")
         for system in plan["systems"]:
             pool = max(ideal_pool, plan["max_total_tokens"]) if system == "ideal" else plan["max_total_tokens"]
+            bar.set_description(f"{name} {system}: host speed")
+            # the host's compute speed beside this system's figures, measured with no server up
+            gflops = gemm_gflops(hidden=info.hidden_size, intermediate=inter, dtype=torch_dtype)
             bar.set_description(f"{name} {system}: starting")
             with system_server(system, path, dtype, pool, plan, workdir / f"{name}-{system}",
                                start_timeout=plan["start_timeout"]) as server:
@@ -223,7 +230,7 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
                 for wname, wl in work.items():
                     bar.set_description(f"{name} {system} {wname}")
                     per_wl[wname] = run_workload(server, wl, on_done=lambda: bar.update(1))
-                runs[system] = dict(server=server.describe(), workloads=per_wl)
+                runs[system] = dict(server=server.describe(), workloads=per_wl, host_gemm_gflops=gflops)
         doc["geometries"][name] = dict(
             model=str(path), dtype=dtype, num_layers=info.num_layers, hidden_size=info.hidden_size,
             num_heads=info.num_heads, num_kv_heads=info.num_kv_heads,
@@ -238,7 +245,8 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
 def _evaluate(workload: str, runs: dict, dtype: str) -> dict:
     """Per-system summaries and the cross-system ratios of one workload."""
     records = {s: r["workloads"][workload] for s, r in runs.items()}
-    systems = {s: summarize(rec, runs[s]["server"], records["recompute"])
+    systems = {s: dict(summarize(rec, runs[s]["server"], records["recompute"]),
+                       host_gemm_gflops=runs[s].get("host_gemm_gflops"))
                for s, rec in records.items()}
     return dict(systems=systems, **compare(systems, float_dtype=dtype == "float32"),
                 requests={s: rec["requests"] for s, rec in records.items()})

@@ -72,6 +72,9 @@ def summarize(run: dict, server: dict, recompute: dict) -> dict:
         **_stats([r["ttft_s"] * 1e3 for r in reqs], "ttft_ms"),
         # first visits do the same work in every system: their TTFT shows the host's load drift
         ttft_cold_ms_mean=statistics.fmean(cold) if cold else None,
+        # the host's prefill speed in this run: prompt tokens of first visits over their TTFT
+        cold_prefill_tokens_per_s=(sum(r["prompt_tokens"] for r in reqs if not r["returning"])
+                                   / sum(r["ttft_s"] for r in reqs if not r["returning"])) if cold else None,
         **_stats([r["e2e_s"] * 1e3 for r in reqs], "e2e_ms"),
         prompt_tokens=sum(r["prompt_tokens"] for r in reqs),
         tokens_device=sum(o[0] for o in origins),
@@ -160,6 +163,7 @@ def render_markdown(doc: dict) -> str:
                     name = "hcache" + (suffix.replace("_", "-") or " (hybrid)")
                     lines.append(f"- {name}: " + ", ".join(
                         f"{k} {_f(wl.get(k + suffix), '{:.2f}')}" for k in RATIO_KEYS))
+            lines.append("- " + _host_line(wl))
             agree = ("outputs identical: " + str(wl["outputs_identical"])
                      if wl["agreement_exact_expected"]
                      else f"output token agreement: {wl['output_token_agreement']:.3f}")
@@ -185,11 +189,26 @@ def render_markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def _host_line(wl: dict) -> str:
+    """The host's compute speed in this run, beside the ratios: a GEMM's GFLOP/s before each
+    system's server started (median, range) and the cold-prefill tokens/s of recompute."""
+    systems = wl["systems"]
+    g = sorted(v["host_gemm_gflops"] for v in systems.values() if v.get("host_gemm_gflops"))
+    rec = systems.get("recompute", {}).get("cold_prefill_tokens_per_s")
+    cold = [r for r in (wl.get("requests") or {}).get("recompute", []) if not r["returning"]]
+    if rec is None and cold:  # JSON written before the field existed: from its requests
+        rec = sum(r["prompt_tokens"] for r in cold) / sum(r["ttft_s"] for r in cold)
+    gemm = (f"GEMM {statistics.median(g):.0f} GFLOP/s (range {g[0]:.0f}-{g[-1]:.0f})" if g
+            else "GEMM not measured (JSON from before host speeds were recorded)")
+    return f"host speed: {gemm}, recompute's cold prefill {_f(rec)} tokens/s"
+
+
 def render_sweep(docs: list[dict]) -> str:
     """One row per (run, geometry, workload): the same workload at several storage read caps
     (``--storage-bandwidth``), returning-request TTFT of each system and the paper's ratios."""
     lines = ["| storage reads | geometry | workload | recompute | HiCache | HCache | ideal | HCache plan "
-             "| vs HiCache | vs recompute | of ideal gain |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| vs HiCache | vs recompute | of ideal gain | host GEMM GFLOP/s | prefill tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rows = []
     for doc in docs:
         cfg = doc.get("config", {})
@@ -198,10 +217,14 @@ def render_sweep(docs: list[dict]) -> str:
             for wname, wl in geo["workloads"].items():
                 ttft = {s: v.get("ttft_returning_ms_mean") for s, v in wl["systems"].items()}
                 plan = (wl["systems"].get("hcache") or {}).get("restore_plan") or "-"
-                rows.append((_bandwidth(cap), f"| {_cap_label(cap)} | {gname} "
+                g = [v["host_gemm_gflops"] for v in wl["systems"].values() if v.get("host_gemm_gflops")]
+                prefill = (wl["systems"].get("recompute") or {}).get("cold_prefill_tokens_per_s")
+                tp = f" (tp {cfg['tp']})" if cfg.get("tp", 1) > 1 else ""
+                rows.append((_bandwidth(cap), f"| {_cap_label(cap)} | {gname}{tp} "
                              f"| {wname} | {_f(ttft.get('recompute'))} | {_f(ttft.get('hicache'))} "
                              f"| {_f(ttft.get('hcache'))} | {_f(ttft.get('ideal'))} | {plan} | "
-                             + " | ".join(_f(wl.get(k), "{:.2f}") for k in RATIO_KEYS[:3]) + " |"))
+                             + " | ".join(_f(wl.get(k), "{:.2f}") for k in RATIO_KEYS[:3])
+                             + f" | {_f(statistics.median(g) if g else None)} | {_f(prefill)} |"))
     lines += [row for _, row in sorted(rows)]
     return "\n".join(lines) + "\n"
 

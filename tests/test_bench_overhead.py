@@ -129,3 +129,32 @@ def test_quick_run_serves_every_system_and_writes_every_key(tmp_path):
             assert all(v > 0 for v in m["ttft_s"].values()) and all(v > 0 for v in m["tpot_s"].values())
         assert geo["throughput_ratio"][s]["64"]["host"]["gemm_gflops"] > 0
     assert "GFLOP/s" in result.stdout and "cold TTFT overhead" in result.stdout
+
+
+def test_skipped_writer_io_covers_the_tp_group_store_and_refuses_a_store_without_a_pool(tmp_path):
+    from hcache_sglang.backends import LayerKind, Namespace, StoreConfig
+    from hcache_sglang.serving.debug_stages import skip_writer_io
+    from hcache_sglang.serving.tp_layout import TPLayout
+    from hcache_sglang.serving.tp_store import GroupStore
+
+    from test_store import chain, payload
+
+    kinds = (LayerKind.HIDDEN, LayerKind.KV)
+    ns = Namespace("t", num_layers=2, hidden_size=8, num_kv_heads=2, head_dim=4, dtype="float32", page_size=4)
+    config = StoreConfig(str(tmp_path / "pool"), capacity_bytes=8 << 20, staging_bytes=2 << 20)
+    store = GroupStore(config, TPLayout(0, 2), ns, kinds, total_kv_heads=4)
+    try:
+        skip_writer_io(store)  # rank 0: the group's hidden store and its own K/V shard
+        keys, data = chain(2), payload(ns, 2, kinds)
+        data["layers"] = [t + 3.0 for t in data["layers"]]  # no zero row: unwritten bytes read as 0
+        assert store.save(ns, keys, **data)
+        store.flush()
+        assert store.lookup(ns, keys).num_pages == 2  # committed to both indexes ...
+        out = [torch.zeros((8, *ns.row_shape(k))) for k in kinds]
+        read = store.read(ns, keys, out, torch.zeros(8, dtype=torch.int64), torch.zeros(8, dtype=torch.int32))
+        assert not read.wait()  # ... but neither pool holds their bytes
+        assert not any(torch.equal(a, b) for a, b in zip(out, data["layers"]))
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="writer_io: object writes no local pool"):
+        skip_writer_io(object())

@@ -76,8 +76,12 @@ def test_smoke_run_all_systems_agree_and_json_is_complete(tmp_path):
     assert systems["hcache"]["tokens_restored"] > 0
     assert systems["hcache"]["restore_ms_per_1k_tokens"] > 0
     assert systems["hicache"]["bytes_per_token"] > 0 and systems["hcache"]["bytes_per_token"] > 0
+    # the host's speed is measured in the run and printed beside the ratios
+    assert all(s["host_gemm_gflops"] > 0 for s in systems.values())
+    assert systems["recompute"]["cold_prefill_tokens_per_s"] > 0
     assert (tmp_path / "smoke.svg").read_text().startswith("<svg")
-    assert "| hcache |" in (tmp_path / "smoke.md").read_text()
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| hcache |" in md and "host speed: GEMM " in md and "GFLOP/s (range" in md
 
 
 @pytest.mark.engine

@@ -50,6 +50,12 @@ def disabled_stages(environ: Mapping[str, str] = os.environ) -> frozenset[Stage]
 
 
 def skip_writer_io(store) -> None:
-    """Make ``store``'s writers skip the pool's writes and syncs (``Stage.WRITER_IO``)."""
-    store.pool.write_at = lambda bufs, offset: None
-    store.pool.sync = lambda: None
+    """Make ``store``'s writers skip the pool's writes and syncs (``Stage.WRITER_IO``): the local
+    store's pool, or at tp > 1 the group store's (the hidden store rank 0 writes, this rank's shard)."""
+    parts = [store, getattr(store, "hidden", None), getattr(store, "shard", None)]
+    pools = [part.pool for part in parts if part is not None and hasattr(part, "pool")]
+    if not pools:
+        raise ValueError(f"{ENV}={Stage.WRITER_IO.value}: {type(store).__name__} writes no local pool")
+    for pool in pools:
+        pool.write_at = lambda bufs, offset: None
+        pool.sync = lambda: None
