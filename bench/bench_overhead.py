@@ -58,8 +58,9 @@ SPLIT_CHAIN = (("writer_io", "split-no-io"), ("staging", "split-no-staging"),
 _MEASURE = dict(ttft_tokens=(512, 2048, 4032), decode_prompt=64, decode_tokens=32, decode_batches=(1, 8),
                 stream_tokens=512, stream_requests=8, stream_parallel=4, max_total_tokens=4608)
 PRESETS = {
-    # CI smoke: tiny model, three systems, two rounds, short prompts.
-    "quick": dict(models=("tiny-llama-mha",), systems=("off", "hcache-hidden", "hicache"), rounds=2,
+    # CI smoke: tiny model, off and one HCache plan, two rounds, short prompts (HiCache's server is
+    # the bench_serving smoke's).
+    "quick": dict(models=("tiny-llama-mha",), systems=("off", "hcache-hidden"), rounds=2,
                   ttft_tokens=(64, 192), decode_prompt=32, decode_tokens=6, decode_batches=(1, 4),
                   stream_tokens=64, stream_requests=4, stream_parallel=2, max_total_tokens=1024),
     # ~20 minutes on a quiet 2-core host (servers start once per geometry; 5 rounds of ~20 s each).

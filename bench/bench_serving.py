@@ -133,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, help="server logs, pools (default: a fresh temp dir)")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds for /health")
+    ap.add_argument("--timeline", action="store_true",
+                    help="HCache servers record a per-layer restore timeline (--hcache-timeline); the "
+                         "report adds IO busy, compute busy, bubbles and span / bound per restore")
     ap.add_argument("--json", type=Path, help="write every result here")
     ap.add_argument("--markdown", type=Path, help="write the table here (e.g. bench/RESULTS.md)")
     ap.add_argument("--plot", type=Path, help="TTFT per turn / question, one line per system "
@@ -183,7 +186,8 @@ def plan_run(args) -> dict:
         raise SystemExit(f"--hicache-ratio {preset['hicache_ratio']}: must be positive")
     if args.tp < 1:
         raise SystemExit(f"--tp {args.tp}: expected a positive TP size")
-    preset.update(preset=args.preset, objective=args.objective, seed=args.seed, tp=args.tp)
+    preset.update(preset=args.preset, objective=args.objective, seed=args.seed, tp=args.tp,
+                  timeline=args.timeline)
     return preset
 
 
@@ -224,12 +228,15 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
             # the host's compute speed beside this system's figures, measured with no server up
             gflops = gemm_gflops(hidden=info.hidden_size, intermediate=inter, dtype=torch_dtype)
             bar.set_description(f"{name} {system}: starting")
-            with system_server(system, path, dtype, pool, plan, workdir / f"{name}-{system}",
+            sys_plan, timelines = _with_timeline(plan, system, workdir / f"{name}-{system}")
+            with system_server(system, path, dtype, pool, sys_plan, workdir / f"{name}-{system}",
                                start_timeout=plan["start_timeout"]) as server:
                 per_wl = {}
                 for wname, wl in work.items():
                     bar.set_description(f"{name} {system} {wname}")
+                    mark = _timeline_mark(timelines)
                     per_wl[wname] = run_workload(server, wl, on_done=lambda: bar.update(1))
+                    per_wl[wname]["timeline"] = _timeline_since(timelines, mark)
                 runs[system] = dict(server=server.describe(), workloads=per_wl, host_gemm_gflops=gflops)
         doc["geometries"][name] = dict(
             model=str(path), dtype=dtype, num_layers=info.num_layers, hidden_size=info.hidden_size,
@@ -242,11 +249,41 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
     return doc
 
 
+def _with_timeline(plan: dict, system: str, workdir: Path) -> tuple[dict, Path | None]:
+    """``plan`` for ``system``'s server: with ``--timeline``, HCache servers write their restore
+    timelines into ``workdir/timeline``."""
+    if not plan.get("timeline") or not system.startswith("hcache"):
+        return plan, None
+    timelines = workdir / "timeline"
+    flags = [*plan.get("server_flags", ()), "--hcache-timeline", str(timelines)]
+    return dict(plan, server_flags=flags), timelines
+
+
+def _timeline_mark(timelines: Path | None) -> int:
+    """How many restore records the server has written so far."""
+    if timelines is None or not timelines.is_dir():
+        return 0
+    return sum(len(f.read_text().splitlines()) for f in timelines.glob("*.jsonl"))
+
+
+def _timeline_since(timelines: Path | None, mark: int) -> dict | None:
+    """The restore-timeline summary (bench/restore_timeline.py) of the records after ``mark``."""
+    if timelines is None or not timelines.is_dir():
+        return None
+    from restore_timeline import summary
+
+    lines = [line for f in sorted(timelines.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    records = [json.loads(line) for line in lines[mark:] if line.strip()]
+    return summary(records) if records else None
+
+
 def _evaluate(workload: str, runs: dict, dtype: str) -> dict:
     """Per-system summaries and the cross-system ratios of one workload."""
     records = {s: r["workloads"][workload] for s, r in runs.items()}
     systems = {s: dict(summarize(rec, runs[s]["server"], records["recompute"]),
-                       host_gemm_gflops=runs[s].get("host_gemm_gflops"))
+                       host_gemm_gflops=runs[s].get("host_gemm_gflops"),
+                       predicted_restore_ms_per_1k=runs[s]["server"].get("predicted_restore_ms_per_1k"),
+                       restore_timeline=rec.get("timeline"))
                for s, rec in records.items()}
     return dict(systems=systems, **compare(systems, float_dtype=dtype == "float32"),
                 requests={s: rec["requests"] for s, rec in records.items()})

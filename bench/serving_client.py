@@ -114,13 +114,16 @@ class Server:
         return dict(bytes=0.0, tokens=0.0, source="none")
 
     def describe(self) -> dict:
-        plan = None
+        plan = predicted = None
         with contextlib.suppress(OSError):
             text = self.log.read_text(errors="replace")
             m = re.search(r"hcache: restore plan [^\[]*\[(\w+)\]", text)
             plan = m.group(1) if m else None
+            # the planner's prediction from the profile the server measured in isolation at startup
+            m = re.search(r"hcache: plan \w+ predicted ([\d.]+) ms per 1K tokens", text)
+            predicted = float(m.group(1)) if m else None
         return dict(system=self.system, argv=self.argv, start_s=self.start_s, restore_plan=plan,
-                    storage=self.storage())
+                    predicted_restore_ms_per_1k=predicted, storage=self.storage())
 
 
 def _free_port() -> int:

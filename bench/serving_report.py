@@ -186,7 +186,26 @@ def render_markdown(doc: dict) -> str:
                     f"| {v['output_token_agreement']:.3f} | {v['restore_plan'] or '-'} "
                     f"| {_f(v.get('load_avg'), '{:.1f}')} |")
             lines.append("")
+            lines += _timeline_lines(wl["systems"])
     return "\n".join(lines)
+
+
+def _timeline_lines(systems: dict[str, dict]) -> list[str]:
+    """Per HCache system with timelines (``--timeline``): where its restores' time went, against the
+    bound and the planner's prediction (both per 1K tokens)."""
+    out = []
+    for s, v in systems.items():
+        t = v.get("restore_timeline")
+        if not t:
+            continue
+        out.append(
+            f"- {s} restore timelines ({t['restores']} restores, median {t['tokens_median']:.0f} tokens), "
+            f"ms per 1K tokens: span {t['span_ms_per_1k']:.0f} = IO busy {t['io_busy_ms_per_1k']:.0f}, "
+            f"compute busy {t['compute_busy_ms_per_1k']:.0f}, bubbles {t['bubble_ms_per_1k']:.0f}; forward "
+            f"waits {t['forward_wait_ms_per_1k']:.0f}; span / max(IO, compute) {t['span_over_bound']:.2f}; "
+            f"planner's prediction {_f(v.get('predicted_restore_ms_per_1k'))}, "
+            f"restore metric {_f(v.get('restore_ms_per_1k_tokens'))}")
+    return out + [""] if out else []
 
 
 def _host_line(wl: dict) -> str:

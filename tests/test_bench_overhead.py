@@ -113,7 +113,7 @@ def test_quick_run_serves_every_system_and_writes_every_key(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     doc = json.loads(out.read_text())
     geo = doc["geometries"]["tiny-llama-mha"]
-    systems = ["off", "hcache-hidden", "hicache"]
+    systems = ["off", "hcache-hidden"]
     assert geo["rounds_done"] == 2 and [sorted(r["systems"]) for r in geo["rounds"]] == [sorted(systems)] * 2
     assert geo["rounds"][0]["order"] != geo["rounds"][1]["order"]  # alternated, rotated each round
     assert geo["restore_plans"]["hcache-hidden"] == "HHHH"

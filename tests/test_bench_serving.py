@@ -53,7 +53,7 @@ def test_smoke_run_all_systems_agree_and_json_is_complete(tmp_path):
     result = subprocess.run(
         [sys.executable, str(BENCH / "bench_serving.py"), "--smoke", "--json", str(out),
          "--plot", str(tmp_path / "smoke.svg"), "--markdown", str(tmp_path / "smoke.md"),
-         "--workdir", str(tmp_path / "work")],
+         "--workdir", str(tmp_path / "work"), "--timeline"],
         capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -76,12 +76,18 @@ def test_smoke_run_all_systems_agree_and_json_is_complete(tmp_path):
     assert systems["hcache"]["tokens_restored"] > 0
     assert systems["hcache"]["restore_ms_per_1k_tokens"] > 0
     assert systems["hicache"]["bytes_per_token"] > 0 and systems["hcache"]["bytes_per_token"] > 0
+    # --timeline: HCache's restores were traced; the bound and the planner's prediction beside them
+    tl = systems["hcache"]["restore_timeline"]
+    assert tl["restores"] > 0 and tl["span_ms_per_1k"] >= tl["compute_busy_ms_per_1k"] > 0
+    assert tl["span_over_bound"] >= 0.99 and systems["hcache"]["predicted_restore_ms_per_1k"] > 0
+    assert systems["recompute"]["restore_timeline"] is None
     # the host's speed is measured in the run and printed beside the ratios
     assert all(s["host_gemm_gflops"] > 0 for s in systems.values())
     assert systems["recompute"]["cold_prefill_tokens_per_s"] > 0
     assert (tmp_path / "smoke.svg").read_text().startswith("<svg")
     md = (tmp_path / "smoke.md").read_text()
     assert "| hcache |" in md and "host speed: GEMM " in md and "GFLOP/s (range" in md
+    assert "hcache restore timelines (" in md and "span / max(IO, compute)" in md
 
 
 @pytest.mark.engine
