@@ -10,7 +10,8 @@ site-packages imports this module, which, on a host without an NVIDIA device
 1. sets ``SGLANG_USE_CPU_ENGINE=1`` unless the environment already sets it;
 2. appends the stand-in finder at the END of ``sys.meta_path``, so an installed
    ``sgl_kernel`` or ``torchvision`` always wins over its stand-in;
-3. filters SGLang's import-time "needs CUDA" warnings, by their exact text
+3. filters SGLang's import-time "needs CUDA" warnings, by their exact text, and keeps tqdm from
+   creating the process lock SGLang's killed scheduler leaks
    (:mod:`hcache_sglang.cpu_platform.quiet`).
 
 Standard library only (no torch): it runs in every interpreter of the environment.
@@ -29,10 +30,11 @@ def install() -> bool:
     if not wants_cpu_platform():
         return False
     os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-    from hcache_sglang.cpu_platform.quiet import silence_cpu_import_warnings
+    from hcache_sglang.cpu_platform.quiet import no_tqdm_process_lock, silence_cpu_import_warnings
     from hcache_sglang.cpu_platform.standins import install_finder
 
     silence_cpu_import_warnings()
+    no_tqdm_process_lock()
 
     install_finder()
     return True
