@@ -30,7 +30,7 @@ from .mooncake_connect import MooncakeTarget, connect
 from .mooncake_objects import Manifest, decode_manifest, manifest_bytes, manifest_key, object_key
 from .mooncake_read import Landing, MooncakeRead
 from .reader import ReadHandle, check_out_buffers, plan_pieces
-from .staging import StagedSave, StagingArea, check_save, stage_save
+from .staging import InFlightKeys, StagedSave, StagingArea, check_save, stage_save
 from .stats import StatsRecorder, StoreStats
 from .store import Hit
 
@@ -81,8 +81,7 @@ class MooncakeChunkStore:
         self.client.register_buffer(self.staging.buf.data_ptr(), len(self.staging.buf))
         self._nonce = uuid.uuid4().hex[:16]
         self._seq = itertools.count()
-        self._lock = threading.Lock()  # _pending
-        self._pending: set[str] = set()
+        self._in_flight = InFlightKeys()  # manifest keys of accepted saves not yet written
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._outstanding = 0
         self._idle = threading.Condition()
@@ -172,19 +171,15 @@ class MooncakeChunkStore:
         mkeys = [manifest_key(ns, k) for k in keys]
         flags = self.client.batch_is_exist(mkeys)
         skip = next((i for i, f in enumerate(flags) if f != 1), len(keys))
-        with self._lock:
-            while skip < len(keys) and mkeys[skip] in self._pending:
-                skip += 1
-            if skip == len(keys):
-                return True
-            pending = mkeys[skip:]
-            self._pending.update(pending)
+        pending = self._in_flight.reserve(mkeys, skip)
+        if pending is None:
+            return True
+        skip = len(keys) - len(pending)
         job = stage_save(self.staging, ns, keys, skip, kinds, positions, token_ids, layers, rows,
                          chunk_tokens=self.config.chunk_tokens, timeout=self.config.max_save_block_s,
                          parent_key=None, pending=pending)
         if job is None:
-            with self._lock:
-                self._pending.difference_update(pending)
+            self._in_flight.release(pending)
             self._stats.add(saves_dropped=1)
             self._stats.observe("save_call", time.perf_counter() - t0)
             return False
@@ -212,8 +207,7 @@ class MooncakeChunkStore:
                 self._stats.add(chunks_dropped=len(job.save.chunks))
             finally:
                 self.staging.release(job.save.staging_offset, job.save.staging_bytes)
-                with self._lock:
-                    self._pending.difference_update(job.save.pending)
+                self._in_flight.release(job.save.pending)
                 with self._idle:
                     self._outstanding -= 1
                     self._idle.notify_all()

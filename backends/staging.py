@@ -91,6 +91,31 @@ class StagingArea:
             self.pinned = False
 
 
+class InFlightKeys:
+    """Page keys accepted by a save and not yet written or dropped: a second save of the same pages
+    skips them rather than staging them twice."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: set = set()
+
+    def reserve(self, keys: Sequence, skip: int) -> list | None:
+        """Reserve ``keys[skip':]``, where ``skip'`` >= ``skip`` moves past keys already in flight;
+        None when every key from ``skip`` on is stored or in flight (nothing to save)."""
+        with self._lock:
+            while skip < len(keys) and keys[skip] in self._keys:
+                skip += 1
+            if skip == len(keys):
+                return None
+            reserved = list(keys[skip:])
+            self._keys.update(reserved)
+            return reserved
+
+    def release(self, keys: Sequence) -> None:
+        with self._lock:
+            self._keys.difference_update(keys)
+
+
 def stage_save(area: StagingArea, ns: Namespace, keys: Sequence[str], skip: int,
                kinds: tuple[LayerKind, ...], positions: torch.Tensor, token_ids: torch.Tensor,
                layers: Sequence, rows: torch.Tensor | None, *, chunk_tokens: int, timeout: float,

@@ -27,7 +27,7 @@ from .lru import ChainLRU
 from .pool import GROW_BYTES, ExtentAllocator, FilePool
 from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces
 from .recovery import open_index
-from .staging import StagedSave, StagingArea, check_save, stage_save
+from .staging import InFlightKeys, StagedSave, StagingArea, check_save, stage_save
 from .stats import StatsRecorder, StoreStats
 from .writers import Writers, contiguous_runs
 
@@ -103,9 +103,9 @@ class ChunkStore:
             self.pool.close()
             raise
         self.index = opened.index
-        self._space = threading.Lock()  # allocator, LRU, _records, _pending
+        self._space = threading.Lock()  # allocator, LRU, _records
         self._records: dict[int, ChunkRecord] = {}
-        self._pending: set[bytes] = set()
+        self._in_flight = InFlightKeys()  # index keys of accepted saves not yet written
         self._lru = ChainLRU()
         evicted = self._recover(opened.records)
         self.opened = OpenReport(len(self._records), time.perf_counter() - t0, opened.problem,
@@ -194,21 +194,16 @@ class ChunkStore:
         n = len(keys) * ns.page_size
         check_save(ns, n, positions, token_ids, layers, kinds, rows)
         resolved = self.index.resolve(ns.key_prefix, keys)
-        skip = len(resolved)
-        with self._space:
-            while skip < len(keys) and ns.key_prefix + keys[skip].encode() in self._pending:
-                skip += 1
-            if skip == len(keys):
-                return True
-            pending = [ns.key_prefix + k.encode() for k in keys[skip:]]
-            self._pending.update(pending)
+        pending = self._in_flight.reserve([ns.key_prefix + k.encode() for k in keys], len(resolved))
+        if pending is None:
+            return True
+        skip = len(keys) - len(pending)
         parent = keys[skip - 1] if skip else parent_key
         job = stage_save(self.staging, ns, keys, skip, kinds, positions, token_ids, layers, rows,
                          chunk_tokens=self.config.chunk_tokens, timeout=self.config.max_save_block_s,
                          parent_key=parent, pending=pending)
         if job is None:
-            with self._space:
-                self._pending.difference_update(pending)
+            self._in_flight.release(pending)
             self._stats.add(saves_dropped=1)
             self._stats.observe("save_call", time.perf_counter() - t0)
             return False
@@ -233,8 +228,7 @@ class ChunkStore:
     def _release(self, job: StagedSave) -> None:
         """A save is written or dropped: its staging and its in-flight keys are free."""
         self.staging.release(job.staging_offset, job.staging_bytes)
-        with self._space:
-            self._pending.difference_update(job.pending)
+        self._in_flight.release(job.pending)
 
     def _write_batch(self, batch: list[StagedSave]) -> None:
         t0 = time.perf_counter()
