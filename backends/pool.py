@@ -314,11 +314,16 @@ class FilePool:
         _write_at(self.fd, bufs, HEADER_BYTES + offset)
         self.write_calls += 1
 
+    def set_read_bandwidth(self, limit: float | None) -> None:
+        """Cap later reads at ``limit`` bytes/s (None: uncapped); reads in flight keep their charge."""
+        self._throttle = BandwidthThrottle(limit) if limit else None
+
     def read_into(self, buf: memoryview, offset: int) -> int:
         """Read ``len(buf)`` bytes at ``offset`` (ALIGN-aligned buf and length under O_DIRECT)."""
         n = _read_at(self._read_fd, buf, HEADER_BYTES + offset)
-        if self._throttle is not None:  # the pool's reads share one bandwidth budget
-            self._throttle.charge(n)
+        throttle = self._throttle
+        if throttle is not None:  # the pool's reads share one bandwidth budget
+            throttle.charge(n)
         return n
 
     def sync(self) -> None:

@@ -132,6 +132,12 @@ class ChunkStore:
         self.pool.shrink(max((r.offset + r.nbytes for r in self._records.values()), default=0))
         return len(victims)
 
+    def set_read_bandwidth(self, limit: float | None) -> None:
+        """The what-if read cap (``StoreConfig.read_bandwidth_limit``) changed under a running store."""
+        if limit is not None and limit <= 0:
+            raise ValueError(f"read bandwidth limit must be positive or None, got {limit!r}")
+        self.pool.set_read_bandwidth(limit)
+
     # ---- lookup / read ----------------------------------------------------------------------
     def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
         """How many leading pages of ``keys`` are present with one plan (one read txn)."""

@@ -29,6 +29,8 @@ Ratios per geometry / setting / context (medians of ``--repeats`` runs):
     python bench/bench_restore.py --json OUT.json            # CPU default: bench geometries, ~3 min
     python bench/bench_restore.py --quick                     # small geometries, ~30 s
     python bench/bench_restore.py --preset llama --source host   # GPU: pinned host memory, 7B / 8B
+    python bench/bench_restore.py --sweep-bandwidth --json OUT.json   # every method at 30 MB/s..uncapped,
+        # 1K and 4K tokens (restore_sweep.py); OUT.md (table) and OUT.svg (plot) beside the JSON
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ import time
 from dataclasses import dataclass
 
 import torch
+import restore_sweep
+from host_speed import gemm_gflops
 from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, PagedKVPool, RandomModel
 
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
@@ -98,8 +102,18 @@ class Measured:
 def measure_plan(store, ctx: Context, plan: LayerPlan, repeats: int) -> Measured:
     """Save under ``plan``, then time ``repeats`` restores (read + restore into the pool); checks the
     restored K/V of the stored layers against the reference; drops the saved chunks."""
-    r, kinds = _kinds(plan)
     ns = save_plan(store, ctx, plan)
+    try:
+        return time_restores(store, ctx, plan, ns, repeats)
+    finally:
+        if ns is not None:
+            store.drop(ns, ctx.keys)
+
+
+def time_restores(store, ctx: Context, plan: LayerPlan, ns: Namespace | None, repeats: int) -> Measured:
+    """Time ``repeats`` restores of what ``save_plan`` stored under ``ns`` (read + restore into the
+    pool); the last one's restored K/V of the first and last stored layers checked against the reference."""
+    r, kinds = _kinds(plan)
     fill = store is None  # pinned-host source: the buffers already hold the bytes
     layers = [None if k is LayerKind.RECOMPUTE else ctx.host_buffer(k) for k in kinds]
     if fill:
@@ -136,8 +150,6 @@ def measure_plan(store, ctx: Context, plan: LayerPlan, repeats: int) -> Measured
         tol = 2**-6 * float(want_k.abs().max()) if ctx.device.type == "cuda" else 0.0
         if float((got_k.float() - want_k.float()).abs().max()) > tol:
             raise RuntimeError(f"plan {plan}: layer {l} K restored wrong")
-    if ns is not None:
-        store.drop(ns, ctx.keys)
     first = min(marks["layer"]) - last_t0 if marks["layer"] else 0.0
     last_read = max(marks["read"]) - last_t0 if marks["read"] else 0.0
     return Measured(tuple(times), first, last_read)
@@ -282,6 +294,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="small preset, 512 tokens (~30 s)")
     ap.add_argument("--dir", default=None, help="scratch directory for the stores (default: a temp dir)")
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--sweep-bandwidth", nargs="?", const=restore_sweep.CAPS, default=None, metavar="CAPS",
+                    help="sweep read caps (comma list of sizes per second, 'none' = uncapped; default "
+                         f"{restore_sweep.CAPS}): every method at every cap (restore_sweep.py)")
     ap.add_argument("--geometries", default=None,
                     help="comma list of the preset's geometry names to run (default: all of them)")
     return _resolve_args(ap.parse_args())
@@ -295,8 +310,11 @@ def _resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.source = args.source or ("host" if gpu else "store")
     if args.quick:
         args.sweep_points, args.sweep_recompute = 3, 0
-    args.tokens = [int(x) for x in (args.tokens or ("512" if args.quick else "1024,4096,8192" if gpu
-                                                    else "1024")).split(",")]
+    default_tokens = "512" if args.quick else "1024,4096,8192" if gpu else "1024,4096" if args.sweep_bandwidth \
+        else "1024"
+    args.tokens = [int(x) for x in (args.tokens or default_tokens).split(",")]
+    if args.sweep_bandwidth and args.source != "store":
+        raise SystemExit("--sweep-bandwidth caps store reads: it needs --source store")
     if any(n % PAGE_SIZE for n in args.tokens):
         raise SystemExit(f"--tokens {args.tokens}: expected multiples of the page size {PAGE_SIZE}")
     known = [g.name for g in PRESETS[args.preset]]
@@ -357,11 +375,19 @@ def main() -> None:
     print(f"# bench_restore: preset {args.preset}, source {args.source}, device {args.device}, "
           f"{args.dtype}, tokens {args.tokens}, repeats {args.repeats}, o_direct {args.o_direct}, "
           f"torch threads {torch.get_num_threads()}, KV pool {pool_cls.__name__}", flush=True)
+    gflops = gemm_gflops(dtype=args.torch_dtype)
+    print(f"# host: GEMM {gflops:.0f} GFLOP/s ({args.dtype}, 512x1024 @ 1024x2816)", flush=True)
     try:
-        results = run_geometries(args, pool_cls)
+        if args.sweep_bandwidth:
+            results = restore_sweep.run(args, pool_cls, save_plan, time_restores)
+        else:
+            results = run_geometries(args, pool_cls)
     finally:
         if own_dir:
             shutil.rmtree(args.dir, ignore_errors=True)
+    if args.sweep_bandwidth:
+        _finish_sweep(args, results, gflops)
+        return
     met = all(all(r["targets_met"].values()) for r in results)
     print(f"# targets (plan_vs_best_sweep <= {TARGET_PLAN_VS_BEST}, predicted_vs_measured in "
           f"{TARGET_PRED}): {'met' if met else 'NOT met'}")
@@ -370,6 +396,27 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": platform.node(), "torch_threads": torch.get_num_threads(),
                        "config": config, "results": results}, f, indent=1)
+
+
+def _finish_sweep(args: argparse.Namespace, rows: list[dict], gflops: float) -> None:
+    print("# --- bandwidth sweep (medians) ---")
+    for row in rows:
+        restore_sweep.print_row(row)
+    missed = [r for r in rows if not all(r["targets_met"].values())]
+    print(f"# targets (plan / best <= {restore_sweep.TARGET_PLAN_VS_BEST}, plan / best pure <= "
+          f"{restore_sweep.TARGET_PLAN_VS_PURE}, predicted / measured in {restore_sweep.TARGET_PRED}): "
+          f"{len(rows) - len(missed)} of {len(rows)} cells met; host GEMM {gflops:.0f} GFLOP/s", flush=True)
+    if args.json:
+        config = {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(args).items()}
+        with open(args.json, "w") as f:
+            json.dump({"machine": platform.node(), "torch_threads": torch.get_num_threads(),
+                       "host_gemm_gflops": gflops, "config": config, "results": rows}, f, indent=1)
+        stem = args.json.removesuffix(".json")
+        with open(stem + ".md", "w") as f:
+            f.write(restore_sweep.table(rows))
+        with open(stem + ".svg", "w") as f:
+            f.write(restore_sweep.plot(rows))
+        print(f"# wrote {args.json}, {stem}.md, {stem}.svg")
 
 
 if __name__ == "__main__":

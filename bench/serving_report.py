@@ -280,37 +280,10 @@ def plot_series(doc: dict) -> list[dict]:
 
 
 def _svg(panels: list[dict]) -> str:
-    w, h, pad = 520, 300, 50
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h * len(panels)}" '
-           'font-family="sans-serif" font-size="11">']
-    for i, p in enumerate(panels):
-        y0 = i * h
-        pts = [pt for s in p["series"].values() for pt in s]
-        xmax = max((x for x, _ in pts), default=1) or 1
-        ymax = max((y for _, y in pts), default=1) * 1.1 or 1
+    from svg_chart import line_chart
 
-        def sx(x, xmax=xmax):
-            return pad + (w - 2 * pad) * x / xmax
-
-        def sy(y, y0=y0, ymax=ymax):
-            return y0 + h - pad + -(h - 2 * pad) * y / ymax
-
-        out += [f'<text x="{w / 2}" y="{y0 + 18}" text-anchor="middle">{p["title"]}: TTFT (ms) '
-                f'per {p["x_label"]}</text>',
-                f'<line x1="{pad}" y1="{sy(0)}" x2="{w - pad}" y2="{sy(0)}" stroke="black"/>',
-                f'<line x1="{pad}" y1="{sy(0)}" x2="{pad}" y2="{sy(ymax)}" stroke="black"/>',
-                f'<text x="{pad - 4}" y="{sy(ymax / 1.1)}" text-anchor="end">'
-                f'{ymax / 1.1:.0f}</text>',
-                f'<text x="{pad - 4}" y="{sy(0)}" text-anchor="end">0</text>',
-                f'<text x="{w - pad}" y="{sy(0) + 14}" text-anchor="end">{xmax}</text>']
-        for j, (s, series) in enumerate(p["series"].items()):
-            color = COLORS.get(s, "black")
-            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in series)
-            out += [f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>',
-                    f'<text x="{w - pad + 2}" y="{y0 + pad + 12 * j}" fill="{color}" '
-                    f'text-anchor="end">{s}</text>']
-    out.append("</svg>")
-    return "\n".join(out)
+    return line_chart([{**p, "title": f"{p['title']}: TTFT (ms) per {p['x_label']}", "y_label": "TTFT (ms)"}
+                       for p in panels], COLORS)
 
 
 def write_plot(doc: dict, path: Path) -> str:

@@ -129,6 +129,9 @@ class HCacheConfig:
     mooncake: Optional[dict] = None
     timeline_dir: Optional[str] = None  # write a restore timeline per sampled restore here (debug)
     timeline_every: int = 1  # sample every N-th restore into the timeline
+    # re-plan from served restores: a verdict per this many restores that ran alone (0: keep the
+    # startup plan; see hcache_sglang.calibration)
+    replan_window: int = 8
 
     def __post_init__(self) -> None:
         if not self.directory:
@@ -148,6 +151,9 @@ class HCacheConfig:
                              "Mooncake keys (master_server_address, protocol, ...) or None")
         if not isinstance(self.plan_tokens, int) or self.plan_tokens < 16:
             raise ValueError(f"hcache: plan tokens {self.plan_tokens!r}; expected an integer >= 16")
+        if not isinstance(self.replan_window, int) or isinstance(self.replan_window, bool) or not (
+                self.replan_window == 0 or self.replan_window >= 2):
+            raise ValueError(f"hcache: re-plan window {self.replan_window!r}; expected 0 (off) or an integer >= 2")
         if not isinstance(self.timeline_every, int) or self.timeline_every < 1:
             raise ValueError(f"hcache: timeline_every {self.timeline_every!r}; expected an integer >= 1")
         if self.layer_plan is not None:

@@ -37,6 +37,7 @@ _HCACHE_KEYS = {
     "hcache_mooncake": "mooncake",
     "hcache_timeline": "timeline_dir",
     "hcache_timeline_every": "timeline_every",
+    "hcache_replan_window": "replan_window",
 }
 
 

@@ -71,6 +71,11 @@ def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
         help="typical tokens per restore, which the planner plans for (recomputed layers cost more per "
              "token in longer restores)",
     )
+    group.add_argument(
+        "--hcache-replan-window", type=int, default=8, metavar="N",
+        help="check the plan against every N restores that ran alone; beyond a third off its prediction, "
+             "correct the cost profile and re-choose the plan for new chunks (0: off)",
+    )
     group.add_argument("--hcache-timeline", default=None, metavar="DIR",
                        help="debug: write a per-layer restore timeline (JSON lines) into DIR")
     group.add_argument("--hcache-timeline-every", type=int, default=1, metavar="N",
@@ -94,6 +99,7 @@ def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
         backend=args.hcache_backend,
         timeline_dir=args.hcache_timeline,
         timeline_every=args.hcache_timeline_every,
+        replan_window=args.hcache_replan_window,
     )
 
 

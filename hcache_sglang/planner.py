@@ -13,9 +13,10 @@ once its bytes are in) under a storage objective:
             recomputed leading layers only where they make the restore faster;
 - BALANCED: fastest plan storing at most ``BALANCED_SLACK`` more bytes per token than SPACE's.
 
-A plan is fixed when the server starts, because the capture side pool (device memory) holds only the
-HIDDEN layers. It is recorded with every chunk, so chunks saved under another plan are still read
-correctly (each layer by the kind it was stored as).
+A plan is chosen when the server starts; the capture side pool (device memory) holds its HIDDEN layers
+only. A running server may re-plan from what its restores cost (:mod:`hcache_sglang.calibration`),
+within those captured layers and its number of recomputed layers. The plan is recorded with every
+chunk, so chunks saved under another plan are still read correctly (each layer by its stored kind).
 
 Pure: a geometry, a cost profile and an objective in, a plan out; no SGLang, no torch. The server's
 side (the model's geometry, measured costs) is :mod:`hcache_sglang.serving.plan_resolution`.
@@ -193,14 +194,22 @@ def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: i
     return Prediction(plan, compute_end * scale, io_total * scale, compute_total * scale, stored)
 
 
-def candidate_plans(num_layers: int) -> Iterable[LayerPlan]:
-    """R layers lead; among the stored layers, the K layers sit first, last, or spread evenly."""
-    for n_r in range(num_layers + 1):
-        stored = num_layers - n_r
-        for n_k in range(stored + 1):
-            layouts = {_first(stored, n_k), _last(stored, n_k), _spread(stored, n_k)}
-            for layout in layouts:
-                yield LayerPlan((LayerKind.RECOMPUTE,) * n_r + layout)
+def candidate_plans(num_layers: int, recomputed: Optional[int] = None,
+                    hidden_ok: Optional[frozenset[int]] = None) -> Iterable[LayerPlan]:
+    """R layers lead; among the stored layers, the K layers sit first, last, or spread evenly.
+
+    ``recomputed``: only plans with exactly that many leading R layers; ``hidden_ok``: the layers that
+    may be HIDDEN (a re-planning server captures hidden states of those only): the others are K, and
+    the first / last / spread layouts run over the allowed layers."""
+    for n_r in range(num_layers + 1) if recomputed is None else (recomputed,):
+        open_ = [l for l in range(n_r, num_layers) if hidden_ok is None or l in hidden_ok]
+        for n_k in range(len(open_) + 1):
+            # in a fixed order (a set's would vary with the hash seed, and so would ties between plans)
+            for layout in dict.fromkeys((_first(len(open_), n_k), _last(len(open_), n_k), _spread(len(open_), n_k))):
+                methods = [LayerKind.RECOMPUTE] * n_r + [LayerKind.KV] * (num_layers - n_r)
+                for l, kind in zip(open_, layout):
+                    methods[l] = kind
+                yield LayerPlan(tuple(methods))
 
 
 def _first(n: int, k: int) -> tuple[LayerKind, ...]:
@@ -217,15 +226,18 @@ def _spread(n: int, k: int) -> tuple[LayerKind, ...]:
 
 
 def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective,
-                allow_recompute: bool = True, tokens: int = PLAN_TOKENS, allow_hidden: bool = True) -> Prediction:
+                allow_recompute: bool = True, tokens: int = PLAN_TOKENS, allow_hidden: bool = True,
+                recomputed: Optional[int] = None, hidden_ok: Optional[frozenset[int]] = None) -> Prediction:
     """The fastest predicted plan for restores of ``tokens`` tokens allowed by ``objective`` and by the
     restore path: a server whose model or parallel setup cannot rerun layers passes
     ``allow_recompute=False``; one whose model's K/V are not a projection of the stored hidden state
-    (per-head K norms, quantized weights) passes ``allow_hidden=False``."""
+    (per-head K norms, quantized weights) passes ``allow_hidden=False``. A running server re-planning
+    keeps its number of ``recomputed`` layers (its namespace) and its captured ``hidden_ok`` layers
+    (see :func:`candidate_plans`)."""
     smaller = LayerKind.HIDDEN if allow_hidden and geometry.hidden_bytes <= geometry.kv_bytes else LayerKind.KV
     space_bytes = geometry.num_layers * (geometry.hidden_bytes if smaller is LayerKind.HIDDEN else geometry.kv_bytes)
     best: Optional[Prediction] = None
-    for plan in candidate_plans(geometry.num_layers):
+    for plan in candidate_plans(geometry.num_layers, recomputed, hidden_ok):
         if plan.count(LayerKind.RECOMPUTE) == geometry.num_layers:
             continue  # that is not a restore
         if not allow_recompute and LayerKind.RECOMPUTE in plan.methods:

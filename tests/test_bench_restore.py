@@ -36,3 +36,36 @@ def test_quick_run_reports_every_ratio_per_geometry_and_read_setting(tmp_path):
     throttled = [r for r in rows if r["throttled"]]
     assert all("THROTTLED" in r["setting"] for r in throttled)
     assert all(r["profile"]["read_bandwidth"] <= 0.2e9 * 1.2 for r in throttled)
+
+
+def test_bandwidth_sweep_times_every_method_and_order_at_every_cap(tmp_path):
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, "bench_restore.py", "--preset", "small", "--tokens", "256", "--sweep-points", "3",
+         "--sweep-recompute", "1", "--repeats", "1", "--profile-repeats", "1", "--sweep-bandwidth", "40M,none",
+         "--json", str(out)],
+        cwd=BENCH, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {(r["geometry"], r["cap"]) for r in rows} == {
+        (g, c) for g in ("small", "small-gqa") for c in (40 * 2**20, None)}
+    for r in rows:
+        L = len(r["plan"])
+        orders = {v["order"] for v in r["plans"].values()}
+        assert {"pure", "H-first", "K-first", "interleaved", "recompute"} <= orders, orders
+        assert {"H" * L, "K" * L, "R" * L, "HHHKKK", "KKKHHH", r["plan"]} <= set(r["plans"])
+        chosen, pure = r["plans"][r["plan"]], min(r["plans"]["K" * L]["median_s"], r["plans"]["H" * L]["median_s"])
+        assert r["plan_vs_best_pure"] == chosen["median_s"] / pure
+        assert r["predicted_vs_measured"] == chosen["predicted_s"] / chosen["median_s"]
+        assert set(r["targets_met"]) == {"plan_vs_best", "plan_vs_best_pure", "predicted_vs_measured"}
+    capped = [r for r in rows if r["cap"]]
+    assert all(r["profile"]["read_bandwidth"] <= 40 * 2**20 * 1.2 for r in capped)
+    # the same plan reads slower under the cap than uncapped (the cap reached the store)
+    for g in ("small", "small-gqa"):
+        slow, fast = (next(r for r in rows if r["geometry"] == g and bool(r["cap"]) is c) for c in (True, False))
+        L = len(slow["plan"])
+        assert slow["plans"]["K" * L]["median_s"] > fast["plans"]["K" * L]["median_s"]
+    table = (tmp_path / "sweep.md").read_text()
+    assert table.count("\n") == 2 + len(rows) and "| small-gqa | 256 | uncapped |" in table
+    svg = (tmp_path / "sweep.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") >= 2 * 5

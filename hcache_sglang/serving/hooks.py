@@ -33,7 +33,7 @@ from hcache_sglang.config import HCacheConfig
 logger = logging.getLogger(__name__)
 
 _model_runners: list[Any] = []
-_plans: dict[int, Any] = {}  # id(ModelRunner) -> LayerPlan
+_plans: dict[int, Any] = {}  # id(ModelRunner) -> plan_resolution.ResolvedPlan
 _registered = False
 
 
@@ -48,12 +48,17 @@ def current_model_runner() -> Any:
 
 
 def current_plan() -> Any:
-    """The restore plan fixed for this process's model (see :func:`_after_load_model`)."""
+    """The restore plan this process's model started with (see :func:`_after_load_model`)."""
+    return resolved_plan().plan
+
+
+def resolved_plan() -> Any:
+    """The startup plan with what the planner chose it from (``plan_resolution.ResolvedPlan``)."""
     runner = current_model_runner()
-    plan = _plans.get(id(runner))
-    if plan is None:
+    resolved = _plans.get(id(runner))
+    if resolved is None:
         raise RuntimeError("hcache: the restore plan was not resolved when the model loaded")
-    return plan
+    return resolved
 
 
 def hcache_config_from_server_args(server_args: Any) -> Optional[HCacheConfig]:

@@ -122,6 +122,15 @@ class HCacheLinker(UnifiedCacheLinker):
         self.runtime.store.flush()
         self.runtime.spill.forget_completed()
 
+    def set_read_bandwidth(self, limit: Optional[float]) -> None:
+        """Change the store's what-if read cap under a running server (None: uncapped); the RPC
+        ``hcache_set_read_bandwidth`` (tests and benchmarks of re-planning: a disk that slows down)."""
+        setter = getattr(self.runtime.store, "set_read_bandwidth", None)
+        if setter is None:
+            raise ValueError(f"hcache: the {self.runtime.config.backend.value} store at --tp {self.tp.size} "
+                             "has no read throttle to change")
+        setter(limit)
+
     def close(self) -> None:
         self.reset()
         self.runtime.close()
@@ -132,7 +141,8 @@ class HCacheLinker(UnifiedCacheLinker):
         return {
             "store": dataclasses.asdict(runtime.store.stats()),
             "restore": dataclasses.asdict(runtime.stats.snapshot()),
-            "plan": str(runtime.plan),
+            "plan": str(runtime.plan_in_force()),  # new chunks are saved under it
+            "startup_plan": str(runtime.plan),
             "reprojection_failure": runtime.spill.reprojection_failure,
             "tp_rank": self.tp.rank,
             "tp_size": self.tp.size,

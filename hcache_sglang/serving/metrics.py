@@ -4,7 +4,8 @@ The scheduler process writes into prometheus_client's multiprocess directory (se
 this runs), and SGLang's HTTP server collects it, so the gauges below appear beside SGLang's own:
 
     hcache_store_<field>          every numeric field of the chunk store's ``StoreStats``
-    hcache_restore_<field>        every field of :class:`RestoreStats`
+    hcache_restore_<field>        every numeric field of :class:`RestoreSnapshot`
+    hcache_restore_plan_info{plan="HHK..."} 1    the plan new chunks are saved under (re-planning)
 
 Without an HTTP server (``hcache_sglang.Engine``), the scheduler RPC ``hcache_stats(out_path)``
 (:mod:`hcache_sglang.serving.rpc`) writes the same numbers as JSON.
@@ -32,6 +33,14 @@ class RestoreSnapshot:
     restore_seconds_total: float = 0.0
     restore_ms_per_1k_tokens_p50: float = 0.0
     restore_ms_per_1k_tokens_p90: float = 0.0
+    # re-planning (serving.replan): medians over the calibration window of restores that ran alone,
+    # measured and as the profile in force predicts them; verdicts that corrected the profile, and
+    # those that changed the plan
+    measured_ms_per_1k_tokens: float = 0.0
+    predicted_ms_per_1k_tokens: float = 0.0
+    profile_corrections: int = 0
+    replans: int = 0
+    plan: str = ""  # the plan in force (new chunks are saved under it)
 
 
 class RestoreStats:
@@ -56,6 +65,21 @@ class RestoreStats:
             if tokens:
                 self._ms_per_1k.append(seconds * 1e3 * 1000 / tokens)
                 del self._ms_per_1k[: -self._window]
+
+    def record_plan(self, plan: str) -> None:
+        with self._lock:
+            self._counts["plan"] = plan
+
+    def record_calibration(self, measured_ms_per_1k: float, predicted_ms_per_1k: float) -> None:
+        with self._lock:
+            self._counts["measured_ms_per_1k_tokens"] = measured_ms_per_1k
+            self._counts["predicted_ms_per_1k_tokens"] = predicted_ms_per_1k
+
+    def record_correction(self, plan: str, changed: bool) -> None:
+        with self._lock:
+            self._counts["profile_corrections"] += 1
+            self._counts["replans"] += int(changed)
+            self._counts["plan"] = plan
 
     def record_refused(self) -> None:
         with self._lock:
@@ -84,6 +108,7 @@ class _Exporter:
         self._gauge_cls = Gauge
         self._stop = threading.Event()
         self._interval = interval_s
+        self._plan = ""  # the plan label exported as 1 (the previous one drops to 0)
         self._thread = threading.Thread(target=self._run, name="hcache-metrics", daemon=True)
         self._thread.start()
 
@@ -101,8 +126,23 @@ class _Exporter:
     def update(self) -> None:
         for key, value in self._numeric_fields(self._store.stats()).items():
             self._set(f"hcache_store_{key}", value)
-        for key, value in self._numeric_fields(self._restore.snapshot()).items():
+        snapshot = self._restore.snapshot()
+        for key, value in self._numeric_fields(snapshot).items():
             self._set(f"hcache_restore_{key}", value)
+        if snapshot.plan and snapshot.plan != self._plan:
+            info = self._plan_info()
+            if self._plan:
+                info.labels(plan=self._plan).set(0)
+            info.labels(plan=snapshot.plan).set(1)
+            self._plan = snapshot.plan
+
+    def _plan_info(self) -> Any:
+        gauge = self._gauges.get("hcache_restore_plan_info")
+        if gauge is None:
+            gauge = self._gauge_cls("hcache_restore_plan_info", "hcache-sglang plan new chunks are saved under",
+                                    labelnames=("plan",), multiprocess_mode="mostrecent")
+            self._gauges["hcache_restore_plan_info"] = gauge
+        return gauge
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):

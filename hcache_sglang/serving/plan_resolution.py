@@ -9,13 +9,14 @@ A forced ``--hcache-layer-plan`` skips the measurement but is still checked agai
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
 from hcache_sglang.backends import LayerKind
 from hcache_sglang.config import HCacheConfig
-from hcache_sglang.planner import Geometry, LayerPlan, check_servable, choose_plan, static_plan
+from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, check_servable, choose_plan, static_plan
 from hcache_sglang.profiling import load_or_measure
 from hcache_sglang.serving.introspect import (
     kv_projections, model_dims, recompute_unsupported, reprojection_unsupported, text_config,
@@ -28,7 +29,18 @@ def _recompute_refused(runner: Any, num_layers: int, tp_size: int, pp_size: int)
     return recompute_unsupported(runner.model, num_layers, tp_size, pp_size)
 
 
-def resolve_plan(runner: Any, config: HCacheConfig, tp_size: int = 1, pp_size: int = 1) -> LayerPlan:
+@dataclass(frozen=True)
+class ResolvedPlan:
+    """The plan a server starts with and, when the planner chose it, what it was chosen from (a
+    re-planning server corrects ``profile`` from its restores: :mod:`hcache_sglang.calibration`)."""
+
+    plan: LayerPlan
+    geometry: Optional[Geometry] = None  # None: a forced plan (never re-planned)
+    profile: Optional[CostProfile] = None
+    predicted_ms_per_1k: float = 0.0
+
+
+def resolve_plan(runner: Any, config: HCacheConfig, tp_size: int = 1, pp_size: int = 1) -> ResolvedPlan:
     """The plan a server runs with: forced by ``layer_plan``, else chosen from measured costs.
     ``tp_size``, ``pp_size``: SGLang's published parallel sizes (the model runner carries none)."""
     num_layers, hidden, kv_dim = model_dims(runner.model_config.hf_config)
@@ -36,7 +48,8 @@ def resolve_plan(runner: Any, config: HCacheConfig, tp_size: int = 1, pp_size: i
     if config.layer_plan:
         plan = static_plan(num_layers, hidden, kv_dim, config)
         r = plan.count(LayerKind.RECOMPUTE)
-        return check_servable(plan, _recompute_refused(runner, r, tp_size, pp_size) if r else None, hidden_refused)
+        return ResolvedPlan(check_servable(plan, _recompute_refused(runner, r, tp_size, pp_size) if r else None,
+                                           hidden_refused))
     projection = kv_projections(runner.model)[0]
     dtype = runner.model_config.dtype
     cfg = text_config(runner.model_config.hf_config)
@@ -58,7 +71,7 @@ def resolve_plan(runner: Any, config: HCacheConfig, tp_size: int = 1, pp_size: i
         "hcache: plan %s predicted %.1f ms per 1K tokens for %d-token restores (%s, objective %s)",
         best.plan, best.seconds_per_1k_tokens * 1e3, config.plan_tokens, profile.label, config.objective.value,
     )
-    return best.plan
+    return ResolvedPlan(best.plan, geometry, profile, best.seconds_per_1k_tokens * 1e3)
 
 
 def side_pool_bytes_per_token(hf_config: Any, dtype: torch.dtype, num_layers: int, plan: LayerPlan) -> int:

@@ -29,6 +29,7 @@ import torch
 from hcache_sglang.backends import HostBuffers, LayerKind, Namespace, carve, carved_bytes
 from hcache_sglang.config import LoadCheck
 from hcache_sglang.serving.metrics import RestoreStats
+from hcache_sglang.serving.replan import RestoreClock
 from hcache_sglang.serving.restorer import LayerRestorer, RestoreJob, ShiftedRead
 from hcache_sglang.serving.worker import Worker
 
@@ -112,6 +113,7 @@ class QueuedRestore(NamedTuple):
     # (recomputed layers): checked against them before any stored state reaches the forward
     stored_ids: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     trace: Any = None  # timeline.RestoreTrace when this restore is sampled
+    clock: Any = None  # replan.RestoreClock when the server re-plans
 
     def ids_match(self) -> bool:
         if self.stored_ids is None:
@@ -126,12 +128,16 @@ class RestorePipeline:
 
     def __init__(self, store: Any, namespace: Namespace, restorer: LayerRestorer, counter: Any, *,
                  stats: RestoreStats, load_check: LoadCheck, page_size: int, num_layers: int,
-                 recomputed: int, dtype: torch.dtype, forward_stream: Any = None, timeline: Any = None) -> None:
+                 recomputed: int, dtype: torch.dtype, forward_stream: Any = None, timeline: Any = None,
+                 replanner: Any = None) -> None:
         self.store, self.namespace, self.restorer, self.counter = store, namespace, restorer, counter
         self.stats, self.load_check = stats, load_check
         self.page_size, self.num_layers, self.recomputed, self.dtype = page_size, num_layers, recomputed, dtype
         self.forward_stream = forward_stream
         self.timeline = timeline  # serving.timeline.Timeline, or None (off)
+        self.replanner = replanner  # serving.replan.Replanner, or None (the startup plan stays)
+        self._busy_lock = threading.Lock()
+        self._busy = 0  # restores queued or running on the restore thread
         self.host_buffers = HostBuffers(restorer.device.type == "cuda")  # reused landing buffers
         self._expected: dict[str, RequestContext] = {}
         self._pending: dict[str, QueuedRestore] = {}
@@ -180,12 +186,19 @@ class RestorePipeline:
             *stored, positions, token_ids = carve(lease.buffer, specs)
             kinds = (LayerKind.RECOMPUTE,) * self.recomputed + tuple(hit.layer_kinds)
             trace = self.timeline.begin(rid, num_tokens, kinds) if self.timeline is not None else None
+            clock = None
+            if self.replanner is not None:  # a sample only when no other restore shares the threads
+                clock = RestoreClock(kinds, num_tokens, context.start if context else 0, solo=not self._busy)
             read = self.store.read(self.namespace, keys, stored, positions, token_ids)
             try:
                 queued = self._queued(slots, stored, hit.layer_kinds, read, positions, token_ids, context, lease)
+                stored_layers = range(self.recomputed, self.num_layers)
                 if trace is not None:
-                    trace.watch(queued.job.read, range(self.recomputed, self.num_layers))
+                    trace.watch(queued.job.read, stored_layers)
                     queued = queued._replace(trace=trace)
+                if clock is not None:
+                    clock.watch(queued.job.read, stored_layers)
+                    queued = queued._replace(clock=clock)
             except BaseException:
                 read.wait()  # no read may still land in the buffer once it is back in the pool
                 raise
@@ -214,6 +227,8 @@ class RestorePipeline:
 
     def _start(self, rid: str, queued: QueuedRestore) -> bool:
         queued.lease.hold()
+        with self._busy_lock:
+            self._busy += 1
         self._restores.put(queued)  # the restore starts as the first layer's bytes land
         accepted = False
         try:
@@ -288,16 +303,28 @@ class RestorePipeline:
         """Restore thread: jobs in load order, each layer by layer as its bytes land; the job's host
         buffers go back to the pool once its reads are over (a stopped restore may leave some)."""
         try:
-            self._run_restore(queued)
+            if self._run_restore(queued) and queued.clock is not None:
+                self._calibrate(queued.clock)
         finally:
             if queued.job.read is not None:
                 queued.job.read.wait()
             queued.lease.drop()
+            with self._busy_lock:
+                self._busy -= 1
 
-    def _run_restore(self, queued: QueuedRestore) -> None:
-        progress, trace = queued.progress, queued.trace
+    def _calibrate(self, clock: RestoreClock) -> None:
+        try:
+            self.replanner.observe(clock)
+        except Exception:  # noqa: BLE001 - re-planning is advice: never a failed restore
+            logger.exception("hcache: re-planning failed; the plan in force stays")
+
+    def _run_restore(self, queued: QueuedRestore) -> bool:
+        """True when every layer landed."""
+        progress, trace, clock = queued.progress, queued.trace, queued.clock
         if not progress.begin():
-            return  # cancelled before it started
+            return False  # cancelled before it started
+        if clock is not None:
+            clock.begin()
 
         def landed(layer: int) -> None:
             # The first stored layer's read also brought the stored positions and token ids: check
@@ -306,16 +333,21 @@ class RestorePipeline:
                 raise RuntimeError("stored tokens are not the request's")
             if trace is not None:
                 trace.mark("compute_end", layer)
+            if clock is not None:
+                clock.layer_done(layer)
             progress.advance(layer)
 
         try:
             started = trace and (lambda layer: trace.mark("compute_start", layer))
-            if self.restorer.restore([queued.job], landed, should_stop=progress.cancel_requested,
-                                     on_layer_start=started):
+            completed = self.restorer.restore([queued.job], landed, should_stop=progress.cancel_requested,
+                                              on_layer_start=started)
+            if completed:
                 self.stats.record_restore(queued.job.num_tokens, time.perf_counter() - progress.queued_at)
             progress.stop()
+            return completed
         except BaseException as exc:  # noqa: BLE001 - reported through the progress
             progress.fail(exc)
+            return False
 
     def _release_one(self, task: tuple[int, list[QueuedRestore]]) -> None:
         """Release thread: layer l of a started batch is complete once every restore in it landed l."""

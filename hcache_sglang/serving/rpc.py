@@ -7,6 +7,8 @@ loaded) adds, for ``engine.collective_rpc(name, **kwargs)``:
   check's verdict as JSON ``{"store": {...}, "restore": {...}, "plan": "HHK...",
   "reprojection_failure": null, "tp_rank": 0, "tp_size": 1}`` (what ``/metrics`` exports, for engines
   without an HTTP server); at ``--tp N`` rank 0 writes ``out_path`` and rank r also ``out_path.tp<r>``;
+- ``hcache_set_read_bandwidth(limit)`` -- change the local store's what-if read cap (bytes/s; None:
+  uncapped) under a running server: a disk that slows down or recovers, for re-planning tests;
 - ``hcache_capture_install()`` -- a side pool sized like the KV pool, attached (tests, tools);
 - ``hcache_capture_verify(out_path, triton_rows=32)`` -- re-project every slot the radix tree holds
   with the restore kernels into scratch tensors and write, per layer, max |dK|, |dV| and bit-equal
@@ -49,6 +51,10 @@ def hcache_stats(scheduler: Any, out_path: str) -> None:
     for path in ([out_path] if rank == 0 else []) + ([f"{out_path}.tp{rank}"] if size > 1 else []):
         with open(path, "w") as f:
             json.dump(stats, f, indent=1)
+
+
+def hcache_set_read_bandwidth(scheduler: Any, limit: Any = None) -> None:
+    _scheduler_linker(scheduler).set_read_bandwidth(None if limit is None else float(limit))
 
 
 def hcache_capture_install(scheduler: Any) -> None:
@@ -95,7 +101,7 @@ def hcache_capture_verify(scheduler: Any, out_path: str, triton_rows: int = 32) 
         json.dump(result, f, indent=1)
 
 
-RPCS = (hcache_stats, hcache_capture_install, hcache_capture_uninstall, hcache_capture_verify)
+RPCS = (hcache_stats, hcache_set_read_bandwidth, hcache_capture_install, hcache_capture_uninstall, hcache_capture_verify)
 
 
 def register() -> None:

@@ -49,6 +49,18 @@ class SpillPipeline:
         self.debug_off = debug_off  # debug_stages: empty unless HCACHE_DEBUG_DISABLE is set
         self._worker = Worker("spill", self._spill_one, intra_op_threads=1)
 
+    def set_kinds(self, kinds: Sequence[LayerKind]) -> None:
+        """Save later spills under ``kinds`` (a re-plan): the same RECOMPUTE layers, HIDDEN only
+        where the side pool captures the layer. Spills already queued may take either."""
+        stored = [(l, kind) for l, kind in enumerate(kinds) if kind is not LayerKind.RECOMPUTE]
+        if [l for l, _ in stored] != [l for l, _ in self.stored]:
+            raise ValueError(f"hcache: plan {''.join(k.letter for k in kinds)} recomputes other layers than "
+                             "the namespace's")
+        uncaptured = [l for l, kind in stored if kind is LayerKind.HIDDEN and self.capture.hidden[l] is None]
+        if uncaptured:
+            raise ValueError(f"hcache: layers {uncaptured} are not captured; they cannot be saved as hidden states")
+        self.stored = stored  # one reference swap: a spill reads it once
+
     def offload(self, keys: list[str], slots: torch.Tensor, events: list) -> None:
         if Stage.SPILL in self.debug_off:
             self._done.put(True)
@@ -96,13 +108,14 @@ class SpillPipeline:
             return False
         if Stage.STAGING in self.debug_off:
             return True
+        stored = self.stored
         layers = [self.capture.hidden[l] if kind is LayerKind.HIDDEN else (self.k_buffers[l], self.v_buffers[l])
-                  for l, kind in self.stored]
+                  for l, kind in stored]
         return self.store.save(
             self.namespace, keys,
             positions=self.capture.positions[slots],
             token_ids=self.capture.token_ids[slots],
             layers=layers,
-            layer_kinds=tuple(kind for _, kind in self.stored),
+            layer_kinds=tuple(kind for _, kind in stored),
             rows=slots,
         )

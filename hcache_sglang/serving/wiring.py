@@ -4,7 +4,8 @@
 (hooked into the model), the namespace and the chunk store (:data:`STORE_BACKENDS`: one small factory
 per backend; at ``--tp N`` the TP group's stores, :mod:`~hcache_sglang.serving.tp_layout`), the layer
 restorer (and the recomputed leading layers), the restore and spill pipelines with their threads, the
-restore counters and their ``/metrics`` exporter. It logs the
+re-planner that checks the plan against served restores, the restore counters and their ``/metrics``
+exporter. It logs the
 startup line (plan, pool, capacity, side pool, load check) and returns a :class:`Runtime`.
 """
 
@@ -20,10 +21,12 @@ from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.planner import LayerPlan
 from hcache_sglang.serving.capture import HiddenStateCapture
 from hcache_sglang.serving.debug_stages import Stage, disabled_stages, skip_writer_io
-from hcache_sglang.serving.hooks import current_model_runner, current_plan
+from hcache_sglang.calibration import Calibrator
+from hcache_sglang.serving.hooks import current_model_runner, resolved_plan
 from hcache_sglang.serving.introspect import kv_projections, model_dims, model_heads, unsupported_model
 from hcache_sglang.serving.metrics import RestoreStats, publish_backend_info, start_metrics_exporter
 from hcache_sglang.serving.recompute import LeadingLayers
+from hcache_sglang.serving.replan import Replanner
 from hcache_sglang.serving.restore_pipeline import RestorePipeline
 from hcache_sglang.serving.restorer import LayerRestorer
 from hcache_sglang.serving.spill import SpillPipeline
@@ -96,6 +99,11 @@ class Runtime:
     stats: RestoreStats
     metrics: Optional[Any]  # the /metrics exporter (--enable-metrics)
     debug_off: frozenset = frozenset()  # debug_stages: saving stages turned off (measurements only)
+    replan: Optional[Replanner] = None  # None: the startup plan stays (forced, off, or tp > 1)
+
+    def plan_in_force(self) -> LayerPlan:
+        """The plan new chunks are saved under."""
+        return self.replan.plan if self.replan is not None else self.plan
 
     def close(self) -> None:
         """Stop the threads, then close the store and unhook the capture (the caller quiesced)."""
@@ -143,7 +151,8 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     refused = unsupported_model(runner.model_config)
     if refused:
         raise ValueError(f"hcache: {refused}")
-    plan: LayerPlan = current_plan()
+    resolved = resolved_plan()
+    plan: LayerPlan = resolved.plan
     projections = kv_projections(runner.model)
     device = kvcache.device
     capture = HiddenStateCapture(runner.model, num_slots=kvcache.size + page_size, dtype=kvcache.dtype,
@@ -168,17 +177,36 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     restorer = LayerRestorer(projections, kvcache.k_buffer, kvcache.v_buffer, device, capture=capture,
                              recompute=recompute)
     stats = RestoreStats()
+    stats.record_plan(str(plan))
     timeline = Timeline(config.timeline_dir, counter, config.timeline_every) if config.timeline_dir else None
+    spill = SpillPipeline(store, namespace, capture, kvcache, projections, plan.methods, page_size, debug_off)
+    replan = _replanner(resolved, config, tp, spill, stats)
     restore = RestorePipeline(store, namespace, restorer, counter, stats=stats, load_check=config.load_check,
                               page_size=page_size, num_layers=kvcache.layer_num, recomputed=r,
-                              dtype=kvcache.dtype, forward_stream=forward_stream, timeline=timeline)
-    spill = SpillPipeline(store, namespace, capture, kvcache, projections, plan.methods, page_size, debug_off)
+                              dtype=kvcache.dtype, forward_stream=forward_stream, timeline=timeline,
+                              replanner=replan)
     location, where = store_location(config, store, directory)
     _log_startup(plan, where, config, capture, device, kvcache.size, tp)
     metrics = start_metrics_exporter(store, stats) if server_args.enable_metrics else None
     if metrics is not None:
         publish_backend_info(config.backend.value, location)
-    return Runtime(config, plan, tp, namespace, store, capture, restore, spill, stats, metrics, debug_off)
+    return Runtime(config, plan, tp, namespace, store, capture, restore, spill, stats, metrics, debug_off, replan)
+
+
+def _replanner(resolved: Any, config: HCacheConfig, tp: TPLayout, spill: SpillPipeline,
+               stats: RestoreStats) -> Optional[Replanner]:
+    """The re-planner, where the plan was the planner's choice: not for a forced plan, not with
+    ``replan_window=0``, not at tp > 1 (every rank would have to switch at the same page; rank 0's
+    startup plan stays)."""
+    if resolved.geometry is None or not config.replan_window:
+        return None
+    if tp.size > 1:
+        logger.info("hcache: re-planning is off at --tp %d (the ranks keep rank 0's startup plan)", tp.size)
+        return None
+    calibrator = Calibrator(resolved.geometry, resolved.profile, config.objective, resolved.plan,
+                            hidden_ok=frozenset(resolved.plan.hidden_layers), plan_tokens=config.plan_tokens,
+                            window=config.replan_window)
+    return Replanner(calibrator, spill, stats)
 
 
 def _log_startup(plan: LayerPlan, where: str, config: HCacheConfig, capture: HiddenStateCapture,
