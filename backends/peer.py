@@ -72,6 +72,7 @@ class PeerStore:
         self.index = _ReadOnlyIndex(index)
         self.pool = PoolReader(directory, read_bandwidth_limit)
         self._readers = cf.ThreadPoolExecutor(reader_threads, "hcache-peer-read")
+        self._parallel = reader_threads
 
     def _resolve(self, ns: Namespace, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
         if self.pool.id is None or self.index.pool_id() != self.pool.id:
@@ -97,7 +98,8 @@ class PeerStore:
             raise ValueError("pages span chunks with different layer_kinds; read them separately")
         check_out_buffers(ns, kinds, n, out, positions_out, token_ids_out)
         job = ReadJob(self.pool, self._readers, ns, plan_pieces(resolved, ns.page_size), out,
-                       positions_out, token_ids_out, lambda corrupt, nbytes, seconds: None)
+                       positions_out, token_ids_out, lambda corrupt, nbytes, seconds: None,
+                       parallel=self._parallel)
         return job.handle
 
     def close(self) -> None:

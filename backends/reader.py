@@ -1,9 +1,11 @@
 """Reads into caller buffers, layer by layer, with one future per layer.
 
-``plan_pieces`` (which token range of which chunk lands where) -> ``ReadHandle`` submits a headers
-task, then a task for layer 0, layer 1, ... to the reader pool (FIFO, so layer 0 completes first)
--> each task reads one layer's segment of every chunk, checks its digest and copies the wanted tokens
-(whole chunks land in the caller's buffer directly).
+``plan_pieces`` (which token range of which chunk lands where) -> ``ReadHandle`` submits layer 0's
+tasks (which also read the headers), layer 1's, ... to the reader pool (FIFO, so layer 0 completes first)
+-> each task reads one layer's segment of a run of chunks, checks its digest and copies the wanted
+tokens (whole chunks land in the caller's buffer directly). A layer is split into as many tasks as
+the pool has threads, so the threads read one layer together instead of four layers at once: on a
+bandwidth-bound device layer 0 lands after its own bytes, not after layers 0-3's.
 """
 
 from __future__ import annotations
@@ -83,18 +85,20 @@ class ReadHandle:
 
 
 class LayerTasks:
-    """The completion bookkeeping of one read: a header task (layer -1, which completes with layer
-    0) and one task per layer. ``on_all_done(corrupt, bytes_read)`` runs once, after the last task
-    and before the last layer's future resolves, so stats and drops are visible after ``wait()``."""
+    """The completion bookkeeping of one read: ``tasks_per_layer`` tasks per layer and, with
+    ``header_task``, one for the headers (layer -1, which completes with layer 0).
+    ``on_all_done(corrupt, bytes_read)`` runs once, after the last task and before the last layer's
+    future resolves, so stats and drops are visible after ``wait()``."""
 
-    def __init__(self, num_layers: int, on_all_done: Callable[[set, int], None]):
+    def __init__(self, num_layers: int, on_all_done: Callable[[set, int], None], tasks_per_layer: int = 1,
+                 header_task: bool = True):
         self.handle = ReadHandle(num_layers)
         self._on_all_done = on_all_done
         self._lock = threading.Lock()
-        self._left = [1] * num_layers
-        self._left[0] += 1
+        self._left = [tasks_per_layer] * num_layers
+        self._left[0] += int(header_task)
         self._errors: list[BaseException | None] = [None] * num_layers
-        self._tasks_left = num_layers + 1
+        self._tasks_left = num_layers * tasks_per_layer + int(header_task)
         self._corrupt: set = set()
         self._bytes = 0
 
@@ -125,30 +129,37 @@ class ReadJob:
     """Issues and tracks the tasks of one read; ``on_done(corrupt_ids, bytes_read, seconds)`` runs once,
     after the last task and before the last layer future resolves.
 
-    One task per layer (plus one for the headers) reads that layer's segment of every piece in turn:
-    few, large tasks keep the per-task Python cost far below the copy, and the layers still complete
-    in order because the executor is FIFO.
+    Each layer's pieces are split into ``parallel`` runs (the reader pool's threads), one task each;
+    layer 0's tasks read their pieces' headers first (positions and token ids land with layer 0). The
+    threads share one layer at a time, the tasks stay large enough that their Python cost is far below
+    the copy, and the layers complete in order because the executor is FIFO.
     """
 
     def __init__(self, pool: FilePool, executor: cf.Executor, ns: Namespace, pieces: list[Piece],
                  out: Sequence[torch.Tensor], positions_out: torch.Tensor,
-                 token_ids_out: torch.Tensor | None, on_done: Callable[[set[int], int, float], None]):
+                 token_ids_out: torch.Tensor | None, on_done: Callable[[set[int], int, float], None],
+                 parallel: int = 1):
         self.pool, self.ns, self.pieces, self.out = pool, ns, pieces, out
         self.positions_out, self.token_ids_out = positions_out, token_ids_out
         t0 = time.perf_counter()
+        runs = split_runs(len(pieces), parallel)
         self._tasks = LayerTasks(ns.num_layers,
-                                 lambda corrupt, nbytes: on_done(corrupt, nbytes, time.perf_counter() - t0))
+                                 lambda corrupt, nbytes: on_done(corrupt, nbytes, time.perf_counter() - t0),
+                                 tasks_per_layer=len(runs), header_task=False)
         self.handle = self._tasks.handle
         self._layouts = {p.rec.chunk_id: chunk_layout(ns, p.rec.num_tokens, p.rec.kinds)
                          for p in pieces}
-        for l in range(-1, ns.num_layers):
-            executor.submit(self._run, l)
+        for l in range(ns.num_layers):
+            for lo, hi in runs:
+                executor.submit(self._run, l, pieces[lo:hi])
 
-    def _run(self, l: int) -> None:
+    def _run(self, l: int, pieces: Sequence[Piece]) -> None:
         err, corrupt, nbytes = None, [], 0
-        out = byte_view(self.out[l]) if l >= 0 else None
-        for p in self.pieces:
+        out = byte_view(self.out[l])
+        for p in pieces:
             try:
+                if l == 0:
+                    nbytes += self._read(p, -1, None)
                 nbytes += self._read(p, l, out)
             except ChunkCorrupt as e:
                 corrupt.append(p.rec.chunk_id)
@@ -196,6 +207,13 @@ class ReadJob:
         elif not direct:
             out[p.dst * row:(p.dst + p.tok_hi - p.tok_lo) * row] = data[p.tok_lo * row:p.tok_hi * row]
         return seg.length
+
+
+def split_runs(n: int, parts: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` ranges cutting ``n`` items into ``min(parts, n)`` runs of near-equal length (one
+    empty run when ``n`` is 0: a layer still completes once)."""
+    parts = max(1, min(parts, n))
+    return [(n * i // parts, n * (i + 1) // parts) for i in range(parts)]
 
 
 def check_out_buffers(ns: Namespace, kinds: Sequence[LayerKind], n: int,

@@ -176,7 +176,8 @@ class ChunkStore:
             self._stats.add(chunks_read=len(pieces), bytes_read=nbytes)
             self._stats.observe("read", time.perf_counter() - t_issue)
 
-        job = ReadJob(self.pool, self._readers, ns, pieces, out, positions_out, token_ids_out, done)
+        job = ReadJob(self.pool, self._readers, ns, pieces, out, positions_out, token_ids_out, done,
+                      parallel=self.config.reader_threads)
         return job.handle
 
     def _touch(self, resolved: Sequence[tuple[ChunkRecord, int]]) -> None:

@@ -11,15 +11,18 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 KEYS = ("plan_vs_best_sweep", "predicted_vs_measured", "plan_vs_kv_offload", "plan_vs_recompute", "storage_vs_kv")
 
 
-def test_quick_run_reports_every_ratio_per_geometry_and_read_setting(tmp_path):
-    out = tmp_path / "restore.json"
+def _run(out: Path, *extra: str) -> list[dict]:
+    """bench_restore.py on the small preset, 256 tokens, one repetition: its JSON rows."""
     proc = subprocess.run(
         [sys.executable, "bench_restore.py", "--preset", "small", "--tokens", "256", "--sweep-points", "3",
-         "--sweep-recompute", "1", "--repeats", "1", "--profile-repeats", "1", "--throttle-gbps", "0.2",
-         "--json", str(out)],
+         "--sweep-recompute", "1", "--repeats", "1", "--profile-repeats", "1", *extra, "--json", str(out)],
         cwd=BENCH, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())["results"]
+
+
+def test_quick_run_reports_every_ratio_per_geometry_and_read_setting(tmp_path):
+    rows = _run(tmp_path / "restore.json", "--throttle-gbps", "0.2")
     assert {(r["geometry"], r["throttled"]) for r in rows} == {
         (g, t) for g in ("small", "small-gqa") for t in (False, True)}
     for r in rows:
@@ -39,14 +42,7 @@ def test_quick_run_reports_every_ratio_per_geometry_and_read_setting(tmp_path):
 
 
 def test_bandwidth_sweep_times_every_method_and_order_at_every_cap(tmp_path):
-    out = tmp_path / "sweep.json"
-    proc = subprocess.run(
-        [sys.executable, "bench_restore.py", "--preset", "small", "--tokens", "256", "--sweep-points", "3",
-         "--sweep-recompute", "1", "--repeats", "1", "--profile-repeats", "1", "--sweep-bandwidth", "40M,none",
-         "--json", str(out)],
-        cwd=BENCH, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["results"]
+    rows = _run(tmp_path / "sweep.json", "--sweep-bandwidth", "40M,none")
     assert {(r["geometry"], r["cap"]) for r in rows} == {
         (g, c) for g in ("small", "small-gqa") for c in (40 * 2**20, None)}
     for r in rows:

@@ -268,3 +268,31 @@ def test_bandwidth_throttle_shares_one_budget_across_threads():
     for t in threads:
         t.join()
     assert time.monotonic() - t0 >= 0.98 * n * nbytes / limit
+
+
+def test_a_bandwidth_bound_read_lands_layer_zero_first(tmp_path):
+    """The reader threads share one layer at a time: under a read cap, layer 0 lands after its own
+    bytes (about 1/L of the read), not after the first reader_threads layers' bytes."""
+    ns = Namespace("model-a", num_layers=8, hidden_size=64, num_kv_heads=2, head_dim=16, dtype="bfloat16",
+                   page_size=4)
+    kinds = (H,) * 8
+    keys, data = chain(64), payload(ns, 64, kinds)  # 256 tokens: 4 chunks, 32 KiB per layer
+    with ChunkStore(cfg(tmp_path, read_bandwidth_limit=1 << 20)) as store:  # 1 MiB/s: 256 KiB in 0.25 s
+        assert store.save(ns, keys, **data)
+        store.flush()
+        import time
+        landed = [None] * 8
+        t0 = time.perf_counter()
+        handle, out, pos, tok = read_back(store, ns, keys, kinds)
+        for l in range(8):
+            handle.layer(l).add_done_callback(lambda _f, l=l: landed.__setitem__(l, time.perf_counter() - t0))
+        assert handle.wait()
+        total = max(landed)
+        assert landed == sorted(landed), landed
+        assert landed[0] < 0.3 * total, landed  # 1/8 of the bytes (+ headers); 4 layers at once: ~1/2
+        for got, want in zip(out, data["layers"]):
+            assert torch.equal(got, want)
+    # split_runs: near-equal runs, never more runs than items, one (empty) run for nothing
+    from hcache_sglang.backends.reader import split_runs
+    assert split_runs(10, 4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+    assert split_runs(2, 4) == [(0, 1), (1, 2)] and split_runs(0, 4) == [(0, 0)]

@@ -4,8 +4,9 @@
 loaded) adds, for ``engine.collective_rpc(name, **kwargs)``:
 
 - ``hcache_stats(out_path)`` -- the store and restore counters, the plan and the re-projection
-  check's verdict as JSON ``{"store": {...}, "restore": {...}, "plan": "HHK...",
-  "reprojection_failure": null, "tp_rank": 0, "tp_size": 1}`` (what ``/metrics`` exports, for engines
+  check's verdict as JSON ``{"store": {...}, "restore": {...}, "plan": "HHK..." (in force: new chunks
+  are saved under it), "startup_plan": "HHH...", "reprojection_failure": null, "tp_rank": 0,
+  "tp_size": 1}`` (what ``/metrics`` exports, for engines
   without an HTTP server); at ``--tp N`` rank 0 writes ``out_path`` and rank r also ``out_path.tp<r>``;
 - ``hcache_set_read_bandwidth(limit)`` -- change the local store's what-if read cap (bytes/s; None:
   uncapped) under a running server: a disk that slows down or recovers, for re-planning tests;
