@@ -51,7 +51,7 @@ from restore_setup import PAGE_SIZE, PRESETS, BenchGeometry, Context, PagedKVPoo
 
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
 from hcache_sglang.config import Objective
-from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, candidate_plans, choose_plan, predict
+from hcache_sglang.planner import PURE_MARGIN, CostProfile, Geometry, LayerPlan, candidate_plans, choose_plan, predict
 from hcache_sglang.profiling import measure_compute, measure_reads
 from hcache_sglang.serving.restorer import RestoreJob, ShiftedRead
 
@@ -203,7 +203,8 @@ def run_setting(args, g: BenchGeometry, model, contexts, label: str, limit: floa
         full_r = LayerPlan((LayerKind.RECOMPUTE,) * g.num_layers)
         for ctx in contexts:
             n = ctx.tokens  # the planner plans for this restore length, as a server would for its own
-            chosen = choose_plan(geometry, profile, Objective(args.objective), allow_recompute=True, tokens=n).plan
+            chosen = choose_plan(geometry, profile, Objective(args.objective), allow_recompute=True, tokens=n,
+                                 pure_margin=PURE_MARGIN).plan
             plans = sweep(geometry, profile, args.sweep_points, args.sweep_recompute, n)
             measured = {}
             for plan in plans + ([chosen] if chosen not in plans else []):

@@ -29,7 +29,7 @@ from svg_chart import line_chart
 
 from hcache_sglang.backends import ChunkStore, LayerKind, StoreConfig
 from hcache_sglang.config import Objective, format_size, parse_size
-from hcache_sglang.planner import CostProfile, LayerPlan, choose_plan, predict
+from hcache_sglang.planner import PURE_MARGIN, CostProfile, LayerPlan, choose_plan, predict
 from hcache_sglang.profiling import measure_compute, measure_reads
 
 H, K, R = LayerKind.HIDDEN, LayerKind.KV, LayerKind.RECOMPUTE
@@ -117,7 +117,8 @@ def run(args, pool_cls, save_plan, time_restores) -> list[dict]:
 
 def _run_context(args, g, geometry, ctx, caps, profiles, store, save_plan, time_restores) -> list[dict]:
     n, L = ctx.tokens, geometry.num_layers
-    chosen = {cap: choose_plan(geometry, profiles[cap], Objective(args.objective), tokens=n).plan for cap in caps}
+    chosen = {cap: choose_plan(geometry, profiles[cap], Objective(args.objective), tokens=n,
+                              pure_margin=PURE_MARGIN).plan for cap in caps}
     plans = list(dict.fromkeys(sweep_plans(L, args.sweep_points, args.sweep_recompute) + list(chosen.values())))
     times: dict[tuple[str, float | None], list[float]] = {}
     for i, plan in enumerate(plans):

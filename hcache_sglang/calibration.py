@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 from hcache_sglang.backends import LayerKind
 from hcache_sglang.config import Objective
-from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, choose_plan, predict
+from hcache_sglang.planner import PURE_MARGIN, CostProfile, Geometry, LayerPlan, choose_plan, predict
 
 TOLERANCE = 4 / 3  # measured / predicted beyond a third either way corrects the profile
 WINDOW = 8  # restores per verdict
@@ -154,7 +154,7 @@ class Calibrator:
         profile = corrected_profile(self.profile, self.geometry, samples)
         best = choose_plan(self.geometry, profile, self.objective, tokens=self.plan_tokens,
                            allow_hidden=bool(self.hidden_ok), recomputed=self.plan.count(LayerKind.RECOMPUTE),
-                           hidden_ok=self.hidden_ok)
+                           hidden_ok=self.hidden_ok, pure_margin=PURE_MARGIN)
         verdict = Replan(ratio, profile, best.plan, best.seconds_per_1k_tokens * 1e3, self.plan)
         self.profile, self.plan = profile, best.plan
         self.corrections += 1

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from hcache_sglang.config import Objective
 from hcache_sglang.backends import LayerKind
-from hcache_sglang.planner import PLAN_TOKENS, CostProfile, Geometry, LayerPlan, choose_plan, predict
+from hcache_sglang.planner import PLAN_TOKENS, PURE_MARGIN, CostProfile, Geometry, LayerPlan, choose_plan, predict
 
 # Layer geometries of public models (per TP rank = whole model here), bf16.
 MODELS: dict[str, Geometry] = {
@@ -44,6 +44,9 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=PLAN_TOKENS,
                         help="tokens per restore (recomputed layers' attention grows with it)")
     parser.add_argument("--objective", choices=[o.value for o in Objective], default=Objective.BALANCED.value)
+    parser.add_argument("--pure-margin", type=float, default=0.0,
+                        help="a mixed plan must beat the best pure plan by more than this fraction "
+                             f"(default 0: the fastest prediction, the paper's rule; a server uses {PURE_MARGIN})")
     parser.add_argument("--json", action="store_true", help="print JSON")
     args = parser.parse_args(argv)
 
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
             figures[key] = getattr(args, key)
     geometry = MODELS[args.model]
     profile = CostProfile.from_hardware(geometry, label=args.hardware or "described", **figures)
-    best = choose_plan(geometry, profile, Objective(args.objective), tokens=args.context)
+    best = choose_plan(geometry, profile, Objective(args.objective), tokens=args.context,
+                       pure_margin=args.pure_margin)
     pure = {
         name: predict(LayerPlan((method,) * geometry.num_layers), geometry, profile, args.context)
         for name, method in (("all hidden", LayerKind.HIDDEN), ("all K/V", LayerKind.KV), ("recompute", LayerKind.RECOMPUTE))

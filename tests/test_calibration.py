@@ -9,7 +9,7 @@ import pytest
 from hcache_sglang.backends import LayerKind
 from hcache_sglang.calibration import Calibrator, RestoreSample, corrected_profile, predicted_seconds
 from hcache_sglang.config import Objective
-from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, candidate_plans, choose_plan
+from hcache_sglang.planner import PURE_MARGIN, CostProfile, Geometry, LayerPlan, candidate_plans, choose_plan
 from hcache_sglang.serving.replan import RestoreClock
 
 H, K, R = LayerKind.HIDDEN, LayerKind.KV, LayerKind.RECOMPUTE
@@ -75,7 +75,8 @@ def test_slower_projections_than_profiled_move_layers_to_stored_kv():
     assert verdict.profile.read_bandwidth == pytest.approx(truth.read_bandwidth, rel=1e-6)
     assert verdict.profile.copy_s == STARTUP.copy_s  # no restore copied K/V: kept
     assert "corrected from 4 served restores" in verdict.profile.label
-    expected = choose_plan(MHA, truth, Objective.SPEED, recomputed=0, hidden_ok=frozenset(range(12))).plan
+    expected = choose_plan(MHA, truth, Objective.SPEED, recomputed=0, hidden_ok=frozenset(range(12)),
+                           pure_margin=PURE_MARGIN).plan
     assert verdict.changed and verdict.plan == expected and expected.count(K) > 0
     assert cal.plan == expected and cal.replans == 1
     # the new plan, timed on the true machine, is faster than the old one and predicted right

@@ -16,7 +16,7 @@ import torch
 
 from hcache_sglang.backends import LayerKind
 from hcache_sglang.config import HCacheConfig
-from hcache_sglang.planner import CostProfile, Geometry, LayerPlan, check_servable, choose_plan, static_plan
+from hcache_sglang.planner import PURE_MARGIN, CostProfile, Geometry, LayerPlan, check_servable, choose_plan, static_plan
 from hcache_sglang.profiling import load_or_measure
 from hcache_sglang.serving.introspect import (
     kv_projections, model_dims, recompute_unsupported, reprojection_unsupported, text_config,
@@ -66,7 +66,7 @@ def resolve_plan(runner: Any, config: HCacheConfig, tp_size: int = 1, pp_size: i
     if hidden_refused:
         logger.warning("hcache: hidden-state layers are off (stored K/V instead): %s", hidden_refused)
     best = choose_plan(geometry, profile, config.objective, allow_recompute=refused is None,
-                       tokens=config.plan_tokens, allow_hidden=hidden_refused is None)
+                       tokens=config.plan_tokens, allow_hidden=hidden_refused is None, pure_margin=PURE_MARGIN)
     logger.info(
         "hcache: plan %s predicted %.1f ms per 1K tokens for %d-token restores (%s, objective %s)",
         best.plan, best.seconds_per_1k_tokens * 1e3, config.plan_tokens, profile.label, config.objective.value,
