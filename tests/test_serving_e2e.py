@@ -301,6 +301,12 @@ def test_http_server_logs_plan_and_exports_metrics(model_dir, tmp_path):
             time.sleep(1)
         written = [l for l in metrics.splitlines() if l.startswith("hcache_store_bytes_written")]
         assert written and float(written[0].split()[-1]) > 0, written
+        # re-planning's figures and the plan in force (serving/replan.py)
+        for name in ("hcache_restore_replans", "hcache_restore_profile_corrections",
+                     "hcache_restore_measured_ms_per_1k_tokens", "hcache_restore_predicted_ms_per_1k_tokens"):
+            assert any(l.startswith(name) for l in metrics.splitlines()), name
+        info = [l for l in metrics.splitlines() if l.startswith("hcache_restore_plan_info{")]
+        assert any('plan="' in l and l.split()[-1] == "1.0" for l in info), info
     finally:
         proc.terminate()
         try:
