@@ -387,7 +387,7 @@ def main() -> None:
         if own_dir:
             shutil.rmtree(args.dir, ignore_errors=True)
     if args.sweep_bandwidth:
-        _finish_sweep(args, results, gflops)
+        restore_sweep.finish(args, results, gflops)
         return
     met = all(all(r["targets_met"].values()) for r in results)
     print(f"# targets (plan_vs_best_sweep <= {TARGET_PLAN_VS_BEST}, predicted_vs_measured in "
@@ -397,27 +397,6 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": platform.node(), "torch_threads": torch.get_num_threads(),
                        "config": config, "results": results}, f, indent=1)
-
-
-def _finish_sweep(args: argparse.Namespace, rows: list[dict], gflops: float) -> None:
-    print("# --- bandwidth sweep (medians) ---")
-    for row in rows:
-        restore_sweep.print_row(row)
-    missed = [r for r in rows if not all(r["targets_met"].values())]
-    print(f"# targets (plan / best <= {restore_sweep.TARGET_PLAN_VS_BEST}, plan / best pure <= "
-          f"{restore_sweep.TARGET_PLAN_VS_PURE}, predicted / measured in {restore_sweep.TARGET_PRED}): "
-          f"{len(rows) - len(missed)} of {len(rows)} cells met; host GEMM {gflops:.0f} GFLOP/s", flush=True)
-    if args.json:
-        config = {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(args).items()}
-        with open(args.json, "w") as f:
-            json.dump({"machine": platform.node(), "torch_threads": torch.get_num_threads(),
-                       "host_gemm_gflops": gflops, "config": config, "results": rows}, f, indent=1)
-        stem = args.json.removesuffix(".json")
-        with open(stem + ".md", "w") as f:
-            f.write(restore_sweep.table(rows))
-        with open(stem + ".svg", "w") as f:
-            f.write(restore_sweep.plot(rows))
-        print(f"# wrote {args.json}, {stem}.md, {stem}.svg")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ Per cell (geometry, cap, length): ``plan_vs_best`` = t(plan) / min t(any other p
 
 from __future__ import annotations
 
+import json
+import platform
 import shutil
 import statistics
 import tempfile
@@ -227,3 +229,26 @@ def plot(rows: list[dict]) -> str:
                        "x_label": "read cap, MB/s (log; rightmost: uncapped)", "y_label": "ms per 1K tokens",
                        "x_log": True, "series": {k: v for k, v in series.items() if v}, "marks": marks})
     return line_chart(panels, {"plan": "black"}, width=640, height=340)
+
+
+def finish(args, rows: list[dict], gflops: float) -> None:
+    """Print every cell and the verdict; with ``--json OUT.json`` write it, ``OUT.md`` and ``OUT.svg``."""
+    print("# --- bandwidth sweep (medians) ---")
+    for row in rows:
+        print_row(row)
+    missed = [r for r in rows if not all(r["targets_met"].values())]
+    print(f"# targets (plan / best <= {TARGET_PLAN_VS_BEST}, plan / best pure <= {TARGET_PLAN_VS_PURE}, "
+          f"predicted / measured in {TARGET_PRED}): {len(rows) - len(missed)} of {len(rows)} cells met; "
+          f"host GEMM {gflops:.0f} GFLOP/s", flush=True)
+    if not args.json:
+        return
+    config = {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v) for k, v in vars(args).items()}
+    with open(args.json, "w") as f:
+        json.dump({"machine": platform.node(), "torch_threads": torch.get_num_threads(),
+                   "host_gemm_gflops": gflops, "config": config, "results": rows}, f, indent=1)
+    stem = args.json.removesuffix(".json")
+    with open(stem + ".md", "w") as f:
+        f.write(table(rows))
+    with open(stem + ".svg", "w") as f:
+        f.write(plot(rows))
+    print(f"# wrote {args.json}, {stem}.md, {stem}.svg")

@@ -15,8 +15,7 @@ import time
 import pytest
 
 from e2e_helpers import details, evict, generate, start_engine, tokens
-from hcache_sglang.backends import ChunkStore, LayerKind, StoreConfig
-from hcache_sglang.backends.pool import StoreLocked
+from hcache_sglang.backends import ChunkStore, LayerKind, StoreConfig, StoreLocked
 from hcache_sglang.planner import LayerPlan
 
 pytestmark = pytest.mark.engine

@@ -292,7 +292,3 @@ def test_a_bandwidth_bound_read_lands_layer_zero_first(tmp_path):
         assert landed[0] < 0.3 * total, landed  # 1/8 of the bytes (+ headers); 4 layers at once: ~1/2
         for got, want in zip(out, data["layers"]):
             assert torch.equal(got, want)
-    # split_runs: near-equal runs, never more runs than items, one (empty) run for nothing
-    from hcache_sglang.backends.reader import split_runs
-    assert split_runs(10, 4) == [(0, 2), (2, 5), (5, 7), (7, 10)]
-    assert split_runs(2, 4) == [(0, 1), (1, 2)] and split_runs(0, 4) == [(0, 0)]
