@@ -64,10 +64,6 @@ class Replan:
         return self.plan != self.previous_plan
 
 
-def _stored_bytes(geometry: Geometry, kind: LayerKind) -> int:
-    return geometry.hidden_bytes if kind is LayerKind.HIDDEN else geometry.kv_bytes
-
-
 def predicted_seconds(sample: RestoreSample, geometry: Geometry, profile: CostProfile) -> float:
     pred = predict(LayerPlan(sample.kinds), geometry, profile, sample.tokens, sample.prefix_tokens)
     return pred.seconds_per_1k_tokens * sample.tokens / 1000
@@ -84,7 +80,7 @@ def corrected_profile(profile: CostProfile, geometry: Geometry, samples: Sequenc
     fields: dict = {}
     io_scales = []
     for s in samples:
-        io = sum(_stored_bytes(geometry, k) * s.tokens / profile.bandwidth(k)
+        io = sum(geometry.stored_bytes(k) * s.tokens / profile.bandwidth(k)
                  for k in s.kinds if k is not LayerKind.RECOMPUTE)
         if io > 0 and s.read_seconds > 0:
             io_scales.append(io / s.read_seconds)
@@ -99,7 +95,7 @@ def corrected_profile(profile: CostProfile, geometry: Geometry, samples: Sequenc
         for s in samples:
             spent = [c for k, c in zip(s.kinds, s.layer_seconds) if k is kind]
             if spent:
-                io = _stored_bytes(geometry, kind) * s.tokens / new_io.bandwidth(kind)
+                io = geometry.stored_bytes(kind) * s.tokens / new_io.bandwidth(kind)
                 estimates.append((sum(spent) / len(spent) - overhead - share * io) / s.tokens)
         if estimates:  # a cost cannot fall below a tenth of what was measured idle: noise, not speed
             fields[name] = max(statistics.median(estimates), getattr(profile, name) / 10)

@@ -32,9 +32,10 @@ from hcache_sglang.config import HCacheConfig, Objective
 
 BALANCED_SLACK = 0.25
 # A server's mixed plan is chosen over the best allowed pure one (every layer hidden, or every layer
-# K/V) only when it is predicted faster by more than this fraction: the model's error on measured restores is
-# a few percent (bench/RESULTS-restore.md: predicted / measured 0.95-1.06 for the chosen plans across
-# 30 MiB/s..uncapped), and inside that band a mixed plan measured up to 6% slower than all K/V.
+# K/V) only when it is predicted faster by more than this fraction: the model's error on measured
+# restores is a few percent (bench/RESULTS-restore.md: predicted / measured 0.95-1.06 for the chosen
+# plans in all capped cells but one), and inside that band a mixed plan measured up to 6% slower than
+# all K/V.
 PURE_MARGIN = 0.05
 
 
@@ -89,6 +90,10 @@ class Geometry:
     @property
     def kv_bytes(self) -> int:
         return 2 * self.kv_dim * self.element_size
+
+    def stored_bytes(self, method: LayerKind) -> int:
+        """Per token of a layer stored as ``method`` (HIDDEN or KV)."""
+        return self.hidden_bytes if method is LayerKind.HIDDEN else self.kv_bytes
 
     @property
     def projection_flops(self) -> int:
@@ -186,7 +191,7 @@ def predict(plan: LayerPlan, geometry: Geometry, profile: CostProfile, tokens: i
             compute_end += cost
             compute_total += cost
             continue
-        size = geometry.hidden_bytes if method is LayerKind.HIDDEN else geometry.kv_bytes
+        size = geometry.stored_bytes(method)
         stored += size
         io = size * tokens / profile.bandwidth(method)
         io_end += io
@@ -243,7 +248,7 @@ def choose_plan(geometry: Geometry, profile: CostProfile, objective: Objective,
     ``pure_margin`` of its predicted time, or the pure plan is chosen: 0 (the default, the paper's
     rule) gives the fastest prediction; a server plans from measured costs with :data:`PURE_MARGIN`."""
     smaller = LayerKind.HIDDEN if allow_hidden and geometry.hidden_bytes <= geometry.kv_bytes else LayerKind.KV
-    space_bytes = geometry.num_layers * (geometry.hidden_bytes if smaller is LayerKind.HIDDEN else geometry.kv_bytes)
+    space_bytes = geometry.num_layers * geometry.stored_bytes(smaller)
     best: Optional[Prediction] = None
     best_pure: Optional[Prediction] = None
     for plan in candidate_plans(geometry.num_layers, recomputed, hidden_ok):

@@ -37,7 +37,6 @@ class ResolvedPlan:
     plan: LayerPlan
     geometry: Optional[Geometry] = None  # None: a forced plan (never re-planned)
     profile: Optional[CostProfile] = None
-    predicted_ms_per_1k: float = 0.0
 
 
 def resolve_plan(runner: Any, config: HCacheConfig, tp_size: int = 1, pp_size: int = 1) -> ResolvedPlan:
@@ -71,7 +70,7 @@ def resolve_plan(runner: Any, config: HCacheConfig, tp_size: int = 1, pp_size: i
         "hcache: plan %s predicted %.1f ms per 1K tokens for %d-token restores (%s, objective %s)",
         best.plan, best.seconds_per_1k_tokens * 1e3, config.plan_tokens, profile.label, config.objective.value,
     )
-    return ResolvedPlan(best.plan, geometry, profile, best.seconds_per_1k_tokens * 1e3)
+    return ResolvedPlan(best.plan, geometry, profile)
 
 
 def side_pool_bytes_per_token(hf_config: Any, dtype: torch.dtype, num_layers: int, plan: LayerPlan) -> int:

@@ -75,7 +75,6 @@ class Replanner:
     def __init__(self, calibrator: Calibrator, spill: Any, stats: Any) -> None:
         self.calibrator, self.spill, self.stats = calibrator, spill, stats
         self._lock = threading.Lock()  # observe (restore thread) vs plan (RPC / metrics threads)
-        self.stats.record_plan(str(calibrator.plan))
 
     @property
     def plan(self) -> LayerPlan:
@@ -88,13 +87,13 @@ class Replanner:
         if sample is None:
             return None
         with self._lock:
-            predicted_before = self.calibrator.profile
+            before = self.calibrator.profile
             verdict = self.calibrator.observe(sample)
             measured, predicted = self.calibrator.window_ms_per_1k()
         if measured:
             self.stats.record_calibration(measured, predicted)
         if verdict is not None:
-            self._apply(verdict, predicted_before)
+            self._apply(verdict, before)
         return verdict
 
     def _apply(self, verdict: Replan, before: Any) -> None:
