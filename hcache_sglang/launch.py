@@ -5,7 +5,8 @@ One function, :func:`sglang_kwargs`, decides what each system means in SGLang 0.
 (:class:`hcache_sglang.Engine`) both go through it, so the three systems stay one flag apart:
 
 - ``off``:     SGLang's radix cache alone; an evicted prefix is recomputed.
-- ``hicache``: SGLang's HiCache, host tier plus its file storage backend (the KV-offload peer).
+- ``hicache``: SGLang's HiCache, host tier plus its file storage backend (the KV-offload peer);
+               ``--hicache-host-only``: the host DRAM tier alone, no storage backend.
 - ``hcache``:  the external cache linker :class:`hcache_sglang.serving.linker.HCacheLinker`, configured by an
                :class:`~hcache_sglang.config.HCacheConfig` serialised into the linker config.
 
@@ -45,6 +46,11 @@ def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
         choices=[m.value for m in HierarchicalCache],
         default=HierarchicalCache.HCACHE.value,
         help="off: radix cache only; hicache: SGLang's KV offload; hcache: hidden-state restore",
+    )
+    group.add_argument(
+        "--hicache-host-only", action="store_true",
+        help="with --hierarchical-cache hicache: the host DRAM tier alone (sized by SGLang's "
+             "--hicache-ratio / --hicache-size), no storage backend",
     )
     group.add_argument(
         "--hcache-backend", choices=[b.value for b in Backend], default=Backend.LOCAL.value,
@@ -107,13 +113,21 @@ def sglang_kwargs(
     mode: HierarchicalCache | str,
     kwargs: dict[str, Any],
     hcache: Optional[HCacheConfig] = None,
+    *,
+    hicache_storage: bool = True,
 ) -> dict[str, Any]:
     """SGLang ``ServerArgs`` keyword arguments for ``mode`` on top of the user's ``kwargs``.
 
     The user's own settings win where they do not contradict the chosen mode; contradictions (for
     example ``hcache`` together with ``enable_hierarchical_cache``) raise ``ValueError``.
+    ``hicache_storage=False``: HiCache without a storage backend (its host tier is the last tier).
     """
     mode = HierarchicalCache(mode)
+    if not hicache_storage:
+        if mode is not HierarchicalCache.HICACHE:
+            raise ValueError(f"--hicache-host-only applies to --hierarchical-cache hicache, not {mode.value}")
+        if backend := kwargs.get("hicache_storage_backend"):
+            raise ValueError(f"--hicache-host-only cannot be combined with --hicache-storage-backend {backend}")
     out = dict(kwargs)
     _apply_device_defaults(out)
 
@@ -126,9 +140,10 @@ def sglang_kwargs(
             # Measured on CPU: the direct IO backend and a layer-first host layout are what work.
             out.setdefault("hicache_io_backend", "direct")
             out.setdefault("hicache_mem_layout", "layer_first")
-        out.setdefault("hicache_storage_backend", "file")
-        out.setdefault("hicache_storage_prefetch_policy", "wait_complete")
-        if out["hicache_storage_backend"] == "file":
+        if hicache_storage:
+            out.setdefault("hicache_storage_backend", "file")
+            out.setdefault("hicache_storage_prefetch_policy", "wait_complete")
+        if out.get("hicache_storage_backend") == "file":
             # SGLang's file backend reads its directory from the environment (inherited by the
             # spawned scheduler); default it beside the HCache pool so both peers use the same disk.
             file_dir = os.environ.setdefault(
@@ -232,13 +247,14 @@ def build_server_argv(argv: Sequence[str]) -> tuple[list[str], HierarchicalCache
     given = _option_names(rest)
     # Only the keys SGLang has not been given on the command line are added.
     implied: dict[str, Any] = {k: True for k in given}
-    if "device" in given:
-        implied["device"] = option_value(rest, "--device")
+    for key in ("device", "hicache_storage_backend"):
+        if key in given:
+            implied[key] = option_value(rest, "--" + key.replace("_", "-"))
     for flag in ("--tp-size", "--tp"):
         if flag[2:].replace("-", "_") in given:
             implied["tp_size"] = option_value(rest, flag)
             given.add("tp_size")  # the user's own flag stays the only one
-    extra = sglang_kwargs(mode, implied, hcache)
+    extra = sglang_kwargs(mode, implied, hcache, hicache_storage=not ours.hicache_host_only)
     added = {k: v for k, v in extra.items() if k not in given}
     return list(rest) + kwargs_to_argv(added), mode, hcache
 

@@ -43,6 +43,27 @@ def test_the_three_systems_are_one_flag_apart():
     assert hicache["hicache_io_backend"] == "direct"  # the CPU route
 
 
+def test_hicache_host_only_has_no_storage_tier():
+    argv, _, _ = build_server_argv(["--model-path", "/m", "--hierarchical-cache", "hicache",
+                                    "--hicache-host-only", "--hicache-ratio", "3.5"])
+    assert "--enable-hierarchical-cache" in argv and "--hicache-host-only" not in argv
+    assert "--hicache-storage-backend" not in argv and "--hicache-storage-prefetch-policy" not in argv
+    assert _flag_value(argv, "--hicache-ratio") == "3.5"  # SGLang's own sizing passes through
+    # the default hicache keeps its file backend
+    argv, _, _ = build_server_argv(["--model-path", "/m", "--hierarchical-cache", "hicache"])
+    assert _flag_value(argv, "--hicache-storage-backend") == "file"
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--hierarchical-cache", "hcache", "--hicache-host-only"], "applies to --hierarchical-cache hicache"),
+    (["--hierarchical-cache", "hicache", "--hicache-host-only", "--hicache-storage-backend", "file"],
+     "cannot be combined with --hicache-storage-backend file"),
+])
+def test_hicache_host_only_contradictions_are_refused(argv, match):
+    with pytest.raises(ValueError, match=match):
+        build_server_argv(["--model-path", "/m", *argv])
+
+
 def test_user_choices_win_over_cpu_defaults():
     out = sglang_kwargs("off", {"attention_backend": "triton", "device": "cpu"})
     assert out["attention_backend"] == "triton"
