@@ -32,13 +32,15 @@ METRICS_WAIT_S = 1.5  # the hcache gauges are exported once a second
 
 
 def system_flags(system: str, objective: str, workdir: Path, capacity: str = "2G",
-                 storage_bandwidth: str | None = None, hicache_ratio: float | None = None) -> list[str]:
+                 storage_bandwidth: str | None = None, hicache_ratio: float | None = None,
+                 hicache_host_only: bool = False) -> list[str]:
     """Launcher flags that make ``system`` (see bench_serving.SYSTEMS).
 
     ``storage_bandwidth`` (e.g. ``"60M"`` bytes/s) caps the storage reads of both peers by the same
     rule: HCache's chunk pool through ``--hcache-read-bandwidth``, HiCache's file backend through
     ``hicache_throttled.ThrottledHiCacheFile`` (SGLang loads it as a dynamic storage backend).
-    ``hicache_ratio`` sizes HiCache's host DRAM tier against the device pool (SGLang's default: 2).
+    ``hicache_ratio`` sizes HiCache's host DRAM tier against the device pool (SGLang's default: 2);
+    ``hicache_host_only``: that tier is HiCache's last (no storage backend), as in bench_budget.py.
     """
     hcache = ["--hierarchical-cache", "hcache", "--hcache-dir", str(workdir / "pool"),
               "--hcache-capacity", capacity]
@@ -53,6 +55,10 @@ def system_flags(system: str, objective: str, workdir: Path, capacity: str = "2G
                                     read_bandwidth=parse_size(storage_bandwidth)))]
     if hicache_ratio is not None:
         hicache += ["--hicache-ratio", str(hicache_ratio)]
+    if hicache_host_only:
+        if storage_bandwidth is not None:
+            raise ValueError("a storage read cap needs HiCache's storage backend; hicache_host_only has none")
+        hicache += ["--hicache-host-only"]
     flags = {
         "recompute": ["--hierarchical-cache", "off"],
         "ideal": ["--hierarchical-cache", "off"],
@@ -140,10 +146,12 @@ def system_server(system: str, model_path, dtype: str, max_total_tokens: int, pl
     argv = [
         "--model-path", str(model_path), "--dtype", dtype, "--port", str(port),
         "--max-total-tokens", str(max_total_tokens), "--page-size", str(plan["page_size"]),
-        "--chunked-prefill-size", "8192", "--skip-tokenizer-init", "--enable-cache-report",
+        "--chunked-prefill-size", "8192", "--enable-cache-report",
+        *(() if plan.get("tokenizer") else ("--skip-tokenizer-init",)),  # SGLang's client needs one
         "--enable-metrics", "--random-seed", "0", "--log-level", os.environ.get("BENCH_SERVER_LOG_LEVEL", "info"),
         *system_flags(system, plan["objective"], workdir, plan.get("hcache_capacity", "2G"),
-                      plan.get("storage_bandwidth"), plan.get("hicache_ratio")),
+                      plan.get("storage_bandwidth"), plan.get("hicache_ratio"),
+                      plan.get("hicache_host_only", False)),
         *plan.get("server_flags", ()),  # later flags win (e.g. bench_overhead's forced layer plans)
     ]
     tp = plan.get("tp", 1)

@@ -1,0 +1,234 @@
+"""At the same cache budget, how many contexts come back: HCache vs HiCache at equal bytes.
+
+Every system gets the same device pool and the same bytes of cache beyond it (``--budget SIZE``, or
+the preset's multiple of the device pool's K/V bytes):
+
+    hicache        --hierarchical-cache hicache --hicache-host-only --hicache-ratio R
+                   (host DRAM tier of SIZE bytes: R = SIZE / device pool K/V bytes; no storage backend)
+    hcache-space   --hierarchical-cache hcache --hcache-capacity SIZE --hcache-objective space
+    hcache-speed   ... --hcache-objective speed        hcache   ... balanced (the default)
+
+Workloads (bench/budget_workloads.py) at working sets of several multiples of SIZE in K/V bytes:
+``rag`` (documents with a Zipf popularity, from SGLang's own generated-shared-prefix generator) and
+``multiturn`` (clients round-robin, the LRU-hostile order). Per system and working set: hit rate,
+TTFT of returning requests (mean, p50, p90), agreement of every greedy output with HiCache's. The
+rag runs are also driven by SGLang's own client (``python -m sglang.benchmark.serving``, the same
+requests: it loads the dataset this script generated) so the figures do not rest on a client
+written here. One server per (model, system); working sets run smallest first, each on new token
+ids (an earlier set's entries are the least recently used, evicted first).
+
+    python bench/bench_budget.py --smoke --json /tmp/b.json            # CI: tiny model, ~1-2 minutes
+    python bench/bench_budget.py --preset full --json OUT.json --markdown bench/RESULTS-budget.md --plot OUT.svg
+    python bench/bench_budget.py --from-json OUT.json --markdown R.md --plot OUT.svg
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import budget_workloads  # noqa: E402
+from budget_client import run_sglang_client  # noqa: E402
+from budget_report import agreement, evaluate, render_markdown, summarize, write_plot  # noqa: E402
+from host_speed import gemm_gflops  # noqa: E402
+from serving_client import run_workload, system_server  # noqa: E402
+
+SYSTEMS = ("hicache", "hcache-space", "hcache-speed", "hcache")
+RAG = dict(doc_len=128, prompts_per_group=3, question_len=16, output_len=4, zipf_alpha=0.8)
+MULTITURN = dict(rounds=3, request_len=64, output_len=4)
+PRESETS = {
+    # tiny float32 model, one working set beyond the budget: the CI smoke run
+    "smoke": dict(models=("tiny-llama-mha",), dtype="float32", systems=("hicache", "hcache-space"),
+                  max_total_tokens=512, page_size=16, budget_pools=4.0, multiples=(2.0,),
+                  workloads=dict(rag=dict(RAG, doc_len=192, prompts_per_group=2), multiturn=MULTITURN),
+                  clients=("ours", "sglang")),
+    # the bench geometry and its GQA twin; float32 (a bf16 GEMM is emulated on CPUs without
+    # AVX512-BF16/AMX); working sets 0.5x-3x the budget
+    "full": dict(models=("bench-llama", "bench-llama-gqa"), dtype="float32", systems=SYSTEMS,
+                 max_total_tokens=512, page_size=16, budget_pools=2.25, multiples=(0.5, 1.0, 1.5, 2.0, 3.0),
+                 workloads=dict(rag=RAG, multiturn=MULTITURN), clients=("ours", "sglang")),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--smoke", action="store_true", help="= --preset smoke")
+    ap.add_argument("--models", help="comma-separated model presets or paths")
+    ap.add_argument("--systems", help=f"comma-separated, from {', '.join(SYSTEMS)} (hicache is always run)")
+    ap.add_argument("--workloads", help="comma-separated: rag, multiturn")
+    ap.add_argument("--clients", help="comma-separated: ours, sglang (rag only)")
+    ap.add_argument("--multiples", help="working sets as multiples of the budget, e.g. 0.5,1,2")
+    ap.add_argument("--budget", help="cache bytes per system beyond the device pool, e.g. 96M "
+                                     "(default: the preset's multiple of the device pool's K/V bytes)")
+    ap.add_argument("--max-total-tokens", type=int, help="device KV pool of every system")
+    ap.add_argument("--dtype", help="serving dtype")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, help="server logs, pools (default: a fresh temp dir)")
+    ap.add_argument("--start-timeout", type=float, default=600.0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path)
+    ap.add_argument("--plot", type=Path, help=".svg: TTFT and hit rate vs working set / budget")
+    ap.add_argument("--from-json", type=Path, help="re-render --markdown / --plot from a saved run")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.preset = "smoke"
+    return args
+
+
+def _names(arg, default, known, what):
+    if arg is None:
+        return tuple(default)
+    names = tuple(x.strip() for x in arg.split(",") if x.strip())
+    if not names or any(n not in known for n in names):
+        raise SystemExit(f"--{what} {arg!r}: expected comma-separated names from {list(known)}")
+    return names
+
+
+def plan_run(args) -> dict:
+    plan = dict(PRESETS[args.preset], preset=args.preset, seed=args.seed, start_timeout=args.start_timeout)
+    if args.models:
+        plan["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    systems = _names(args.systems, plan["systems"], SYSTEMS, "systems")
+    plan["systems"] = ("hicache", *[s for s in systems if s != "hicache"])  # every ratio is against it
+    names = _names(args.workloads, plan["workloads"], ("rag", "multiturn"), "workloads")
+    plan["workloads"] = {n: plan["workloads"][n] for n in names}
+    plan["clients"] = _names(args.clients, plan["clients"], ("ours", "sglang"), "clients")
+    if args.multiples:
+        try:
+            plan["multiples"] = tuple(float(x) for x in args.multiples.split(","))
+        except ValueError:
+            raise SystemExit(f"--multiples {args.multiples!r}: expected numbers, e.g. 0.5,1,2") from None
+        if any(m <= 0 for m in plan["multiples"]):
+            raise SystemExit(f"--multiples {args.multiples!r}: every multiple must be positive")
+    plan["multiples"] = tuple(sorted(plan["multiples"]))
+    for key in ("max_total_tokens", "dtype"):
+        if getattr(args, key) is not None:
+            plan[key] = getattr(args, key)
+    if args.budget is not None:
+        from hcache_sglang.config import parse_size
+
+        try:
+            plan["budget_bytes"] = parse_size(args.budget)
+        except ValueError as e:
+            raise SystemExit(f"--budget {args.budget!r}: {e}") from None
+    return plan
+
+
+def size_budget(plan: dict, info) -> dict:
+    """The budget in bytes and K/V tokens, and HiCache's host ratio that gives it those bytes."""
+    elem = 4 if plan["dtype"] == "float32" else 2
+    kvpt = budget_workloads.kv_bytes_per_token(info.num_layers, info.num_kv_heads, info.head_dim, elem)
+    pool_bytes = plan["max_total_tokens"] * kvpt
+    budget = int(plan.get("budget_bytes") or plan["budget_pools"] * pool_bytes)
+    if budget <= pool_bytes:
+        raise SystemExit(f"budget {budget} bytes: HiCache's host tier must be larger than the device pool "
+                         f"({pool_bytes} bytes of K/V); raise --budget or lower --max-total-tokens")
+    if budget < 16 << 20:
+        raise SystemExit(f"budget {budget / 2**20:.1f} MiB: HCache's pool takes at least 16 MiB")
+    return dict(kv_bytes_per_token=kvpt, budget_bytes=budget, budget_tokens=budget // kvpt,
+                hicache_ratio=budget / pool_bytes)
+
+
+def run_benchmark(plan: dict, workdir: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from hcache_sglang import toy_models
+    from hcache_sglang.model_check import check_model_path
+
+    doc = {"config": dict(plan), "geometries": {}, "host_gemm_gflops": gemm_gflops(
+        dtype=__import__("torch").float32 if plan["dtype"] == "float32" else __import__("torch").bfloat16)}
+    for mi, name in enumerate(plan["models"]):
+        path = toy_models.resolve_model(name)
+        info = check_model_path(path)
+        vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        sizes = size_budget(plan, info)
+        home = workdir / name / "home"  # SGLang's dataset pickles, removed with the run's directory
+        work = {}  # (client, workload, multiple) -> Workload; the SGLang client's on other ids
+        for ci, client in enumerate(plan["clients"]):
+            for wi, (wname, spec) in enumerate(plan["workloads"].items()):
+                if client == "sglang" and wname != "rag":
+                    continue
+                for k, m in enumerate(plan["multiples"]):
+                    seed = plan["seed"] + 1000 * mi + 100 * ci + 10 * wi + k
+                    work[client, wname, m] = budget_workloads.build(
+                        wname, m, sizes["budget_tokens"], spec, seed, vocab, tokenizer, home)
+        longest = max(wl.longest_request for wl in work.values())
+        if longest + 256 > plan["max_total_tokens"]:  # as bench_serving: a longer one stalls SGLang
+            raise SystemExit(f"{name}: a {longest}-token request does not fit well under the device pool "
+                             f"of {plan['max_total_tokens']} tokens; raise --max-total-tokens")
+        geo = dict(model=str(path), dtype=plan["dtype"], num_layers=info.num_layers,
+                   hidden_size=info.hidden_size, num_heads=info.num_heads, num_kv_heads=info.num_kv_heads,
+                   max_total_tokens=plan["max_total_tokens"], **sizes, runs={}, plans={}, servers={},
+                   specs={f"{c}/{w}/{m}": wl.spec for (c, w, m), wl in work.items()})
+        raw: dict = {}
+        for system in plan["systems"]:
+            sys_plan = dict(plan, tokenizer="sglang" in plan["clients"], hicache_host_only=True,
+                            hicache_ratio=sizes["hicache_ratio"], hcache_capacity=str(sizes["budget_bytes"]),
+                            objective={"hcache-space": "space", "hcache-speed": "speed"}.get(system, "balanced"))
+            out = workdir / name / system
+            print(f"bench_budget: {name} {system}: starting", flush=True)
+            with system_server(system, path, plan["dtype"], plan["max_total_tokens"], sys_plan, out,
+                               start_timeout=plan["start_timeout"]) as server:
+                geo["plans"][system] = server.describe()["restore_plan"]
+                geo["servers"][system] = server.argv
+                for (client, wname, m), wl in work.items():
+                    t0 = time.perf_counter()
+                    if client == "ours":
+                        run = run_workload(server, wl)
+                    else:
+                        run = run_sglang_client(server, path, wl, home, out / f"sglang-{wname}-{m}.jsonl")
+                    raw[system, client, wname, m] = run
+                    prefix = {r.rid: budget_workloads.returning_prefix(wl, r) for r in wl.requests}
+                    cell = summarize(prefix, run)
+                    geo["runs"].setdefault(system, {}).setdefault(client, {}).setdefault(wname, {})[str(m)] = cell
+                    print(f"bench_budget: {name} {system} {client} {wname} {m:g}x: hit rate "
+                          f"{cell['hit_rate'] or 0:.2f}, returning TTFT {cell['ttft_returning_ms_mean'] or 0:.0f} ms "
+                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        for (system, client, wname, m), run in raw.items():
+            geo["runs"][system][client][wname][str(m)]["agreement_vs_hicache"] = agreement(
+                run, raw["hicache", client, wname, m])
+        evaluate(geo)
+        doc["geometries"][name] = geo
+    return doc
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+    else:
+        plan = plan_run(args)
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-budget-"))
+        print(f"bench_budget: preset {plan['preset']}, models {', '.join(plan['models'])}, systems "
+              f"{', '.join(plan['systems'])}, working sets {plan['multiples']} x budget; logs under {workdir}",
+              flush=True)
+        t0 = time.perf_counter()
+        try:
+            doc = run_benchmark(plan, workdir)
+        finally:
+            for home in workdir.glob("*/home"):  # SGLang's dataset pickles: not left on the disk
+                shutil.rmtree(home, ignore_errors=True)
+        doc["wall_s"] = time.perf_counter() - t0
+    table = render_markdown(doc)
+    print(table)
+    if args.json and not args.from_json:
+        args.json.write_text(json.dumps(doc, indent=1))
+        print(f"results written to {args.json}")
+    if args.markdown:
+        args.markdown.write_text(table)
+    if args.plot:
+        print(write_plot(doc, args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

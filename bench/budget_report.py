@@ -1,0 +1,178 @@
+"""Figures of bench_budget.py: per-run summaries, the ratios against HiCache, targets, table, plot.
+
+``summarize(workload, run)`` -> hit rate (tokens served from any cache tier / tokens an earlier request
+sent, over returning requests), TTFT of returning requests, tokens per tier; ``evaluate(doc)`` adds
+the ratios against HiCache, the agreement of every output with HiCache's (K/V copied bit for bit, so
+HiCache's outputs are the model's own) and of the two clients; ``render_markdown`` and ``write_plot``
+read only the JSON document (``bench_budget.py --from-json`` re-renders without a run).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from svg_chart import line_chart
+
+REFERENCE = "hicache"
+COLORS = {"hicache": "#1f77b4", "hcache": "#2ca02c", "hcache-space": "#8c564b",
+          "hcache-speed": "#17becf", "hcache-hidden": "#9467bd", "recompute": "#d62728"}
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))] if s else None
+
+
+def _served(rec: dict) -> int:
+    """Prompt tokens this request found in a cache tier: device, host, storage or hidden states."""
+    d = rec.get("details") or {}
+    tiers = ("device", "host", "storage", "hcache")
+    return sum(int(d.get(k) or 0) for k in tiers) if any(k in d for k in tiers) else rec["cached_tokens"]
+
+
+def summarize(prefix_of: dict[str, int], run: dict) -> dict:
+    """``prefix_of``: rid -> tokens of its prompt an earlier request sent (0 for first visits)."""
+    reqs = run["requests"]
+    back = [r for r in reqs if r["returning"]]
+    wanted = sum(prefix_of[r["rid"]] for r in back)
+    hit = sum(min(prefix_of[r["rid"]], _served(r)) for r in back)
+    ttft = [r["ttft_s"] * 1e3 for r in back]
+    tiers: dict[str, int] = {}
+    for r in reqs:
+        for k, v in (r.get("details") or {}).items():
+            if isinstance(v, (int, float)):
+                tiers[k] = tiers.get(k, 0) + int(v)
+    return dict(
+        requests=len(reqs), returning_requests=len(back), returning_tokens=wanted, hit_tokens=hit,
+        hit_rate=hit / wanted if wanted else None,
+        ttft_returning_ms_mean=statistics.fmean(ttft) if ttft else None,
+        ttft_returning_ms_p50=_pct(ttft, 50), ttft_returning_ms_p90=_pct(ttft, 90),
+        ttft_ms_mean=statistics.fmean(r["ttft_s"] * 1e3 for r in reqs),
+        tokens_by_tier=tiers, wall_s=run["wall_s"],
+        storage=run.get("storage_delta"), restore_ms_per_1k_tokens=_restore_ms(run.get("metrics_delta")))
+
+
+def _restore_ms(delta: dict | None) -> float | None:
+    if not delta or not delta.get("hcache_restore_restored_tokens"):
+        return None
+    return delta["hcache_restore_restore_seconds_total"] * 1e6 / delta["hcache_restore_restored_tokens"]
+
+
+def agreement(run: dict, ref: dict) -> float:
+    """Fraction of requests whose greedy output equals the reference run's (ids or text)."""
+    key = "output_ids" if "output_ids" in run["requests"][0] else "output_text"
+    want = {r["rid"]: r[key] for r in ref["requests"]}
+    return sum(r[key] == want[r["rid"]] for r in run["requests"]) / len(run["requests"])
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def evaluate(geo: dict) -> None:
+    """Fill each cell (system, client, workload, multiple) with its ratios against HiCache's cell."""
+    runs = geo["runs"]
+    for system, clients in runs.items():
+        for client, wls in clients.items():
+            for wname, cells in wls.items():
+                for m, cell in cells.items():
+                    ref = runs.get(REFERENCE, {}).get(client, {}).get(wname, {}).get(m)
+                    if ref is None:
+                        continue
+                    cell["ttft_speedup_vs_hicache"] = _ratio(ref["ttft_returning_ms_mean"],
+                                                             cell["ttft_returning_ms_mean"])
+                    cell["hit_rate_ratio_vs_hicache"] = _ratio(cell["hit_rate"], ref["hit_rate"])
+                    other = clients.get("ours" if client == "sglang" else "sglang", {}).get(wname, {}).get(m)
+                    if other is not None and client == "sglang":
+                        cell["ttft_vs_our_client"] = _ratio(cell["ttft_returning_ms_mean"],
+                                                            other["ttft_returning_ms_mean"])
+
+
+def targets(doc: dict) -> list[str]:
+    """The issue's targets, one line each, on the cells this run has (our client's figures)."""
+    out = []
+    for gname, geo in doc["geometries"].items():
+        mha = geo["num_kv_heads"] == geo["num_heads"]
+        for system, clients in geo["runs"].items():
+            for wname, cells in clients.get("ours", {}).items():
+                for m, c in cells.items():
+                    mm, s, h = float(m), c.get("ttft_speedup_vs_hicache"), c.get("hit_rate_ratio_vs_hicache")
+                    if s is None:
+                        continue
+                    if mha and system == "hcache-space" and 1.5 <= mm <= 2.0:
+                        ok = s >= 1.5 and (h is None or h >= 1.8)
+                        out.append(f"{gname} {wname} {m}x: hcache-space TTFT {s:.2f}x HiCache (>= 1.5), "
+                                   f"hit rate {_f(h, '{:.2f}')}x (>= 1.8): {'met' if ok else 'MISSED'}")
+                    if mha and system == "hcache-speed" and mm <= 0.5:
+                        out.append(f"{gname} {wname} {m}x: hcache-speed TTFT {s:.2f}x HiCache (>= 0.9): "
+                                   f"{'met' if s >= 0.9 else 'MISSED'}")
+                    if not mha and system == "hcache":
+                        out.append(f"{gname} {wname} {m}x: planner's plan TTFT {s:.2f}x HiCache (>= 0.9): "
+                                   f"{'met' if s >= 0.9 else 'MISSED'}")
+    return out
+
+
+def _f(x, fmt="{:.0f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def render_markdown(doc: dict) -> str:
+    cfg = doc["config"]
+    lines = ["# bench_budget results", "",
+             f"Preset `{cfg['preset']}`, wall {_f(doc.get('wall_s'))} s, host GEMM "
+             f"{_f(doc.get('host_gemm_gflops'), '{:.1f}')} GFLOP/s ({cfg.get('dtype')}). Every system gets "
+             "the same cache bytes beyond the shared device pool: HiCache's host DRAM tier (no storage "
+             "backend), HCache's chunk pool. Working set = reused prefix tokens x K/V bytes per token, "
+             "as a multiple of the budget. TTFT over returning requests; hit rate = prompt tokens "
+             "served from any cache tier / tokens an earlier request sent.", ""]
+    for gname, geo in doc["geometries"].items():
+        attn = "MHA" if geo["num_kv_heads"] == geo["num_heads"] else "GQA"
+        lines += [f"## {gname} ({attn}), budget {geo['budget_bytes'] / 2**20:.0f} MiB "
+                  f"(= {geo['budget_tokens']} tokens of K/V at {geo['kv_bytes_per_token']} B/token; "
+                  f"device pool {geo['max_total_tokens']} tokens, HiCache host ratio "
+                  f"{geo['hicache_ratio']:.2f})", "",
+                  "| workload | x budget | system | client | hit rate | TTFT mean | p50 | p90 "
+                  "| vs HiCache | hit vs HiCache | agree | restore ms/1K | plan |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [(w, float(m), s, c, cell) for s, cl in geo["runs"].items() for c, wls in cl.items()
+                for w, cells in wls.items() for m, cell in cells.items()]
+        for w, m, s, c, cell in sorted(rows, key=lambda r: (r[0], r[1], r[3], r[2])):
+            lines.append(
+                f"| {w} | {m:g} | {s} | {c} | {_f(cell['hit_rate'], '{:.2f}')} "
+                f"| {_f(cell['ttft_returning_ms_mean'])} | {_f(cell['ttft_returning_ms_p50'])} "
+                f"| {_f(cell['ttft_returning_ms_p90'])} | {_f(cell.get('ttft_speedup_vs_hicache'), '{:.2f}')} "
+                f"| {_f(cell.get('hit_rate_ratio_vs_hicache'), '{:.2f}')} "
+                f"| {_f(cell.get('agreement_vs_hicache'), '{:.3f}')} "
+                f"| {_f(cell.get('restore_ms_per_1k_tokens'))} | {geo['plans'].get(s) or '-'} |")
+        lines.append("")
+        both = [(w, float(m), s, cell["ttft_vs_our_client"]) for w, m, s, c, cell in rows
+                if c == "sglang" and cell.get("ttft_vs_our_client") is not None]
+        if both:
+            xs = [r[3] for r in both]
+            lines += [f"SGLang's client / this project's client, returning TTFT over {len(xs)} cells: "
+                      f"median {statistics.median(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}].", ""]
+    t = targets(doc)
+    if t:
+        lines += ["## Targets", "", *[f"- {x}" for x in t], ""]
+    return "\n".join(lines)
+
+
+def write_plot(doc: dict, path: Path) -> str:
+    panels = []
+    for gname, geo in doc["geometries"].items():
+        wnames = sorted({w for cl in geo["runs"].values() for wls in cl.values() for w in wls})
+        for w in wnames:
+            for metric, label in (("ttft_returning_ms_mean", "TTFT of returning requests (ms)"),
+                                  ("hit_rate", "hit rate")):
+                series = {}
+                for s, cl in geo["runs"].items():
+                    for c, wls in cl.items():
+                        pts = sorted((float(m), cell[metric]) for m, cell in wls.get(w, {}).items()
+                                     if cell.get(metric) is not None)
+                        if pts:
+                            series[s if c == "ours" else f"{s} (sglang client)"] = [list(p) for p in pts]
+                panels.append(dict(title=f"{gname} {w}: {label}", x_label="working set / budget",
+                                   y_label=label, series=series))
+    path.write_text(line_chart(panels, COLORS))
+    return f"plot written to {path}"

@@ -1,0 +1,95 @@
+"""bench/bench_budget.py: every system gets the same bytes, working sets are sized against them, and
+the CI-sized run works end to end with both clients (this project's and SGLang's own).
+
+The smoke run starts real SGLang servers (HiCache with its host tier alone, HCache with a pool of the
+same bytes) on a tiny float32 model at a working set of twice the budget, and checks what a reader of
+the results relies on: HiCache's host tier got the budget's tokens, HCache's hidden states kept more of
+the round-robin conversations than HiCache's K/V did, every output equals HiCache's, SGLang's client
+sent the very requests this project's client sent and its figures are in the JSON, and no dataset or
+pool was left on the disk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import budget_workloads  # noqa: E402
+
+
+def test_working_sets_are_sized_in_kv_bytes_of_the_budget():
+    spec = dict(rounds=3, request_len=60, output_len=4)
+    small = budget_workloads.build("multiturn", 1.0, 1920, spec, 0, 512)
+    large = budget_workloads.build("multiturn", 3.0, 1920, spec, 0, 512)
+    # final history 3 x 64 tokens: 1920 tokens of budget = 10 clients' histories, 3x = 30
+    assert small.spec["clients"] == 10 and large.spec["clients"] == 30
+    first = {r.rid: r for r in large.requests}
+    for r in large.requests:
+        assert budget_workloads.returning_prefix(large, r) == r.turn * 64
+        if r.after:  # a turn extends the previous turn's prompt by exactly that history
+            assert r.input_ids[:len(first[r.after].input_ids)] == first[r.after].input_ids
+    # round-robin: between two turns of one client every other client is served
+    order = [r.rid for r in large.requests]
+    assert order.index("c0-t1") - order.index("c0-t0") == 30
+
+
+def test_the_budget_must_exceed_the_device_pool():
+    import bench_budget
+    from hcache_sglang.model_check import ModelInfo
+
+    info = ModelInfo(Path("/m"), "LlamaForCausalLM", 12, 1024, 16, 16, 64, "bfloat16")
+    plan = dict(dtype="float32", max_total_tokens=512, budget_pools=2.0)
+    sizes = bench_budget.size_budget(plan, info)
+    assert sizes["kv_bytes_per_token"] == 2 * 12 * 16 * 64 * 4
+    assert sizes["budget_tokens"] == 1024 and sizes["hicache_ratio"] == pytest.approx(2.0)
+    with pytest.raises(SystemExit, match="larger than the device pool"):
+        bench_budget.size_budget(dict(plan, budget_bytes=512 * sizes["kv_bytes_per_token"]), info)
+
+
+@pytest.mark.engine
+def test_smoke_run_equal_bytes_both_clients(tmp_path):
+    out = tmp_path / "budget.json"
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, str(BENCH / "bench_budget.py"), "--smoke", "--json", str(out),
+         "--plot", str(tmp_path / "budget.svg"), "--workdir", str(work)],
+        capture_output=True, text=True, timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    geo = doc["geometries"]["tiny-llama-mha"]
+    # HiCache's host tier holds the budget's tokens (SGLang rounds up by a page), HCache's pool its bytes
+    log = (work / "tiny-llama-mha" / "hicache" / "server.log").read_text()
+    host_tokens = int(re.search(r"host pool: (\d+) tokens", log).group(1))
+    assert geo["budget_tokens"] <= host_tokens <= geo["budget_tokens"] + 16
+    assert "storage" not in json.dumps(geo["runs"]["hicache"]["ours"]["rag"]["2.0"]["tokens_by_tier"])
+    argv = geo["servers"]
+    assert "--hicache-host-only" in argv["hicache"] and "--hicache-storage-backend" not in argv["hicache"]
+    cap = argv["hcache-space"].index("--hcache-capacity")
+    assert argv["hcache-space"][cap + 1] == str(geo["budget_bytes"])
+    runs = geo["runs"]
+    mt_h, mt_k = runs["hcache-space"]["ours"]["multiturn"]["2.0"], runs["hicache"]["ours"]["multiturn"]["2.0"]
+    # at twice the budget, round-robin conversations: hidden states (half of K/V) keep more of them
+    assert mt_h["hit_rate"] > 1.5 * mt_k["hit_rate"]
+    for system in ("hicache", "hcache-space"):
+        for client, wls in runs[system].items():
+            for cells in wls.values():
+                cell = cells["2.0"]
+                assert cell["agreement_vs_hicache"] == 1.0  # float32: every greedy output identical
+                assert cell["returning_requests"] > 0 and cell["hit_rate"] is not None
+    # SGLang's client ran the rag workload on the same requests as generated here
+    sg = runs["hcache-space"]["sglang"]["rag"]["2.0"]
+    spec = geo["specs"]["sglang/rag/2.0"]
+    assert sg["requests"] == spec["groups"] * spec["prompts_per_group"]
+    assert sg["requests"] == runs["hicache"]["sglang"]["rag"]["2.0"]["requests"]
+    assert "ttft_vs_our_client" in sg
+    assert not list(work.glob("*/home")) and not list(work.glob("*/*/pool"))
+    assert (tmp_path / "budget.svg").read_text().startswith("<svg")
