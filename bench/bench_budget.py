@@ -19,7 +19,7 @@ ids (an earlier set's entries are the least recently used, evicted first).
 
     python bench/bench_budget.py --smoke --json /tmp/b.json            # CI: tiny model, ~1-2 minutes
     python bench/bench_budget.py --preset full --json OUT.json --markdown bench/RESULTS-budget.md --plot OUT.svg
-    python bench/bench_budget.py --from-json OUT.json --markdown R.md --plot OUT.svg
+    python bench/bench_budget.py --from-json MHA.json GQA.json --markdown R.md --plot OUT.svg
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--markdown", type=Path)
     ap.add_argument("--plot", type=Path, help=".svg: TTFT and hit rate vs working set / budget")
-    ap.add_argument("--from-json", type=Path, help="re-render --markdown / --plot from a saved run")
+    ap.add_argument("--from-json", type=Path, nargs="+",
+                    help="re-render --markdown / --plot from saved runs (their geometries side by side)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.preset = "smoke"
@@ -137,6 +138,20 @@ def size_budget(plan: dict, info) -> dict:
                 hicache_ratio=budget / pool_bytes)
 
 
+def _workloads(plan: dict, mi: int, budget_tokens: int, vocab: int, tokenizer, home: Path) -> dict:
+    """(client, workload, multiple) -> Workload; every one on its own token ids (its own seed)."""
+    work = {}
+    for ci, client in enumerate(plan["clients"]):
+        for wi, (wname, spec) in enumerate(plan["workloads"].items()):
+            if client == "sglang" and wname != "rag":
+                continue
+            for k, m in enumerate(plan["multiples"]):
+                seed = plan["seed"] + 1000 * mi + 100 * ci + 10 * wi + k
+                work[client, wname, m] = budget_workloads.build(
+                    wname, m, budget_tokens, spec, seed, vocab, tokenizer, home)
+    return work
+
+
 def run_benchmark(plan: dict, workdir: Path) -> dict:
     from transformers import AutoTokenizer
 
@@ -152,15 +167,7 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         sizes = size_budget(plan, info)
         home = workdir / name / "home"  # SGLang's dataset pickles, removed with the run's directory
-        work = {}  # (client, workload, multiple) -> Workload; the SGLang client's on other ids
-        for ci, client in enumerate(plan["clients"]):
-            for wi, (wname, spec) in enumerate(plan["workloads"].items()):
-                if client == "sglang" and wname != "rag":
-                    continue
-                for k, m in enumerate(plan["multiples"]):
-                    seed = plan["seed"] + 1000 * mi + 100 * ci + 10 * wi + k
-                    work[client, wname, m] = budget_workloads.build(
-                        wname, m, sizes["budget_tokens"], spec, seed, vocab, tokenizer, home)
+        work = _workloads(plan, mi, sizes["budget_tokens"], vocab, tokenizer, home)
         longest = max(wl.longest_request for wl in work.values())
         if longest + 256 > plan["max_total_tokens"]:  # as bench_serving: a longer one stalls SGLang
             raise SystemExit(f"{name}: a {longest}-token request does not fit well under the device pool "
@@ -204,7 +211,10 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        doc = json.loads(args.from_json.read_text())
+        docs = [json.loads(p.read_text()) for p in args.from_json]
+        doc = dict(docs[0], geometries={g: v for d in docs for g, v in d["geometries"].items()},
+                   wall_s=sum(d.get("wall_s", 0.0) for d in docs), sources=[str(p) for p in args.from_json],
+                   host_gemm_gflops_runs=[d.get("host_gemm_gflops") for d in docs])
     else:
         plan = plan_run(args)
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-budget-"))

@@ -121,7 +121,8 @@ def render_markdown(doc: dict) -> str:
     cfg = doc["config"]
     lines = ["# bench_budget results", "",
              f"Preset `{cfg['preset']}`, wall {_f(doc.get('wall_s'))} s, host GEMM "
-             f"{_f(doc.get('host_gemm_gflops'), '{:.1f}')} GFLOP/s ({cfg.get('dtype')}). Every system gets "
+             f"{', '.join(_f(g, '{:.1f}') for g in doc.get('host_gemm_gflops_runs') or [doc.get('host_gemm_gflops')])}"
+             f" GFLOP/s ({cfg.get('dtype')}, measured at the start of each run). Every system gets "
              "the same cache bytes beyond the shared device pool: HiCache's host DRAM tier (no storage "
              "backend), HCache's chunk pool. Working set = reused prefix tokens x K/V bytes per token, "
              "as a multiple of the budget. TTFT over returning requests; hit rate = prompt tokens "
