@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import budget_workloads  # noqa: E402
+from bench_cli import pick_names, write_outputs  # noqa: E402
 from budget_client import run_sglang_client  # noqa: E402
 from budget_report import agreement, evaluate, render_markdown, summarize, write_plot  # noqa: E402
 from host_speed import gemm_gflops  # noqa: E402
@@ -84,24 +85,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _names(arg, default, known, what):
-    if arg is None:
-        return tuple(default)
-    names = tuple(x.strip() for x in arg.split(",") if x.strip())
-    if not names or any(n not in known for n in names):
-        raise SystemExit(f"--{what} {arg!r}: expected comma-separated names from {list(known)}")
-    return names
-
-
 def plan_run(args) -> dict:
     plan = dict(PRESETS[args.preset], preset=args.preset, seed=args.seed, start_timeout=args.start_timeout)
-    if args.models:
-        plan["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    systems = _names(args.systems, plan["systems"], SYSTEMS, "systems")
+    plan["models"] = pick_names(args.models, plan["models"], None, "models")
+    systems = pick_names(args.systems, plan["systems"], SYSTEMS, "systems")
     plan["systems"] = ("hicache", *[s for s in systems if s != "hicache"])  # every ratio is against it
-    names = _names(args.workloads, plan["workloads"], ("rag", "multiturn"), "workloads")
+    names = pick_names(args.workloads, plan["workloads"], ("rag", "multiturn"), "workloads")
     plan["workloads"] = {n: plan["workloads"][n] for n in names}
-    plan["clients"] = _names(args.clients, plan["clients"], ("ours", "sglang"), "clients")
+    plan["clients"] = pick_names(args.clients, plan["clients"], ("ours", "sglang"), "clients")
     if args.multiples:
         try:
             plan["multiples"] = tuple(float(x) for x in args.multiples.split(","))
@@ -228,15 +219,7 @@ def main(argv=None) -> int:
             for home in workdir.glob("*/home"):  # SGLang's dataset pickles: not left on the disk
                 shutil.rmtree(home, ignore_errors=True)
         doc["wall_s"] = time.perf_counter() - t0
-    table = render_markdown(doc)
-    print(table)
-    if args.json and not args.from_json:
-        args.json.write_text(json.dumps(doc, indent=1))
-        print(f"results written to {args.json}")
-    if args.markdown:
-        args.markdown.write_text(table)
-    if args.plot:
-        print(write_plot(doc, args.plot))
+    write_outputs(doc, args, render_markdown, write_plot)
     return 0
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_cli import pick_names, write_outputs  # noqa: E402
 from serving_client import run_workload, system_server  # noqa: E402
 from serving_report import (  # noqa: E402
     compare,
@@ -151,24 +152,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _pick(arg: str | None, default, known, what: str) -> tuple:
-    if arg is None:
-        return tuple(default)
-    names = tuple(x.strip() for x in arg.split(",") if x.strip())
-    bad = [n for n in names if known is not None and n not in known]
-    if bad or not names:
-        raise SystemExit(f"--{what} {arg!r}: expected comma-separated names from {list(known)}")
-    return names
-
-
 def plan_run(args) -> dict:
     """The preset with the command line's overrides applied (everything the run needs)."""
     preset = dict(PRESETS[args.preset])
-    preset["models"] = _pick(args.models, preset["models"], None, "models")
-    preset["systems"] = _pick(args.systems, preset["systems"], SYSTEMS, "systems")
+    preset["models"] = pick_names(args.models, preset["models"], None, "models")
+    preset["systems"] = pick_names(args.systems, preset["systems"], SYSTEMS, "systems")
     if "recompute" not in preset["systems"]:
         raise SystemExit("--systems must include recompute: every output is compared with it")
-    names = _pick(args.workloads, preset["workloads"], WORKLOADS, "workloads")
+    names = pick_names(args.workloads, preset["workloads"], WORKLOADS, "workloads")
     preset["workloads"] = {n: preset["workloads"].get(n, {}) for n in names}
     for key in ("dtype", "max_total_tokens", "hicache_ratio", "storage_bandwidth"):
         if getattr(args, key) is not None:
@@ -324,16 +315,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         doc = run_benchmark(plan, workdir)
         doc["wall_s"] = time.perf_counter() - t0
-    table = render_markdown(doc)
-    print(table)
-    if args.json and not args.from_json:
-        args.json.write_text(json.dumps(doc, indent=1))
-        print(f"results written to {args.json}")
-    if args.markdown:
-        args.markdown.write_text(table)
-        print(f"table written to {args.markdown}")
-    if args.plot:
-        print(write_plot(doc, args.plot))
+    write_outputs(doc, args, render_markdown, write_plot)
     return 0
 
 

@@ -12,16 +12,12 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from serving_report import percentile, tokens_by_tier
 from svg_chart import line_chart
 
 REFERENCE = "hicache"
 COLORS = {"hicache": "#1f77b4", "hcache": "#2ca02c", "hcache-space": "#8c564b",
           "hcache-speed": "#17becf", "hcache-hidden": "#9467bd", "recompute": "#d62728"}
-
-
-def _pct(xs: list[float], q: float) -> float | None:
-    s = sorted(xs)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))] if s else None
 
 
 def _served(rec: dict) -> int:
@@ -38,18 +34,13 @@ def summarize(prefix_of: dict[str, int], run: dict) -> dict:
     wanted = sum(prefix_of[r["rid"]] for r in back)
     hit = sum(min(prefix_of[r["rid"]], _served(r)) for r in back)
     ttft = [r["ttft_s"] * 1e3 for r in back]
-    tiers: dict[str, int] = {}
-    for r in reqs:
-        for k, v in (r.get("details") or {}).items():
-            if isinstance(v, (int, float)):
-                tiers[k] = tiers.get(k, 0) + int(v)
     return dict(
         requests=len(reqs), returning_requests=len(back), returning_tokens=wanted, hit_tokens=hit,
         hit_rate=hit / wanted if wanted else None,
         ttft_returning_ms_mean=statistics.fmean(ttft) if ttft else None,
-        ttft_returning_ms_p50=_pct(ttft, 50), ttft_returning_ms_p90=_pct(ttft, 90),
+        ttft_returning_ms_p50=percentile(ttft, 50), ttft_returning_ms_p90=percentile(ttft, 90),
         ttft_ms_mean=statistics.fmean(r["ttft_s"] * 1e3 for r in reqs),
-        tokens_by_tier=tiers, wall_s=run["wall_s"],
+        tokens_by_tier=tokens_by_tier(reqs), wall_s=run["wall_s"],
         storage=run.get("storage_delta"), restore_ms_per_1k_tokens=_restore_ms(run.get("metrics_delta")))
 
 

@@ -19,7 +19,7 @@ COLORS = {"recompute": "#d62728", "hicache": "#1f77b4", "hcache-hidden": "#9467b
           "ideal": "#7f7f7f"}
 
 
-def _pct(xs: list[float], q: float) -> float | None:
+def percentile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
     s = sorted(xs)
@@ -28,7 +28,7 @@ def _pct(xs: list[float], q: float) -> float | None:
 
 def _stats(xs: list[float], prefix: str) -> dict:
     return {f"{prefix}_mean": statistics.fmean(xs) if xs else None,
-            f"{prefix}_p50": _pct(xs, 50), f"{prefix}_p90": _pct(xs, 90)}
+            f"{prefix}_p50": percentile(xs, 50), f"{prefix}_p90": percentile(xs, 90)}
 
 
 def _origin(rec: dict) -> tuple[int, int, int]:
@@ -40,7 +40,7 @@ def _origin(rec: dict) -> tuple[int, int, int]:
     return device, restored, rec["prompt_tokens"] - device - restored
 
 
-def _by_tier(reqs: list[dict]) -> dict[str, int]:
+def tokens_by_tier(reqs: list[dict]) -> dict[str, int]:
     """Sum of ``cached_tokens_details`` per tier ({"device","host","storage"} or {"device",
     "hcache","computed"}); {} when the server reported none."""
     out: dict[str, int] = {}
@@ -80,7 +80,7 @@ def summarize(run: dict, server: dict, recompute: dict) -> dict:
         tokens_device=sum(o[0] for o in origins),
         tokens_restored=sum(o[1] for o in origins),
         tokens_computed=sum(o[2] for o in origins),
-        tokens_by_tier=_by_tier(reqs),
+        tokens_by_tier=tokens_by_tier(reqs),
         restore_ms_per_1k_tokens=(delta.get("hcache_restore_restore_seconds_total", 0.0) * 1e6
                                   / restored_tokens) if restored_tokens else None,
         refused_loads=delta.get("hcache_restore_refused_loads"),
