@@ -13,12 +13,14 @@ Workloads (bench/budget_workloads.py) at working sets of several multiples of SI
 ``multiturn`` (clients round-robin, the LRU-hostile order). Per system and working set: hit rate,
 TTFT of returning requests (mean, p50, p90), agreement of every greedy output with HiCache's. The
 rag runs are also driven by SGLang's own client (``python -m sglang.benchmark.serving``, the same
-requests: it loads the dataset this script generated) so the figures do not rest on a client
+requests: it loads the dataset this script generated), and the multi-turn ones by its multi-turn
+mode (its own conversations, all at once, on the chat route), so the figures do not rest on a client
 written here. One server per (model, system); working sets run smallest first, each on new token
 ids (an earlier set's entries are the least recently used, evicted first).
 
     python bench/bench_budget.py --smoke --json /tmp/b.json            # CI: tiny model, ~1-2 minutes
     python bench/bench_budget.py --preset full --json OUT.json --markdown bench/RESULTS-budget.md --plot OUT.svg
+    python bench/bench_budget.py --preset long --json OUT.json      # 1K-token contexts, ~20 minutes
     python bench/bench_budget.py --from-json MHA.json GQA.json --markdown R.md --plot OUT.svg
 """
 
@@ -55,6 +57,12 @@ PRESETS = {
     "full": dict(models=("bench-llama", "bench-llama-gqa"), dtype="float32", systems=SYSTEMS,
                  max_total_tokens=512, page_size=16, budget_pools=2.25, multiples=(0.5, 1.0, 1.5, 2.0, 3.0),
                  workloads=dict(rag=RAG, multiturn=MULTITURN), clients=("ours", "sglang")),
+    # contexts long enough that a miss costs more than a restore (1K-token documents, 1.2K-token
+    # conversations; ~5 s to recompute one on a 2-core host): where the hit rate becomes TTFT
+    "long": dict(models=("bench-llama",), dtype="float32", systems=("hicache", "hcache-space"),
+                 max_total_tokens=2048, page_size=16, budget_pools=2.25, multiples=(1.5, 2.0),
+                 workloads=dict(rag=dict(RAG, doc_len=1024), multiturn=dict(MULTITURN, request_len=384)),
+                 clients=("ours",)),
 }
 
 
@@ -65,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", help="comma-separated model presets or paths")
     ap.add_argument("--systems", help=f"comma-separated, from {', '.join(SYSTEMS)} (hicache is always run)")
     ap.add_argument("--workloads", help="comma-separated: rag, multiturn")
-    ap.add_argument("--clients", help="comma-separated: ours, sglang (rag only)")
+    ap.add_argument("--clients", help="comma-separated: ours, sglang")
     ap.add_argument("--multiples", help="working sets as multiples of the budget, e.g. 0.5,1,2")
     ap.add_argument("--budget", help="cache bytes per system beyond the device pool, e.g. 96M "
                                      "(default: the preset's multiple of the device pool's K/V bytes)")
@@ -134,12 +142,13 @@ def _workloads(plan: dict, mi: int, budget_tokens: int, vocab: int, tokenizer, h
     work = {}
     for ci, client in enumerate(plan["clients"]):
         for wi, (wname, spec) in enumerate(plan["workloads"].items()):
-            if client == "sglang" and wname != "rag":
-                continue
             for k, m in enumerate(plan["multiples"]):
                 seed = plan["seed"] + 1000 * mi + 100 * ci + 10 * wi + k
-                work[client, wname, m] = budget_workloads.build(
-                    wname, m, budget_tokens, spec, seed, vocab, tokenizer, home)
+                if client == "sglang" and wname == "multiturn":  # the client's own multi-turn mode
+                    work[client, wname, m] = budget_workloads.chat(m, budget_tokens, spec, seed)
+                else:
+                    work[client, wname, m] = budget_workloads.build(
+                        wname, m, budget_tokens, spec, seed, vocab, tokenizer, home)
     return work
 
 
@@ -159,7 +168,7 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
         sizes = size_budget(plan, info)
         home = workdir / name / "home"  # SGLang's dataset pickles, removed with the run's directory
         work = _workloads(plan, mi, sizes["budget_tokens"], vocab, tokenizer, home)
-        longest = max(wl.longest_request for wl in work.values())
+        longest = max(budget_workloads.planned_length(wl) for wl in work.values())
         if longest + 256 > plan["max_total_tokens"]:  # as bench_serving: a longer one stalls SGLang
             raise SystemExit(f"{name}: a {longest}-token request does not fit well under the device pool "
                              f"of {plan['max_total_tokens']} tokens; raise --max-total-tokens")
@@ -185,7 +194,8 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
                     else:
                         run = run_sglang_client(server, path, wl, home, out / f"sglang-{wname}-{m}.jsonl")
                     raw[system, client, wname, m] = run
-                    prefix = {r.rid: budget_workloads.returning_prefix(wl, r) for r in wl.requests}
+                    prefix = run.get("prefix_of") or {
+                        r.rid: budget_workloads.returning_prefix(wl, r) for r in wl.requests}
                     cell = summarize(prefix, run)
                     geo["runs"].setdefault(system, {}).setdefault(client, {}).setdefault(wname, {})[str(m)] = cell
                     print(f"bench_budget: {name} {system} {client} {wname} {m:g}x: hit rate "

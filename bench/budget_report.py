@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from serving_report import percentile, tokens_by_tier
+from serving_report import percentile, restored_tokens, tokens_by_tier
 from svg_chart import line_chart
 
 REFERENCE = "hicache"
@@ -23,8 +23,9 @@ COLORS = {"hicache": "#1f77b4", "hcache": "#2ca02c", "hcache-space": "#8c564b",
 def _served(rec: dict) -> int:
     """Prompt tokens this request found in a cache tier: device, host, storage or hidden states."""
     d = rec.get("details") or {}
-    tiers = ("device", "host", "storage", "hcache")
-    return sum(int(d.get(k) or 0) for k in tiers) if any(k in d for k in tiers) else rec["cached_tokens"]
+    if not any(k in d for k in ("device", "host", "storage", "hcache")):
+        return rec["cached_tokens"]
+    return int(d.get("device") or 0) + restored_tokens(d)
 
 
 def summarize(prefix_of: dict[str, int], run: dict) -> dict:

@@ -31,12 +31,20 @@ def _stats(xs: list[float], prefix: str) -> dict:
             f"{prefix}_p50": percentile(xs, 50), f"{prefix}_p90": percentile(xs, 90)}
 
 
+def restored_tokens(details: dict) -> int:
+    """Prompt tokens a server brought back from below the device pool. HCache reports them under
+    ``hcache`` and again under SGLang's ``storage``; HiCache under ``host`` and ``storage``."""
+    if "hcache" in details:
+        return int(details["hcache"] or 0)
+    return int(details.get("host") or 0) + int(details.get("storage") or 0)
+
+
 def _origin(rec: dict) -> tuple[int, int, int]:
     """(device, restored from a lower tier, computed) prompt tokens of one request."""
     d = rec.get("details") or {}
     cached = rec["cached_tokens"]
     device = int(d.get("device", cached))
-    restored = int(d.get("hcache", 0)) + int(d.get("host", 0)) + int(d.get("storage", 0))
+    restored = restored_tokens(d)
     return device, restored, rec["prompt_tokens"] - device - restored
 
 

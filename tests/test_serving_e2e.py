@@ -260,6 +260,23 @@ def _http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int,
         return resp.status, resp.read().decode()
 
 
+def _chat_route_counts_restores(base: str, prompt: str) -> None:
+    """The OpenAI route reports a restore in SGLang's own vocabulary (it keeps only device, host and
+    storage): the chat prompt, dropped from the device, comes back from the store."""
+    chat = {"model": "default", "max_tokens": 8, "temperature": 0, "return_cached_tokens_details": True,
+            "messages": [{"role": "user", "content": prompt}]}
+    deadline = time.time() + 60
+    while True:  # the chat prompt's pages are written behind the request
+        assert _http(f"{base}/flush_cache", {}, timeout=120)[0] == 200
+        resp = json.loads(_http(f"{base}/v1/chat/completions", chat)[1])
+        got = (resp.get("sglext") or {}).get("cached_tokens_details") or {}
+        if got.get("storage"):
+            break
+        assert time.time() < deadline, resp
+        time.sleep(1)
+    assert got["storage_backend"] == "hcache" and got.get("device", 0) == 0, got
+
+
 def test_http_server_logs_plan_and_exports_metrics(model_dir, tmp_path):
     pool, port = tmp_path / "pool", _free_port()
     base = f"http://127.0.0.1:{port}"
@@ -307,6 +324,7 @@ def test_http_server_logs_plan_and_exports_metrics(model_dir, tmp_path):
             assert any(l.startswith(name) for l in metrics.splitlines()), name
         info = [l for l in metrics.splitlines() if l.startswith("hcache_restore_plan_info{")]
         assert any('plan="' in l and l.split()[-1] == "1.0" for l in info), info
+        _chat_route_counts_restores(base, prompt)
     finally:
         proc.terminate()
         try:

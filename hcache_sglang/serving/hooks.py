@@ -16,7 +16,9 @@ whether the HCache linker is the configured external linker and does nothing oth
    side pool then comes on top and the linker logs its size.
 3. ``SchedulerOutputStreamer.get_cached_tokens_details`` (after): report prompt tokens as
    ``{"device": ..., "hcache": ..., "computed": ...}`` instead of SGLang's generic ``host`` key,
-   also for a request with nothing cached (SGLang reports None there).
+   also for a request with nothing cached (SGLang reports None there); the restored count is
+   repeated as ``storage`` (``storage_backend: "hcache"``), the key SGLang's OpenAI routes and its
+   benchmark client read.
 4. ``UnifiedCacheLinkerWrapper.load_back`` (around): when the plan recomputes leading layers, hand
    the linker the request's device-prefix KV slots and the tail's token ids before it loads (SGLang's
    linker API passes neither); the recomputed layers attend over that prefix.
@@ -138,7 +140,10 @@ def _after_cached_tokens_details(result: Any, streamer: Any, req: Any, *a: Any, 
     device = int(result.get("device", 0))
     restored = int(result.get("host", 0))
     prompt = len(getattr(req, "origin_input_ids", ()) or ())
-    return {"device": device, "hcache": restored, "computed": max(prompt - device - restored, 0)}
+    # "storage" + "storage_backend" repeat the restored count in SGLang's own vocabulary: its OpenAI
+    # routes keep only device/host/storage, and its benchmark client counts device + host + storage.
+    return {"device": device, "hcache": restored, "computed": max(prompt - device - restored, 0),
+            "storage": restored, "storage_backend": "hcache"}
 
 
 def _around_load_back(original: Any, wrapper: Any, req: Any, *a: Any, **k: Any) -> Any:
