@@ -57,11 +57,13 @@ PRESETS = {
     "full": dict(models=("bench-llama", "bench-llama-gqa"), dtype="float32", systems=SYSTEMS,
                  max_total_tokens=512, page_size=16, budget_pools=2.25, multiples=(0.5, 1.0, 1.5, 2.0, 3.0),
                  workloads=dict(rag=RAG, multiturn=MULTITURN), clients=("ours", "sglang")),
-    # contexts long enough that a miss costs more than a restore (1K-token documents, 1.2K-token
-    # conversations; ~5 s to recompute one on a 2-core host): where the hit rate becomes TTFT
+    # contexts long enough that a miss costs more than a restore (1K-token documents; agent-like
+    # conversations: a 1K-token first turn, then 64-token turns; ~5 s to recompute one context on a
+    # 2-core host): where the hit rate becomes TTFT
     "long": dict(models=("bench-llama",), dtype="float32", systems=("hicache", "hcache-space"),
                  max_total_tokens=2048, page_size=16, budget_pools=2.25, multiples=(1.5, 2.0),
-                 workloads=dict(rag=dict(RAG, doc_len=1024), multiturn=dict(MULTITURN, request_len=384)),
+                 workloads=dict(rag=dict(RAG, doc_len=1024),
+                                multiturn=dict(MULTITURN, first_len=1024, request_len=64)),
                  clients=("ours",)),
 }
 

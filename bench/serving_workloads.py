@@ -76,13 +76,17 @@ def _gap(rng: random.Random, rate: float) -> float:
 
 
 def multiturn(seed: int, vocab: int, clients: int = 4, rounds: int = 4, request_len: int = 512,
-              output_len: int = 16, request_rate: float = 0.0, max_parallel: int = 1) -> Workload:
+              output_len: int = 16, request_rate: float = 0.0, max_parallel: int = 1,
+              first_len: int | None = None) -> Workload:
+    """``first_len`` (default ``request_len``): the first turn's new tokens (an agent's long task
+    and tool context, then short turns)."""
     rng = random.Random(seed)
     histories: list[list[int]] = [[] for _ in range(clients)]
     requests = []
     for turn in range(rounds):
         for c in range(clients):
-            prompt = histories[c] + _ids(rng, request_len, vocab)
+            new = first_len if turn == 0 and first_len is not None else request_len
+            prompt = histories[c] + _ids(rng, new, vocab)
             requests.append(BenchRequest(
                 rid=f"c{c}-t{turn}", input_ids=tuple(prompt), max_new_tokens=output_len,
                 turn=turn, returning=turn > 0, after=f"c{c}-t{turn - 1}" if turn else None,
@@ -90,6 +94,8 @@ def multiturn(seed: int, vocab: int, clients: int = 4, rounds: int = 4, request_
             histories[c] = prompt + _ids(rng, output_len, vocab)  # the scripted reply
     spec = dict(clients=clients, rounds=rounds, request_len=request_len, output_len=output_len,
                 request_rate=request_rate, max_parallel=max_parallel)
+    if first_len is not None:
+        spec["first_len"] = first_len
     return Workload("multiturn", spec, tuple(requests), max_parallel)
 
 

@@ -41,6 +41,19 @@ def test_working_sets_are_sized_in_kv_bytes_of_the_budget():
     assert order.index("c0-t1") - order.index("c0-t0") == 30
 
 
+def test_agent_conversations_open_with_a_long_turn():
+    spec = dict(rounds=3, request_len=64, output_len=4, first_len=1024)
+    wl = budget_workloads.build("multiturn", 2.0, 4656, spec, 0, 512)
+    # history 1024 + 2 x 64 + 3 x 4 = 1164 tokens: 2 x 4656 / 1164 = 8 clients
+    assert wl.spec["clients"] == 8
+    by_rid = {r.rid: r for r in wl.requests}
+    assert len(by_rid["c0-t0"].input_ids) == 1024 and len(by_rid["c0-t1"].input_ids) == 1024 + 4 + 64
+    assert budget_workloads.returning_prefix(wl, by_rid["c0-t1"]) == 1028
+    assert budget_workloads.returning_prefix(wl, by_rid["c0-t2"]) == 1028 + 68
+    chat = budget_workloads.chat(2.0, 4656, spec, 0)
+    assert chat.spec["history_tokens"] == 1164 and chat.spec["turn_len"] == 64
+
+
 def test_sglang_multi_turn_mode_is_sized_like_ours():
     spec = dict(rounds=3, request_len=64, output_len=4)
     wl = budget_workloads.chat(2.0, 1400, spec, seed=7)
