@@ -218,6 +218,8 @@ def main(argv=None) -> int:
         doc = dict(docs[0], geometries={g: v for d in docs for g, v in d["geometries"].items()},
                    wall_s=sum(d.get("wall_s", 0.0) for d in docs), sources=[str(p) for p in args.from_json],
                    host_gemm_gflops_runs=[d.get("host_gemm_gflops") for d in docs])
+        for geo in doc["geometries"].values():  # ratios derived from the cells by this code
+            evaluate(geo)
     else:
         plan = plan_run(args)
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-budget-"))
