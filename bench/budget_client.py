@@ -61,9 +61,11 @@ def run_sglang_client(server: Server, model_path, workload: Workload, home: Path
     n = len(workload.requests)
     if len(result["ttfts"]) != n or result.get("completed") != n:
         raise RuntimeError(f"sglang.benchmark.serving completed {result.get('completed')} of {n} requests")
-    records, prefix_of = [], {}
-    for i, req in enumerate(workload.requests):  # chat: conversation by conversation, turn by turn
-        prefix_of[req.rid] = result["input_lens"][i - 1] if chat and req.turn else 0
+    records = []
+    # chat: conversation by conversation, turn by turn; a turn's prefix is the previous turn's prompt
+    prefix_of = {req.rid: result["input_lens"][i - 1] if req.turn else 0
+                 for i, req in enumerate(workload.requests)} if chat else None
+    for i, req in enumerate(workload.requests):
         if not chat and result["input_lens"][i] != len(req.input_ids):
             raise RuntimeError(f"request {i}: the client sent {result['input_lens'][i]} tokens, "
                                f"the dataset has {len(req.input_ids)}")
@@ -74,6 +76,6 @@ def run_sglang_client(server: Server, model_path, workload: Workload, home: Path
             output_text=result["generated_texts"][i],
             cached_tokens=int(result["cached_tokens"][i] or 0),
             details=result["cached_tokens_details"][i]))
-    return dict(requests=records, wall_s=wall, client="sglang.benchmark.serving", prefix_of=prefix_of if chat else None,
+    return dict(requests=records, wall_s=wall, client="sglang.benchmark.serving", prefix_of=prefix_of,
                 summary={k: result.get(k) for k in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
                                                      "duration", "completed")})

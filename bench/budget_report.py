@@ -96,7 +96,7 @@ def targets(doc: dict) -> list[str]:
                     if s is None:
                         continue
                     if mha and system == "hcache-space" and 1.5 <= mm <= 2.0:
-                        ref = reference_hit_rate(geo, wname, m)
+                        ref = ours_hit_rate(geo, REFERENCE, wname, m)
                         # HiCache keeping nothing: any hit of HCache's is an unbounded ratio
                         hit_ok = h >= 1.8 if h is not None else (ref == 0 and (c.get("hit_rate") or 0) > 0)
                         hit = f"{h:.2f}x" if h is not None else f"{c.get('hit_rate') or 0:.2f} vs HiCache's {ref or 0:.2f}"
@@ -111,13 +111,9 @@ def targets(doc: dict) -> list[str]:
     return out
 
 
-def runs_hit(geo: dict, system: str, wname: str, m: str) -> float:
-    return geo["runs"][system]["ours"][wname][m].get("hit_rate") or 0.0
-
-
-def reference_hit_rate(geo: dict, wname: str, m: str) -> float | None:
-    """HiCache's hit rate in the cell (our client) the ratios are taken against."""
-    return geo["runs"][REFERENCE]["ours"][wname][m].get("hit_rate")
+def ours_hit_rate(geo: dict, system: str, wname: str, m: str) -> float | None:
+    """``system``'s hit rate in the cell driven by this project's client (HiCache's: the reference)."""
+    return geo["runs"][system]["ours"][wname][m].get("hit_rate")
 
 
 def _f(x, fmt="{:.0f}") -> str:
@@ -160,7 +156,7 @@ def render_markdown(doc: dict) -> str:
             xs = [r[3] for r in both]
             lines += [f"SGLang's client / this project's client, returning TTFT over {len(xs)} rag cells: "
                       f"median {statistics.median(xs):.2f} [{min(xs):.2f}, {max(xs):.2f}].", ""]
-        chat = [f"{m:g}x {s} {cell['hit_rate'] or 0:.2f} (ours {runs_hit(geo, s, w, str(m)):.2f})"
+        chat = [f"{m:g}x {s} {cell['hit_rate'] or 0:.2f} (ours {ours_hit_rate(geo, s, w, str(m)) or 0:.2f})"
                 for w, m, s, c, cell in sorted(rows, key=lambda r: (r[1], r[2]))
                 if c == "sglang" and w == "multiturn"]
         if chat:

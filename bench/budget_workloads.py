@@ -87,7 +87,7 @@ def chat(multiple: float, budget_tokens: int, spec: dict, seed: int) -> Workload
     (``input_ids`` empty); ``spec["history_tokens"]`` is a conversation's planned final length."""
     first = spec.get("first_len", spec["request_len"])
     turn = max(1, spec["request_len"] // 2) if "first_len" not in spec else spec["request_len"]
-    history = first + (spec["rounds"] - 1) * turn + spec["rounds"] * spec["output_len"]
+    history = _history(dict(spec, first_len=first, request_len=turn))
     clients = max(2, round(multiple * budget_tokens / history))
     requests = tuple(BenchRequest(rid=f"c{c}-t{t}", input_ids=(), max_new_tokens=spec["output_len"], turn=t,
                                   returning=t > 0) for c in range(clients) for t in range(spec["rounds"]))
