@@ -142,6 +142,8 @@ def test_apply_reports_cpu_and_patches():
     from sglang.srt.mem_cache.pool_host import mha
 
     assert mha.transfer_kv_direct is cpu_ops.transfer_kv_direct
+    assert mha.transfer_kv_all_layer_direct_lf_pf is cpu_ops.transfer_kv_all_layer_direct_lf_pf
+    assert mha.transfer_kv_per_layer_direct_pf_lf is cpu_ops.transfer_kv_per_layer_direct_pf_lf
     assert getattr(mha.MHATokenToKVPoolHost.__init__, host_pool.PATCHED_MARK)
 
 
@@ -164,6 +166,30 @@ def test_transfer_kv_direct_rejects_partial_pages():
     layers = [torch.zeros(4, 1, 1)]
     with pytest.raises(ValueError, match="not a whole number of pages of page_size=2"):
         cpu_ops.transfer_kv_direct(layers, layers, torch.tensor([0]), torch.tensor([1]), 2)
+
+
+@pytest.mark.parametrize("mla", [False, True])
+def test_page_first_direct_round_trip(mla):
+    # device: 3 layers of 16 slots (K and V, or one latent for MLA); host page-first: 5 pages of 4
+    layers, ps, kinds = 3, 4, 1 if mla else 2
+    device = [torch.randn(16, 2, 8) for _ in range(layers * kinds)]
+    host = [torch.zeros(5, layers, ps, 2, 8) for _ in range(kinds)]
+    src = torch.tensor([8, 9, 10, 11, 0, 1, 2, 3])  # device pages 2 and 0 ...
+    dst = torch.tensor([12, 13, 14, 15, 4, 5, 6, 7])  # ... into host pages 3 and 1
+    cpu_ops.transfer_kv_all_layer_direct_lf_pf(device, host, src, dst, page_size=ps)
+    for kind in range(kinds):
+        for layer in range(layers):
+            d = device[kind * layers + layer]
+            torch.testing.assert_close(host[kind][3, layer], d[8:12], rtol=0, atol=0)
+            torch.testing.assert_close(host[kind][1, layer], d[0:4], rtol=0, atol=0)
+        assert host[kind][[0, 2, 4]].abs().sum() == 0
+    back = [torch.zeros(16, 2, 8) for _ in range(kinds)]  # one layer's device buffers
+    cpu_ops.transfer_kv_per_layer_direct_pf_lf(host, back, dst, src, layer_id=1, page_size=ps)
+    for kind in range(kinds):
+        torch.testing.assert_close(back[kind][src], device[kind * layers + 1][src], rtol=0, atol=0)
+        assert back[kind][4:8].abs().sum() == 0 and back[kind][12:].abs().sum() == 0
+    with pytest.raises(ValueError, match="not a whole number of pages"):
+        cpu_ops.transfer_kv_all_layer_direct_lf_pf(device, host, src[:3], dst[:3], page_size=ps)
 
 
 def test_assign_req_to_token_pool_writes_each_row():

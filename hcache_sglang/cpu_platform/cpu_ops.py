@@ -8,7 +8,10 @@ the stand-in module (:mod:`hcache_sglang.cpu_platform.standins`) binds them:
 - ``sgl_kernel.copy_all_layer_kv_cache_cpu`` -> :func:`copy_all_layer_kv_cache`
   (move KV slots inside the device pool, every layer);
 - ``sgl_kernel.kvcacheio.transfer_kv_direct`` -> :func:`transfer_kv_direct`
-  (HiCache host <-> device pages, ``--hicache-io-backend direct``, layer_first).
+  (HiCache host <-> device pages, ``--hicache-io-backend direct``, layer_first);
+- ``transfer_kv_all_layer_direct_lf_pf`` / ``transfer_kv_per_layer_direct_pf_lf`` ->
+  :func:`transfer_kv_all_layer_direct_lf_pf` / :func:`transfer_kv_per_layer_direct_pf_lf`
+  (the same with the ``page_first_direct`` host layout, which HiCache's Mooncake backend asks for).
 
 Signatures follow sgl_kernel's (keyword names included): SGLang is the caller.
 """
@@ -108,3 +111,65 @@ def transfer_kv_direct(
     for src_layer, dst_layer in zip(src_layers, dst_layers):
         rows = src_layer[src.to(src_layer.device)]
         dst_layer[dst.to(dst_layer.device)] = rows.to(dst_layer.device)
+
+
+def _first_slots(indices: torch.Tensor, page_size: int, what: str) -> torch.Tensor:
+    """The first token slot of each page of ``indices`` (whole pages, in page order)."""
+    if page_size <= 0 or indices.numel() % page_size:
+        raise ValueError(f"{what}: {indices.numel()} indices is not a whole number of pages of "
+                         f"page_size={page_size}")
+    return indices.long().view(-1, page_size)[:, 0].cpu()
+
+
+def _page_first_pairs(src_indices, dst_indices, page_size, what):
+    if src_indices.numel() != dst_indices.numel():
+        raise ValueError(f"{what}: {src_indices.numel()} source indices but {dst_indices.numel()} "
+                         "destination indices; expected equal counts")
+    return _first_slots(src_indices, page_size, what), _first_slots(dst_indices, page_size, what)
+
+
+def transfer_kv_all_layer_direct_lf_pf(
+    src_ptrs: Sequence[torch.Tensor],
+    dst_ptrs: Sequence[torch.Tensor],
+    src_indices: torch.Tensor,
+    dst_indices: torch.Tensor,
+    page_size: int,
+) -> None:
+    """Device pages (layer-first) into host pages (page-first), every layer.
+
+    src_ptrs: the device layers, ``[k_0 .. k_{L-1}, v_0 .. v_{L-1}]`` (``[k_0 .. k_{L-1}]`` for
+    MLA), each ``[slots, heads, head_dim]``; dst_ptrs: ``[host_k, host_v]`` (``[host]`` for MLA),
+    each ``[pages, L, page_size, heads, head_dim]`` (mutated). A page's tokens sit in consecutive
+    device slots from its first slot; host page = its first host slot // page_size.
+    """
+    src, dst = _page_first_pairs(src_indices, dst_indices, page_size, "transfer_kv_all_layer_direct_lf_pf")
+    per_kind = len(src_ptrs) // len(dst_ptrs)
+    rows = (src[:, None] + torch.arange(page_size)).reshape(-1)
+    dst_pages = dst // page_size
+    for kind, host in enumerate(dst_ptrs):
+        for layer in range(per_kind):
+            device = src_ptrs[kind * per_kind + layer]
+            pages = device[rows.to(device.device)].view(len(src), page_size, *device.shape[1:])
+            host[dst_pages.to(host.device), layer] = pages.to(host.device)
+
+
+def transfer_kv_per_layer_direct_pf_lf(
+    src_ptrs: Sequence[torch.Tensor],
+    dst_ptrs: Sequence[torch.Tensor],
+    src_indices: torch.Tensor,
+    dst_indices: torch.Tensor,
+    layer_id: int,
+    page_size: int,
+) -> None:
+    """Host pages (page-first) of layer ``layer_id`` into device pages (layer-first): the inverse
+    of :func:`transfer_kv_all_layer_direct_lf_pf` for the layers ``dst_ptrs`` holds
+    (``[device_k, device_v]``, or one for MLA), starting at ``layer_id``."""
+    src, dst = _page_first_pairs(src_indices, dst_indices, page_size, "transfer_kv_per_layer_direct_pf_lf")
+    per_kind = len(dst_ptrs) // len(src_ptrs)
+    rows = (dst[:, None] + torch.arange(page_size)).reshape(-1)
+    src_pages = src // page_size
+    for kind, host in enumerate(src_ptrs):
+        for layer in range(per_kind):
+            device = dst_ptrs[kind * per_kind + layer]
+            pages = host[src_pages.to(host.device), layer_id + layer]
+            device[rows.to(device.device)] = pages.reshape(-1, *device.shape[1:]).to(device.device)

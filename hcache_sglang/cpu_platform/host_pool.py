@@ -9,6 +9,8 @@ Supported: ``--hicache-io-backend direct --hicache-mem-layout layer_first``. SGL
 - ``transfer_kv_direct``: ``pool_host/mha.py`` imports it from
   ``sgl_kernel.kvcacheio`` only on CUDA/ROCm, so on CPU the name is unbound. It is
   set to the pure-torch :func:`hcache_sglang.cpu_platform.cpu_ops.transfer_kv_direct`.
+  Likewise the two ``page_first_direct`` ops (``--hicache-mem-layout page_first_direct``, the
+  layout SGLang switches to for its Mooncake storage backend).
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ import functools
 import importlib
 import inspect
 
-from hcache_sglang.cpu_platform.cpu_ops import transfer_kv_direct
+from hcache_sglang.cpu_platform import cpu_ops
+
+# the sgl_kernel.kvcacheio ops the MHA/MLA host pools call with --hicache-io-backend direct
+_DIRECT_OPS = ("transfer_kv_direct", "transfer_kv_all_layer_direct_lf_pf",
+               "transfer_kv_per_layer_direct_pf_lf")
 
 # module -> host pool classes whose buffers must not be pinned
 _HOST_POOLS = {
@@ -51,8 +57,9 @@ def patch_host_pools() -> list[str]:
     patched = []
     for module_name, class_names in _HOST_POOLS.items():
         module = importlib.import_module(module_name)
-        if not hasattr(module, "transfer_kv_direct"):
-            module.transfer_kv_direct = transfer_kv_direct
+        for op in _DIRECT_OPS:
+            if not hasattr(module, op):
+                setattr(module, op, getattr(cpu_ops, op))
         for class_name in class_names:
             cls = getattr(module, class_name, None)
             if cls is None:

@@ -40,6 +40,8 @@ _IMPLEMENTED = {
     },
     "sgl_kernel.kvcacheio": {
         "transfer_kv_direct": "hcache_sglang.cpu_platform.cpu_ops:transfer_kv_direct",
+        "transfer_kv_all_layer_direct_lf_pf": "hcache_sglang.cpu_platform.cpu_ops:transfer_kv_all_layer_direct_lf_pf",
+        "transfer_kv_per_layer_direct_pf_lf": "hcache_sglang.cpu_platform.cpu_ops:transfer_kv_per_layer_direct_pf_lf",
     },
 }
 _SGL_KERNEL_SUBMODULES = frozenset(

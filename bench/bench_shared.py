@@ -1,0 +1,225 @@
+"""A shared tier on Mooncake Store: documents prefilled on server A, questions answered on server B.
+
+A deployment of several SGLang servers shares prefix state through one distributed store. Per
+system, this script starts a fresh ``mooncake_master`` and a standalone ``mooncake_client`` store
+process that holds the memory (servers mount none: ``MOONCAKE_GLOBAL_SEGMENT_SIZE=0``, the
+deployment README.md recommends), then
+
+1. server A (the launcher, a subprocess) prefills each document (a document + a first question,
+   one output token); A's saves settle (``/flush_cache``, then the master's byte count stops
+   moving) and A exits;
+2. server B, another process with the same flags (HCache: the plan A used, pinned), answers a new
+   question on every document: each one restores the document from Mooncake (or recomputes it).
+
+Systems (same model, dtype, page size and device pool):
+
+    recompute     --hierarchical-cache off on B alone: every document is prefilled again (baseline)
+    hicache       --hierarchical-cache hicache --hicache-storage-backend mooncake: SGLang's K/V
+                  pages in Mooncake, the peer a SGLang user picks (SGLang 0.5.23's
+                  MooncakeDirectLinker refuses plain K/V pools: "The selected hybrid pool strategy
+                  does not support the direct external linker: _PlainKvStrategy")
+    hcache-space  --hierarchical-cache hcache --hcache-backend mooncake --hcache-objective space
+    hcache-speed  --hierarchical-cache hcache --hcache-backend mooncake --hcache-objective speed
+
+Reported per system: TTFT of B's questions (mean/p50/p90), B's tokens by origin
+(``cached_tokens_details``), the bytes the master holds per stored token (the master's own
+``master_allocated_bytes``, before and after A's requests), and agreement of B's greedy outputs with
+recompute's. Ratios: ``bytes_per_token_vs_hicache`` (target <= 0.55 for hcache-space) and
+``ttft_speedup_vs_hicache`` (target >= 0.9 for hcache-speed).
+
+    python bench/bench_shared.py --smoke --json /tmp/shared.json      # tiny model, ~5 minutes
+    python bench/bench_shared.py --json OUT.json --markdown bench/RESULTS-shared.md   # ~20 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_cli import pick_names, write_outputs  # noqa: E402
+from host_speed import gemm_gflops  # noqa: E402
+from serving_client import flush_cache, run_workload, system_server  # noqa: E402
+from serving_workloads import BenchRequest, Workload  # noqa: E402
+from shared_report import evaluate, render_markdown  # noqa: E402
+
+SYSTEMS = ("recompute", "hicache", "hcache-space", "hcache-speed")
+PRESETS = {
+    # tiny float32 model, two documents: the CI smoke run
+    "smoke": dict(models=("tiny-llama-mha",), dtype="float32", systems=("recompute", "hicache", "hcache-space"),
+                  documents=2, document_len=512, question_len=16, output_len=4, max_total_tokens=2048,
+                  page_size=16, store_mb=256),
+    # the bench geometry (MHA), 2K-token documents (the issue's range); float32 (a bf16 GEMM is
+    # emulated on CPUs without AVX512-BF16/AMX)
+    "full": dict(models=("bench-llama",), dtype="float32", systems=SYSTEMS, documents=3,
+                 document_len=2048, question_len=64, output_len=8, max_total_tokens=4096,
+                 page_size=16, store_mb=1536),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
+    ap.add_argument("--smoke", action="store_true", help="= --preset smoke")
+    ap.add_argument("--models", help="comma-separated model presets or paths")
+    ap.add_argument("--systems", help=f"comma-separated, from {', '.join(SYSTEMS)}")
+    ap.add_argument("--dtype", help="serving dtype (default: the preset's)")
+    ap.add_argument("--documents", type=int, help="documents prefilled on A, one question each on B")
+    ap.add_argument("--document-len", type=int, help="tokens per document (a multiple of the page size)")
+    ap.add_argument("--store-mb", type=int, help="memory of the standalone Mooncake store process")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, help="server and Mooncake logs (default: a fresh temp dir)")
+    ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds for /health")
+    ap.add_argument("--json", type=Path, help="write every result here")
+    ap.add_argument("--markdown", type=Path, help="write the table here")
+    ap.add_argument("--from-json", type=Path, help="re-render --markdown from a saved --json")
+    args = ap.parse_args(argv)
+    args.plot = None
+    if args.smoke:
+        args.preset = "smoke"
+    return args
+
+
+def plan_run(args) -> dict:
+    plan = dict(PRESETS[args.preset], preset=args.preset, seed=args.seed, start_timeout=args.start_timeout)
+    plan["models"] = pick_names(args.models, plan["models"], None, "models")
+    plan["systems"] = pick_names(args.systems, plan["systems"], SYSTEMS, "systems")
+    for key in ("dtype", "documents", "document_len", "store_mb"):
+        if getattr(args, key) is not None:
+            plan[key] = getattr(args, key)
+    if plan["documents"] < 1 or plan["store_mb"] < 16:
+        raise SystemExit("--documents must be >= 1 and --store-mb >= 16")
+    if plan["document_len"] < plan["page_size"] or plan["document_len"] % plan["page_size"]:
+        raise SystemExit(f"--document-len {plan['document_len']}: expected a multiple of the page size "
+                         f"{plan['page_size']} (a restore covers whole pages)")
+    if plan["document_len"] + plan["question_len"] + plan["output_len"] + 256 > plan["max_total_tokens"]:
+        raise SystemExit(f"--document-len {plan['document_len']}: a request must fit well under the "
+                         f"device pool of {plan['max_total_tokens']} tokens")
+    return plan
+
+
+def workloads(plan: dict, vocab: int) -> tuple[Workload, Workload]:
+    """(A's document prefills, B's questions): the same documents, different questions."""
+    rng = random.Random(plan["seed"])
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(10, vocab - 10) for _ in range(n)]
+
+    docs = [ids(plan["document_len"]) for _ in range(plan["documents"])]
+    qlen = plan["question_len"]
+    prefill = tuple(BenchRequest(f"a{i}", tuple(d + ids(qlen)), 1, 0, False) for i, d in enumerate(docs))
+    ask = tuple(BenchRequest(f"b{i}", tuple(d + ids(qlen)), plan["output_len"], 1, True)
+                for i, d in enumerate(docs))
+    spec = {k: plan[k] for k in ("documents", "document_len", "question_len", "output_len", "seed")}
+    return Workload("shared-prefill", spec, prefill), Workload("shared-questions", spec, ask)
+
+
+def server_plan(system: str, plan: dict, master, pinned: str | None = None) -> dict:
+    """``serving_client.system_server``'s plan for ``system`` on ``master`` (servers mount no memory)."""
+    flags = {"hicache": ["--hicache-storage-backend", "mooncake"],
+             "hcache-space": ["--hcache-backend", "mooncake"],
+             "hcache-speed": ["--hcache-backend", "mooncake"]}.get(system, [])
+    if pinned:
+        flags += ["--hcache-layer-plan", pinned]
+    return dict(page_size=plan["page_size"], objective="balanced", server_flags=flags,
+                server_env=master.env(0) if system != "recompute" else {})
+
+
+def settle(master, timeout: float = 120.0, quiet_s: float = 2.0) -> float:
+    """The master's allocated bytes once they stop changing (the writers' puts have landed)."""
+    last, since, deadline = master.metric("master_allocated_bytes"), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = master.metric("master_allocated_bytes")
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return last
+
+
+def run_system(system: str, path, dtype: str, plan: dict, prefill: Workload, ask: Workload,
+               workdir: Path) -> dict:
+    """A then B for one system on a fresh master and store process."""
+    from hcache_sglang.backends import MooncakeMaster, MooncakeStoreProcess
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    master = MooncakeMaster(workdir).start()
+    store = MooncakeStoreProcess(master, workdir, plan["store_mb"])
+    try:
+        store.start()
+        out: dict = {}
+        pinned = None
+        if system != "recompute":
+            with system_server(system, path, dtype, plan["max_total_tokens"], server_plan(system, plan, master),
+                               workdir / "A", start_timeout=plan["start_timeout"]) as a:
+                before = settle(master)
+                out["prefill"] = run_workload(a, prefill)
+                if system.startswith("hcache"):
+                    flush_cache(a)  # returns once every spill is written (HiCache's would drop its tree)
+                out["master_bytes"] = settle(master) - before
+                out["master_keys"] = master.metric("master_key_count")
+                out["server_a"] = a.describe()
+                pinned = out["server_a"].get("restore_plan") if system.startswith("hcache") else None
+        with system_server(system, path, dtype, plan["max_total_tokens"],
+                           server_plan(system, plan, master, pinned), workdir / "B",
+                           start_timeout=plan["start_timeout"]) as b:
+            out["questions"] = run_workload(b, ask)
+            out["server_b"] = b.describe()
+        return out
+    finally:
+        store.stop()
+        master.stop()
+
+
+def run_benchmark(plan: dict, workdir: Path) -> dict:
+    import torch
+
+    from hcache_sglang import toy_models
+    from hcache_sglang.model_check import check_model_path
+
+    doc: dict = {"config": dict(plan), "geometries": {}}
+    for name in plan["models"]:
+        path = toy_models.resolve_model(name)
+        info = check_model_path(path)
+        config = json.loads((Path(path) / "config.json").read_text())
+        prefill, ask = workloads(plan, config["vocab_size"])
+        runs, gflops = {}, []
+        for system in plan["systems"]:
+            gflops.append(gemm_gflops(hidden=info.hidden_size, intermediate=config["intermediate_size"],
+                                      dtype=getattr(torch, plan["dtype"])))
+            print(f"bench_shared: {name} {system}: A prefills {len(prefill.requests)} documents, "
+                  f"B asks {len(ask.requests)} questions", flush=True)
+            runs[system] = run_system(system, path, plan["dtype"], plan, prefill, ask, workdir / f"{name}-{system}")
+        stored = sum(len(r.input_ids) // plan["page_size"] * plan["page_size"] for r in prefill.requests)
+        doc["geometries"][name] = dict(
+            model=str(path), dtype=plan["dtype"], num_layers=info.num_layers, hidden_size=info.hidden_size,
+            num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, spec=ask.spec, stored_tokens=stored,
+            host_gemm_gflops=gflops, **evaluate(runs, stored, plan["dtype"] == "float32"))
+    return doc
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+    else:
+        plan = plan_run(args)
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-shared-"))
+        print(f"bench_shared: preset {plan['preset']}, models {', '.join(plan['models'])}, systems "
+              f"{', '.join(plan['systems'])}; logs under {workdir}", flush=True)
+        t0 = time.perf_counter()
+        doc = run_benchmark(plan, workdir)
+        doc["wall_s"] = time.perf_counter() - t0
+    write_outputs(doc, args, render_markdown, lambda d, p: "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Figures of bench_shared.py: per-system summaries, the ratios against the peer, the markdown table.
+
+``evaluate(runs, stored_tokens, float32)`` reads the raw runs of one geometry; ``render_markdown``
+reads only the JSON document, so ``bench_shared.py --from-json`` re-renders it without a run.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from serving_report import percentile, restored_tokens, tokens_by_tier
+
+TARGETS = {"bytes_per_token_vs_hicache": ("hcache-space", "<=", 0.55),
+           "ttft_speedup_vs_hicache": ("hcache-speed", ">=", 0.9)}
+
+
+def summarize(run: dict, stored_tokens: int, reference: list[dict] | None) -> dict:
+    """One system: B's TTFT and tokens by origin, the master's bytes per stored token, agreement."""
+    reqs = run["questions"]["requests"]
+    ttft = [r["ttft_s"] * 1e3 for r in reqs]
+    out = dict(questions=len(reqs), ttft_ms_mean=statistics.fmean(ttft), ttft_ms_p50=percentile(ttft, 50),
+               ttft_ms_p90=percentile(ttft, 90), tokens_by_tier=tokens_by_tier(reqs),
+               restored_tokens=sum(restored_tokens(r.get("details") or {}) for r in reqs),
+               prompt_tokens=sum(r["prompt_tokens"] for r in reqs))
+    if "master_bytes" in run:
+        out.update(master_bytes=run["master_bytes"], master_keys=run["master_keys"],
+                   bytes_per_token=run["master_bytes"] / stored_tokens if stored_tokens else None,
+                   plan_a=run["server_a"].get("restore_plan"), plan_b=run["server_b"].get("restore_plan"),
+                   prefill_ttft_ms_mean=statistics.fmean(r["ttft_s"] * 1e3 for r in run["prefill"]["requests"]))
+    if reference is not None:
+        want = {r["rid"]: r["output_ids"] for r in reference}
+        out["agreement"] = statistics.fmean(float(r["output_ids"] == want[r["rid"]]) for r in reqs)
+    return out
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def evaluate(runs: dict[str, dict], stored_tokens: int, float32: bool) -> dict:
+    """Summaries per system and the ratios against HiCache on Mooncake (and recompute)."""
+    ref = runs["recompute"]["questions"]["requests"] if "recompute" in runs else None
+    systems = {s: summarize(r, stored_tokens, ref) for s, r in runs.items()}
+    peer, base = systems.get("hicache"), systems.get("recompute")
+    for s in systems.values():
+        s["bytes_per_token_vs_hicache"] = _ratio(s.get("bytes_per_token"), peer and peer.get("bytes_per_token"))
+        s["ttft_speedup_vs_hicache"] = _ratio(peer and peer["ttft_ms_mean"], s["ttft_ms_mean"])
+        s["ttft_speedup_vs_recompute"] = _ratio(base and base["ttft_ms_mean"], s["ttft_ms_mean"])
+    targets = {}
+    for key, (system, op, bound) in TARGETS.items():
+        value = systems.get(system, {}).get(key)
+        if value is not None:
+            targets[f"{system} {key}"] = dict(value=value, bound=f"{op} {bound}",
+                                              met=value <= bound if op == "<=" else value >= bound)
+    # float32 greedy outputs should match exactly; bf16 restores may flip near-ties
+    agree = [s["agreement"] for s in systems.values() if "agreement" in s]
+    return dict(systems=systems, targets=targets, outputs_identical=bool(agree) and min(agree) == 1.0,
+                exact_expected=float32, requests={s: r["questions"]["requests"] for s, r in runs.items()})
+
+
+def _f(x, fmt="{:.0f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def render_markdown(doc: dict) -> str:
+    lines = []
+    for name, g in doc["geometries"].items():
+        spec = g["spec"]
+        gf = [x for x in g.get("host_gemm_gflops", []) if x]
+        lines += [f"### {name} ({g['dtype']}, {g['num_layers']} layers, hidden {g['hidden_size']}, "
+                  f"{g['num_kv_heads']}/{g['num_heads']} KV heads)", "",
+                  f"{spec['documents']} documents of {spec['document_len']} tokens prefilled on server A; "
+                  f"server B (A gone, a standalone Mooncake store process holding the memory) answers "
+                  f"one {spec['question_len']}-token question per document. Host GEMM "
+                  f"{_f(statistics.median(gf) if gf else None)} GFLOP/s "
+                  f"(range {_f(min(gf) if gf else None)}-{_f(max(gf) if gf else None)}).", "",
+                  "| system | B TTFT mean ms | p50 | p90 | vs HiCache | vs recompute | restored tokens | "
+                  "master bytes / token | vs HiCache | plan | outputs = recompute |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s, v in g["systems"].items():
+            lines.append(
+                f"| {s} | {_f(v['ttft_ms_mean'])} | {_f(v['ttft_ms_p50'])} | {_f(v['ttft_ms_p90'])} | "
+                f"{_f(v['ttft_speedup_vs_hicache'], '{:.2f}x')} | {_f(v['ttft_speedup_vs_recompute'], '{:.2f}x')} | "
+                f"{v['restored_tokens']}/{v['prompt_tokens']} | {_f(v.get('bytes_per_token'))} | "
+                f"{_f(v['bytes_per_token_vs_hicache'], '{:.2f}x')} | {v.get('plan_a') or '-'} | "
+                f"{_f(v.get('agreement'), '{:.0%}')} |")
+        lines.append("")
+        for key, t in g["targets"].items():
+            lines.append(f"- target {key} {t['bound']}: {t['value']:.2f} -> {'met' if t['met'] else 'NOT met'}")
+        lines.append("")
+    return "\n".join(lines)
