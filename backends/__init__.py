@@ -6,7 +6,8 @@ Modules in data-flow order: ``layout`` (namespace, chunk byte layout) -> ``stagi
 ``reader`` (per-layer futures) -> ``stats``; ``host_buffers`` (reused landing buffers of restore
 reads) and ``throttle`` (read bandwidth caps) beside them. ``base`` is the contract both stores meet;
 ``mooncake`` (+ ``mooncake_objects``, ``mooncake_read``, ``mooncake_connect``) the shared store on
-Mooncake Store, ``mooncake_procs`` the local Mooncake processes tests and benchmarks start.
+Mooncake Store, ``tiered`` a local pool in front of it, ``mooncake_procs`` the local Mooncake
+processes tests and benchmarks start.
 
 This package is the face the rest of hcache_sglang, bench/ and tests/ import: the names below.
 """
@@ -26,10 +27,11 @@ from .recovery import KEEP_DAMAGED
 from .stats import StoreStats
 from .store import ChunkStore, Hit, OpenReport, StoreConfig
 from .throttle import BandwidthThrottle
+from .tiered import TieredStore
 
 __all__ = ["ALIGN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
            "ExtentAllocator", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind", "MooncakeChunkStore",
            "MooncakeConfigError", "MooncakeMaster", "MooncakeStoreConfig", "MooncakeStoreProcess",
            "MooncakeTarget", "Namespace", "OpenReport", "PeerStore", "ReadHandle", "StoreConfig",
-           "StoreLocked", "StoreStats", "aligned_buffer", "byte_view", "carve", "carved_bytes",
+           "StoreLocked", "StoreStats", "TieredStore", "aligned_buffer", "byte_view", "carve", "carved_bytes",
            "chunk_layout", "largest_object_bytes", "manifest_key", "object_key"]

@@ -33,6 +33,9 @@ recompute run. Per workload the paper's ratios: ``ttft_speedup_vs_hicache``,
     python bench/bench_serving.py --from-json A.json B.json --sweep   # runs at several caps, one table
     python bench/bench_serving.py --smoke --tp 2      # every system at tensor parallelism 2
 
+Several servers sharing one Mooncake Store (documents prefilled on server A, questions on server B)
+is its own script, ``bench_shared.py``: two servers per system and a Mooncake master and store.
+
 ``--storage-bandwidth X`` caps the storage reads of HCache and HiCache alike (what-if: a slower disk or a
 remote store; labelled in every output), see bench/README.md "Two regimes".
 """

@@ -20,6 +20,7 @@ Systems (same model, dtype, page size and device pool):
                   does not support the direct external linker: _PlainKvStrategy")
     hcache-space  --hierarchical-cache hcache --hcache-backend mooncake --hcache-objective space
     hcache-speed  --hierarchical-cache hcache --hcache-backend mooncake --hcache-objective speed
+    hcache-speed-local  the same with --hcache-local-cache: A's own pool in front of Mooncake
 
 Reported per system: TTFT of B's questions (mean/p50/p90), B's tokens by origin
 (``cached_tokens_details``), the bytes the master holds per stored token (the master's own
@@ -27,7 +28,7 @@ Reported per system: TTFT of B's questions (mean/p50/p90), B's tokens by origin
 recompute's. Ratios: ``bytes_per_token_vs_hicache`` (target <= 0.55 for hcache-space) and
 ``ttft_speedup_vs_hicache`` (target >= 0.9 for hcache-speed).
 
-    python bench/bench_shared.py --smoke --json /tmp/shared.json      # tiny model, ~5 minutes
+    python bench/bench_shared.py --smoke --json /tmp/shared.json      # tiny model, ~4 minutes
     python bench/bench_shared.py --json OUT.json --markdown bench/RESULTS-shared.md   # ~20 minutes
 """
 
@@ -49,11 +50,15 @@ from serving_client import flush_cache, run_workload, system_server  # noqa: E40
 from serving_workloads import BenchRequest, Workload  # noqa: E402
 from shared_report import evaluate, render_markdown  # noqa: E402
 
-SYSTEMS = ("recompute", "hicache", "hcache-space", "hcache-speed")
+SYSTEMS = ("recompute", "hicache", "hcache-space", "hcache-speed", "hcache-speed-local")
+_FLAGS = {"hicache": ["--hicache-storage-backend", "mooncake"],
+          "hcache-space": ["--hcache-backend", "mooncake"],
+          "hcache-speed": ["--hcache-backend", "mooncake"],
+          "hcache-speed-local": ["--hcache-backend", "mooncake", "--hcache-local-cache"]}
 PRESETS = {
     # tiny float32 model, two documents: the CI smoke run
     "smoke": dict(models=("tiny-llama-mha",), dtype="float32", systems=("recompute", "hicache", "hcache-space"),
-                  documents=2, document_len=512, question_len=16, output_len=4, max_total_tokens=2048,
+                  documents=2, document_len=256, question_len=16, output_len=4, max_total_tokens=1024,
                   page_size=16, store_mb=256),
     # the bench geometry (MHA), 2K-token documents (the issue's range); float32 (a bf16 GEMM is
     # emulated on CPUs without AVX512-BF16/AMX)
@@ -104,8 +109,9 @@ def plan_run(args) -> dict:
     return plan
 
 
-def workloads(plan: dict, vocab: int) -> tuple[Workload, Workload]:
-    """(A's document prefills, B's questions): the same documents, different questions."""
+def workloads(plan: dict, vocab: int) -> tuple[Workload, Workload, Workload]:
+    """(A's document prefills, A's own questions after its device cache is flushed, B's questions):
+    the same documents, different questions."""
     rng = random.Random(plan["seed"])
 
     def ids(n: int) -> list[int]:
@@ -114,21 +120,28 @@ def workloads(plan: dict, vocab: int) -> tuple[Workload, Workload]:
     docs = [ids(plan["document_len"]) for _ in range(plan["documents"])]
     qlen = plan["question_len"]
     prefill = tuple(BenchRequest(f"a{i}", tuple(d + ids(qlen)), 1, 0, False) for i, d in enumerate(docs))
+    own = tuple(BenchRequest(f"o{i}", tuple(d + ids(qlen)), plan["output_len"], 1, True)
+                for i, d in enumerate(docs))
     ask = tuple(BenchRequest(f"b{i}", tuple(d + ids(qlen)), plan["output_len"], 1, True)
                 for i, d in enumerate(docs))
     spec = {k: plan[k] for k in ("documents", "document_len", "question_len", "output_len", "seed")}
-    return Workload("shared-prefill", spec, prefill), Workload("shared-questions", spec, ask)
+    return (Workload("shared-prefill", spec, prefill), Workload("own-questions", spec, own),
+            Workload("shared-questions", spec, ask))
 
 
 def server_plan(system: str, plan: dict, master, pinned: str | None = None) -> dict:
     """``serving_client.system_server``'s plan for ``system`` on ``master`` (servers mount no memory)."""
-    flags = {"hicache": ["--hicache-storage-backend", "mooncake"],
-             "hcache-space": ["--hcache-backend", "mooncake"],
-             "hcache-speed": ["--hcache-backend", "mooncake"]}.get(system, [])
+    flags = list(_FLAGS.get(system, []))
     if pinned:
         flags += ["--hcache-layer-plan", pinned]
-    return dict(page_size=plan["page_size"], objective="balanced", server_flags=flags,
+    return dict(page_size=plan["page_size"], objective="speed" if "speed" in system else "balanced",
+                server_flags=flags,
                 server_env=master.env(0) if system != "recompute" else {})
+
+
+def _launched_as(system: str) -> str:
+    """serving_client's system name (the local-cache variant is ``hcache`` under the speed objective)."""
+    return "hcache" if system == "hcache-speed-local" else system
 
 
 def settle(master, timeout: float = 120.0, quiet_s: float = 2.0) -> float:
@@ -144,9 +157,10 @@ def settle(master, timeout: float = 120.0, quiet_s: float = 2.0) -> float:
     return last
 
 
-def run_system(system: str, path, dtype: str, plan: dict, prefill: Workload, ask: Workload,
-               workdir: Path) -> dict:
-    """A then B for one system on a fresh master and store process."""
+def run_system(system: str, path, dtype: str, plan: dict, prefill: Workload, own: Workload,
+               ask: Workload, workdir: Path) -> dict:
+    """A then B for one system on a fresh master and store process. A, after its prefills, also
+    answers ``own`` with its device cache flushed: a context returning to the server that saved it."""
     from hcache_sglang.backends import MooncakeMaster, MooncakeStoreProcess
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -157,17 +171,19 @@ def run_system(system: str, path, dtype: str, plan: dict, prefill: Workload, ask
         out: dict = {}
         pinned = None
         if system != "recompute":
-            with system_server(system, path, dtype, plan["max_total_tokens"], server_plan(system, plan, master),
-                               workdir / "A", start_timeout=plan["start_timeout"]) as a:
+            with system_server(_launched_as(system), path, dtype, plan["max_total_tokens"],
+                               server_plan(system, plan, master), workdir / "A",
+                               start_timeout=plan["start_timeout"]) as a:
                 before = settle(master)
                 out["prefill"] = run_workload(a, prefill)
                 if system.startswith("hcache"):
                     flush_cache(a)  # returns once every spill is written (HiCache's would drop its tree)
                 out["master_bytes"] = settle(master) - before
                 out["master_keys"] = master.metric("master_key_count")
+                out["own"] = run_workload(a, own)  # run_workload flushes the device cache first
                 out["server_a"] = a.describe()
                 pinned = out["server_a"].get("restore_plan") if system.startswith("hcache") else None
-        with system_server(system, path, dtype, plan["max_total_tokens"],
+        with system_server(_launched_as(system), path, dtype, plan["max_total_tokens"],
                            server_plan(system, plan, master, pinned), workdir / "B",
                            start_timeout=plan["start_timeout"]) as b:
             out["questions"] = run_workload(b, ask)
@@ -189,14 +205,15 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
         path = toy_models.resolve_model(name)
         info = check_model_path(path)
         config = json.loads((Path(path) / "config.json").read_text())
-        prefill, ask = workloads(plan, config["vocab_size"])
+        prefill, own, ask = workloads(plan, config["vocab_size"])
         runs, gflops = {}, []
         for system in plan["systems"]:
             gflops.append(gemm_gflops(hidden=info.hidden_size, intermediate=config["intermediate_size"],
                                       dtype=getattr(torch, plan["dtype"])))
             print(f"bench_shared: {name} {system}: A prefills {len(prefill.requests)} documents, "
                   f"B asks {len(ask.requests)} questions", flush=True)
-            runs[system] = run_system(system, path, plan["dtype"], plan, prefill, ask, workdir / f"{name}-{system}")
+            runs[system] = run_system(system, path, plan["dtype"], plan, prefill, own, ask,
+                                      workdir / f"{name}-{system}")
         stored = sum(len(r.input_ids) // plan["page_size"] * plan["page_size"] for r in prefill.requests)
         doc["geometries"][name] = dict(
             model=str(path), dtype=plan["dtype"], num_layers=info.num_layers, hidden_size=info.hidden_size,

@@ -127,6 +127,9 @@ class HCacheConfig:
     # Mooncake settings in SGLang's config keys (master_server_address, protocol, ...); None: read
     # SGLANG_HICACHE_MOONCAKE_CONFIG_PATH or the MOONCAKE_* variables, as SGLang's Mooncake backend does.
     mooncake: Optional[dict] = None
+    # with backend mooncake: keep this server's local pool (directory, capacity_bytes) in front of
+    # Mooncake as a cache: saves go to both, a restore reads the local copy when it holds every page
+    local_cache: bool = False
     timeline_dir: Optional[str] = None  # write a restore timeline per sampled restore here (debug)
     timeline_every: int = 1  # sample every N-th restore into the timeline
     # re-plan from served restores: a verdict per this many restores that ran alone (0: keep the
@@ -149,6 +152,9 @@ class HCacheConfig:
         if self.mooncake is not None and not isinstance(self.mooncake, dict):
             raise ValueError(f"hcache: mooncake config {self.mooncake!r}; expected a dict of SGLang's "
                              "Mooncake keys (master_server_address, protocol, ...) or None")
+        if self.local_cache and self.backend is not Backend.MOONCAKE:
+            raise ValueError("hcache: a local cache sits in front of a shared store: --hcache-local-cache "
+                             f"needs --hcache-backend mooncake (got {self.backend.value})")
         if not isinstance(self.plan_tokens, int) or self.plan_tokens < 16:
             raise ValueError(f"hcache: plan tokens {self.plan_tokens!r}; expected an integer >= 16")
         if not isinstance(self.replan_window, int) or isinstance(self.replan_window, bool) or not (

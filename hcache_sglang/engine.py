@@ -35,6 +35,7 @@ _HCACHE_KEYS = {
     "hcache_plan_tokens": "plan_tokens",
     "hcache_backend": "backend",
     "hcache_mooncake": "mooncake",
+    "hcache_local_cache": "local_cache",
     "hcache_timeline": "timeline_dir",
     "hcache_timeline_every": "timeline_every",
     "hcache_replan_window": "replan_window",

@@ -57,6 +57,11 @@ def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
         help="local: this server's file pool; mooncake: Mooncake Store shared by many servers "
              "(configured like SGLang's: MOONCAKE_* variables or SGLANG_HICACHE_MOONCAKE_CONFIG_PATH)",
     )
+    group.add_argument(
+        "--hcache-local-cache", action="store_true",
+        help="with --hcache-backend mooncake: this server's pool (--hcache-dir, --hcache-capacity) in "
+             "front of Mooncake; saves go to both, restores read the local copy when it has every page",
+    )
     group.add_argument("--hcache-dir", default=None, help="chunk pool + LMDB index directory")
     group.add_argument("--hcache-capacity", default=None, help="pool size, e.g. 64G (default: fits the free disk)")
     group.add_argument(
@@ -103,6 +108,7 @@ def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
         refresh_profile=args.hcache_refresh_profile,
         plan_tokens=args.hcache_plan_tokens,
         backend=args.hcache_backend,
+        local_cache=args.hcache_local_cache,
         timeline_dir=args.hcache_timeline,
         timeline_every=args.hcache_timeline_every,
         replan_window=args.hcache_replan_window,

@@ -15,7 +15,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
+from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig, TieredStore
 from hcache_sglang.config import Backend, HCacheConfig, format_size
 from hcache_sglang.fingerprint import model_fingerprint
 from hcache_sglang.planner import LayerPlan
@@ -55,7 +55,14 @@ def open_local_store(config: HCacheConfig, directory: str, namespace: Namespace)
 def _open_mooncake_store(config: HCacheConfig, directory: str, namespace: Namespace) -> Any:
     from hcache_sglang.serving.mooncake_config import open_mooncake_store  # imports Mooncake's client
 
-    return open_mooncake_store(config, directory, namespace)
+    shared = open_mooncake_store(config, directory, namespace)
+    if not config.local_cache:
+        return shared
+    try:  # --hcache-local-cache: this server's pool in front (saves to both, local reads first)
+        return TieredStore(open_local_store(config, directory, namespace), shared)
+    except Exception:
+        shared.close()
+        raise
 
 
 # Store backends by name (``--hcache-backend``): each opens the store the pipelines save to and read
