@@ -1,7 +1,7 @@
 """A shared tier on Mooncake Store: documents prefilled on server A, questions answered on server B.
 
 A deployment of several SGLang servers shares prefix state through one distributed store. Per
-system, this script starts a fresh ``mooncake_master`` and a standalone ``mooncake_client`` store
+system but recompute, this script starts a fresh ``mooncake_master`` and a standalone ``mooncake_client`` store
 process that holds the memory (servers mount none: ``MOONCAKE_GLOBAL_SEGMENT_SIZE=0``, the
 deployment README.md recommends), then
 
@@ -130,13 +130,14 @@ def workloads(plan: dict, vocab: int) -> tuple[Workload, Workload, Workload]:
 
 
 def server_plan(system: str, plan: dict, master, pinned: str | None = None) -> dict:
-    """``serving_client.system_server``'s plan for ``system`` on ``master`` (servers mount no memory)."""
+    """``serving_client.system_server``'s plan for ``system`` on ``master`` (servers mount no memory;
+    None: no Mooncake, recompute)."""
     flags = list(_FLAGS.get(system, []))
     if pinned:
         flags += ["--hcache-layer-plan", pinned]
     return dict(page_size=plan["page_size"], objective="speed" if "speed" in system else "balanced",
                 server_flags=flags,
-                server_env=master.env(0) if system != "recompute" else {})
+                server_env=master.env(0) if master is not None else {})
 
 
 def _launched_as(system: str) -> str:
@@ -159,39 +160,44 @@ def settle(master, timeout: float = 120.0, quiet_s: float = 2.0) -> float:
 
 def run_system(system: str, path, dtype: str, plan: dict, prefill: Workload, own: Workload,
                ask: Workload, workdir: Path) -> dict:
-    """A then B for one system on a fresh master and store process. A, after its prefills, also
-    answers ``own`` with its device cache flushed: a context returning to the server that saved it."""
+    """A then B for one system on a fresh master and store process (recompute: B alone, no
+    Mooncake). A, after its prefills, also answers ``own`` with its device cache flushed: a context
+    returning to the server that saved it."""
     from hcache_sglang.backends import MooncakeMaster, MooncakeStoreProcess
 
     workdir.mkdir(parents=True, exist_ok=True)
+    if system == "recompute":  # nothing is shared: every question prefills its document
+        return _ask_b(system, path, dtype, plan, ask, workdir, None, None)
     master = MooncakeMaster(workdir).start()
     store = MooncakeStoreProcess(master, workdir, plan["store_mb"])
     try:
         store.start()
         out: dict = {}
-        pinned = None
-        if system != "recompute":
-            with system_server(_launched_as(system), path, dtype, plan["max_total_tokens"],
-                               server_plan(system, plan, master), workdir / "A",
-                               start_timeout=plan["start_timeout"]) as a:
-                before = settle(master)
-                out["prefill"] = run_workload(a, prefill)
-                if system.startswith("hcache"):
-                    flush_cache(a)  # returns once every spill is written (HiCache's would drop its tree)
-                out["master_bytes"] = settle(master) - before
-                out["master_keys"] = master.metric("master_key_count")
-                out["own"] = run_workload(a, own)  # run_workload flushes the device cache first
-                out["server_a"] = a.describe()
-                pinned = out["server_a"].get("restore_plan") if system.startswith("hcache") else None
         with system_server(_launched_as(system), path, dtype, plan["max_total_tokens"],
-                           server_plan(system, plan, master, pinned), workdir / "B",
-                           start_timeout=plan["start_timeout"]) as b:
-            out["questions"] = run_workload(b, ask)
-            out["server_b"] = b.describe()
-        return out
+                           server_plan(system, plan, master), workdir / "A",
+                           start_timeout=plan["start_timeout"]) as a:
+            before = settle(master)
+            out["prefill"] = run_workload(a, prefill)
+            if system.startswith("hcache"):
+                flush_cache(a)  # returns once every spill is written (HiCache's would drop its tree)
+            out["master_bytes"] = settle(master) - before
+            out["master_keys"] = master.metric("master_key_count")
+            out["own"] = run_workload(a, own)  # run_workload flushes the device cache first
+            out["server_a"] = a.describe()
+        pinned = out["server_a"].get("restore_plan") if system.startswith("hcache") else None
+        return dict(out, **_ask_b(system, path, dtype, plan, ask, workdir, master, pinned))
     finally:
         store.stop()
         master.stop()
+
+
+def _ask_b(system: str, path, dtype: str, plan: dict, ask: Workload, workdir: Path, master,
+           pinned: str | None) -> dict:
+    """Server B answers ``ask`` (on ``master``'s store; HCache with A's plan ``pinned``)."""
+    with system_server(_launched_as(system), path, dtype, plan["max_total_tokens"],
+                       server_plan(system, plan, master, pinned), workdir / "B",
+                       start_timeout=plan["start_timeout"]) as b:
+        return dict(questions=run_workload(b, ask), server_b=b.describe())
 
 
 def run_benchmark(plan: dict, workdir: Path) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from serving_report import percentile, restored_tokens, tokens_by_tier
+from serving_report import fmt_or_dash, percentile, ratio, restored_tokens, tokens_by_tier
 from svg_chart import line_chart
 
 REFERENCE = "hicache"
@@ -58,10 +58,6 @@ def agreement(run: dict, ref: dict) -> float:
     return sum(r[key] == want[r["rid"]] for r in run["requests"]) / len(run["requests"])
 
 
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
 def evaluate(geo: dict) -> None:
     """Fill each cell (system, client, workload, multiple) with its ratios against HiCache's cell."""
     runs = geo["runs"]
@@ -73,14 +69,14 @@ def evaluate(geo: dict) -> None:
                     ref = runs.get(REFERENCE, {}).get(client, {}).get(wname, {}).get(m)
                     if ref is None:
                         continue
-                    cell["ttft_speedup_vs_hicache"] = _ratio(ref["ttft_returning_ms_mean"],
+                    cell["ttft_speedup_vs_hicache"] = ratio(ref["ttft_returning_ms_mean"],
                                                              cell["ttft_returning_ms_mean"])
-                    cell["hit_rate_ratio_vs_hicache"] = _ratio(cell["hit_rate"], ref["hit_rate"])
+                    cell["hit_rate_ratio_vs_hicache"] = ratio(cell["hit_rate"], ref["hit_rate"])
                     other = clients.get("ours" if client == "sglang" else "sglang", {}).get(wname, {}).get(m)
                     # the same requests in the same order only on rag; SGLang's multi-turn mode sends
                     # its own conversations all at once (its TTFTs hold their queueing)
                     if other is not None and client == "sglang" and wname == "rag":
-                        cell["ttft_vs_our_client"] = _ratio(cell["ttft_returning_ms_mean"],
+                        cell["ttft_vs_our_client"] = ratio(cell["ttft_returning_ms_mean"],
                                                             other["ttft_returning_ms_mean"])
 
 
@@ -116,15 +112,11 @@ def ours_hit_rate(geo: dict, system: str, wname: str, m: str) -> float | None:
     return geo["runs"][system]["ours"][wname][m].get("hit_rate")
 
 
-def _f(x, fmt="{:.0f}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
 def render_markdown(doc: dict) -> str:
     cfg = doc["config"]
     lines = ["# bench_budget results", "",
-             f"Preset `{cfg['preset']}`, wall {_f(doc.get('wall_s'))} s, host GEMM "
-             f"{', '.join(_f(g, '{:.1f}') for g in doc.get('host_gemm_gflops_runs') or [doc.get('host_gemm_gflops')])}"
+             f"Preset `{cfg['preset']}`, wall {fmt_or_dash(doc.get('wall_s'))} s, host GEMM "
+             f"{', '.join(fmt_or_dash(g, '{:.1f}') for g in doc.get('host_gemm_gflops_runs') or [doc.get('host_gemm_gflops')])}"
              f" GFLOP/s ({cfg.get('dtype')}, measured at the start of each run). Every system gets "
              "the same cache bytes beyond the shared device pool: HiCache's host DRAM tier (no storage "
              "backend), HCache's chunk pool. Working set = reused prefix tokens x K/V bytes per token, "
@@ -143,12 +135,12 @@ def render_markdown(doc: dict) -> str:
                 for w, cells in wls.items() for m, cell in cells.items()]
         for w, m, s, c, cell in sorted(rows, key=lambda r: (r[0], r[1], r[3], r[2])):
             lines.append(
-                f"| {w} | {m:g} | {s} | {c} | {_f(cell['hit_rate'], '{:.2f}')} "
-                f"| {_f(cell['ttft_returning_ms_mean'])} | {_f(cell['ttft_returning_ms_p50'])} "
-                f"| {_f(cell['ttft_returning_ms_p90'])} | {_f(cell.get('ttft_speedup_vs_hicache'), '{:.2f}')} "
-                f"| {_f(cell.get('hit_rate_ratio_vs_hicache'), '{:.2f}')} "
-                f"| {_f(cell.get('agreement_vs_hicache'), '{:.3f}')} "
-                f"| {_f(cell.get('restore_ms_per_1k_tokens'))} | {geo['plans'].get(s) or '-'} |")
+                f"| {w} | {m:g} | {s} | {c} | {fmt_or_dash(cell['hit_rate'], '{:.2f}')} "
+                f"| {fmt_or_dash(cell['ttft_returning_ms_mean'])} | {fmt_or_dash(cell['ttft_returning_ms_p50'])} "
+                f"| {fmt_or_dash(cell['ttft_returning_ms_p90'])} | {fmt_or_dash(cell.get('ttft_speedup_vs_hicache'), '{:.2f}')} "
+                f"| {fmt_or_dash(cell.get('hit_rate_ratio_vs_hicache'), '{:.2f}')} "
+                f"| {fmt_or_dash(cell.get('agreement_vs_hicache'), '{:.3f}')} "
+                f"| {fmt_or_dash(cell.get('restore_ms_per_1k_tokens'))} | {geo['plans'].get(s) or '-'} |")
         lines.append("")
         both = [(w, float(m), s, cell["ttft_vs_our_client"]) for w, m, s, c, cell in rows
                 if c == "sglang" and cell.get("ttft_vs_our_client") is not None]

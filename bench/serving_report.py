@@ -104,7 +104,8 @@ def summarize(run: dict, server: dict, recompute: dict) -> dict:
     return out
 
 
-def _ratio(a, b):
+def ratio(a, b):
+    """a / b, or None when either is missing (or b is 0)."""
     return a / b if a is not None and b else None
 
 
@@ -118,11 +119,11 @@ def compare(systems: dict[str, dict], float_dtype: bool) -> dict:
             continue
         mine, rec, ideal = ttft[variant], ttft.get("recompute"), ttft.get("ideal")
         gain = (rec - ideal) if rec is not None and ideal is not None else None
-        out[f"ttft_speedup_vs_hicache{suffix}"] = _ratio(ttft.get("hicache"), mine)
-        out[f"ttft_speedup_vs_recompute{suffix}"] = _ratio(rec, mine)
+        out[f"ttft_speedup_vs_hicache{suffix}"] = ratio(ttft.get("hicache"), mine)
+        out[f"ttft_speedup_vs_recompute{suffix}"] = ratio(rec, mine)
         out[f"ttft_fraction_of_ideal_gain{suffix}"] = (
             (rec - mine) / gain if gain and gain > 0 and mine is not None else None)
-        out[f"storage_ratio_vs_hicache{suffix}"] = _ratio(bpt[variant], bpt.get("hicache"))
+        out[f"storage_ratio_vs_hicache{suffix}"] = ratio(bpt[variant], bpt.get("hicache"))
     others = [v for s, v in systems.items() if s != "recompute"]
     out["outputs_identical"] = all(v["outputs_identical"] for v in others)
     out["output_token_agreement"] = min((v["output_token_agreement"] for v in others), default=1.0)
@@ -133,7 +134,8 @@ def compare(systems: dict[str, dict], float_dtype: bool) -> dict:
 # ---------------------------------------------------------------------------- markdown
 
 
-def _f(x, fmt="{:.0f}") -> str:
+def fmt_or_dash(x, fmt="{:.0f}") -> str:
+    """A table cell: ``x`` formatted, or "-" when missing."""
     return "-" if x is None else fmt.format(x)
 
 
@@ -146,7 +148,7 @@ def render_markdown(doc: dict) -> str:
     lines = [
         "# bench_serving results", "",
         f"Preset `{cfg.get('preset')}`, planner objective `{cfg.get('objective')}`, "
-        f"wall {_f(doc.get('wall_s'))} s. Regenerate: `python bench/bench_serving.py --from-json "
+        f"wall {fmt_or_dash(doc.get('wall_s'))} s. Regenerate: `python bench/bench_serving.py --from-json "
         f"{' '.join(doc.get('sources') or ['OUT.json'])} --markdown bench/RESULTS.md`. "
         "TTFT columns are over *returning* requests (their prefix was served before and, except "
         "in `ideal`, evicted from the device pool) unless marked *all*; *cold* = first visits, "
@@ -170,7 +172,7 @@ def render_markdown(doc: dict) -> str:
                 if f"ttft_speedup_vs_hicache{suffix}" in wl:
                     name = "hcache" + (suffix.replace("_", "-") or " (hybrid)")
                     lines.append(f"- {name}: " + ", ".join(
-                        f"{k} {_f(wl.get(k + suffix), '{:.2f}')}" for k in RATIO_KEYS))
+                        f"{k} {fmt_or_dash(wl.get(k + suffix), '{:.2f}')}" for k in RATIO_KEYS))
             lines.append("- " + _host_line(wl))
             agree = ("outputs identical: " + str(wl["outputs_identical"])
                      if wl["agreement_exact_expected"]
@@ -185,14 +187,14 @@ def render_markdown(doc: dict) -> str:
                     cold = [r["ttft_s"] * 1e3 for r in wl["requests"][s] if not r["returning"]]
                     v = dict(v, ttft_cold_ms_mean=statistics.fmean(cold) if cold else None)
                 lines.append(
-                    f"| {s} | {_f(v['ttft_returning_ms_mean'])} | {_f(v['ttft_returning_ms_p50'])} "
-                    f"| {_f(v['ttft_returning_ms_p90'])} | {_f(v['ttft_ms_mean'])} "
-                    f"| {_f(v.get('ttft_cold_ms_mean'))} | {_f(v['e2e_ms_mean'])} "
+                    f"| {s} | {fmt_or_dash(v['ttft_returning_ms_mean'])} | {fmt_or_dash(v['ttft_returning_ms_p50'])} "
+                    f"| {fmt_or_dash(v['ttft_returning_ms_p90'])} | {fmt_or_dash(v['ttft_ms_mean'])} "
+                    f"| {fmt_or_dash(v.get('ttft_cold_ms_mean'))} | {fmt_or_dash(v['e2e_ms_mean'])} "
                     f"| {v['tokens_device']}/{v['tokens_restored']}/{v['tokens_computed']} "
-                    f"| {_f(v['restore_ms_per_1k_tokens'])} "
-                    f"| {_f(v['bytes_per_token'])} | {_f(v['output_tokens_per_s'], '{:.1f}')} "
+                    f"| {fmt_or_dash(v['restore_ms_per_1k_tokens'])} "
+                    f"| {fmt_or_dash(v['bytes_per_token'])} | {fmt_or_dash(v['output_tokens_per_s'], '{:.1f}')} "
                     f"| {v['output_token_agreement']:.3f} | {v['restore_plan'] or '-'} "
-                    f"| {_f(v.get('load_avg'), '{:.1f}')} |")
+                    f"| {fmt_or_dash(v.get('load_avg'), '{:.1f}')} |")
             lines.append("")
             lines += _timeline_lines(wl["systems"])
     return "\n".join(lines)
@@ -211,8 +213,8 @@ def _timeline_lines(systems: dict[str, dict]) -> list[str]:
             f"ms per 1K tokens: span {t['span_ms_per_1k']:.0f} = IO busy {t['io_busy_ms_per_1k']:.0f}, "
             f"compute busy {t['compute_busy_ms_per_1k']:.0f}, bubbles {t['bubble_ms_per_1k']:.0f}; forward "
             f"waits {t['forward_wait_ms_per_1k']:.0f}; span / max(IO, compute) {t['span_over_bound']:.2f}; "
-            f"planner's prediction {_f(v.get('predicted_restore_ms_per_1k'))}, "
-            f"restore metric {_f(v.get('restore_ms_per_1k_tokens'))}")
+            f"planner's prediction {fmt_or_dash(v.get('predicted_restore_ms_per_1k'))}, "
+            f"restore metric {fmt_or_dash(v.get('restore_ms_per_1k_tokens'))}")
     return out + [""] if out else []
 
 
@@ -227,7 +229,7 @@ def _host_line(wl: dict) -> str:
         rec = sum(r["prompt_tokens"] for r in cold) / sum(r["ttft_s"] for r in cold)
     gemm = (f"GEMM {statistics.median(g):.0f} GFLOP/s (range {g[0]:.0f}-{g[-1]:.0f})" if g
             else "GEMM not measured (JSON from before host speeds were recorded)")
-    return f"host speed: {gemm}, recompute's cold prefill {_f(rec)} tokens/s"
+    return f"host speed: {gemm}, recompute's cold prefill {fmt_or_dash(rec)} tokens/s"
 
 
 def render_sweep(docs: list[dict]) -> str:
@@ -248,10 +250,10 @@ def render_sweep(docs: list[dict]) -> str:
                 prefill = (wl["systems"].get("recompute") or {}).get("cold_prefill_tokens_per_s")
                 tp = f" (tp {cfg['tp']})" if cfg.get("tp", 1) > 1 else ""
                 rows.append((_bandwidth(cap), f"| {_cap_label(cap)} | {gname}{tp} "
-                             f"| {wname} | {_f(ttft.get('recompute'))} | {_f(ttft.get('hicache'))} "
-                             f"| {_f(ttft.get('hcache'))} | {_f(ttft.get('ideal'))} | {plan} | "
-                             + " | ".join(_f(wl.get(k), "{:.2f}") for k in RATIO_KEYS[:3])
-                             + f" | {_f(statistics.median(g) if g else None)} | {_f(prefill)} |"))
+                             f"| {wname} | {fmt_or_dash(ttft.get('recompute'))} | {fmt_or_dash(ttft.get('hicache'))} "
+                             f"| {fmt_or_dash(ttft.get('hcache'))} | {fmt_or_dash(ttft.get('ideal'))} | {plan} | "
+                             + " | ".join(fmt_or_dash(wl.get(k), "{:.2f}") for k in RATIO_KEYS[:3])
+                             + f" | {fmt_or_dash(statistics.median(g) if g else None)} | {fmt_or_dash(prefill)} |"))
     lines += [row for _, row in sorted(rows)]
     return "\n".join(lines) + "\n"
 

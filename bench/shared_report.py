@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 
-from serving_report import percentile, restored_tokens, tokens_by_tier
+from serving_report import fmt_or_dash, percentile, ratio, restored_tokens, tokens_by_tier
 
 TARGETS = {"bytes_per_token_vs_hicache": ("hcache-space", "<=", 0.55),
            "ttft_speedup_vs_hicache": ("hcache-speed", ">=", 0.9)}
@@ -37,20 +37,16 @@ def summarize(run: dict, stored_tokens: int, reference: list[dict] | None) -> di
     return out
 
 
-def _ratio(a, b):
-    return a / b if a is not None and b else None
-
-
 def evaluate(runs: dict[str, dict], stored_tokens: int, float32: bool) -> dict:
     """Summaries per system and the ratios against HiCache on Mooncake (and recompute)."""
     ref = runs["recompute"]["questions"]["requests"] if "recompute" in runs else None
     systems = {s: summarize(r, stored_tokens, ref) for s, r in runs.items()}
     peer, base = systems.get("hicache"), systems.get("recompute")
     for s in systems.values():
-        s["bytes_per_token_vs_hicache"] = _ratio(s.get("bytes_per_token"), peer and peer.get("bytes_per_token"))
-        s["ttft_speedup_vs_hicache"] = _ratio(peer and peer["ttft_ms_mean"], s["ttft_ms_mean"])
-        s["ttft_speedup_vs_recompute"] = _ratio(base and base["ttft_ms_mean"], s["ttft_ms_mean"])
-        s["own_ttft_speedup_vs_hicache"] = _ratio(peer and peer.get("own_ttft_ms_mean"), s.get("own_ttft_ms_mean"))
+        s["bytes_per_token_vs_hicache"] = ratio(s.get("bytes_per_token"), peer and peer.get("bytes_per_token"))
+        s["ttft_speedup_vs_hicache"] = ratio(peer and peer["ttft_ms_mean"], s["ttft_ms_mean"])
+        s["ttft_speedup_vs_recompute"] = ratio(base and base["ttft_ms_mean"], s["ttft_ms_mean"])
+        s["own_ttft_speedup_vs_hicache"] = ratio(peer and peer.get("own_ttft_ms_mean"), s.get("own_ttft_ms_mean"))
     targets = {}
     for key, (system, op, bound) in TARGETS.items():
         value = systems.get(system, {}).get(key)
@@ -61,10 +57,6 @@ def evaluate(runs: dict[str, dict], stored_tokens: int, float32: bool) -> dict:
     agree = [s["agreement"] for s in systems.values() if "agreement" in s]
     return dict(systems=systems, targets=targets, outputs_identical=bool(agree) and min(agree) == 1.0,
                 exact_expected=float32, requests={s: r["questions"]["requests"] for s, r in runs.items()})
-
-
-def _f(x, fmt="{:.0f}") -> str:
-    return "-" if x is None else fmt.format(x)
 
 
 def render_markdown(doc: dict) -> str:
@@ -79,19 +71,19 @@ def render_markdown(doc: dict) -> str:
                   f"one {spec['question_len']}-token question per document; \"A again\": A itself, its device "
                   f"cache flushed, answers another question per document (a context back on the server that "
                   f"saved it). Host GEMM "
-                  f"{_f(statistics.median(gf) if gf else None)} GFLOP/s "
-                  f"(range {_f(min(gf) if gf else None)}-{_f(max(gf) if gf else None)}).", "",
+                  f"{fmt_or_dash(statistics.median(gf) if gf else None)} GFLOP/s "
+                  f"(range {fmt_or_dash(min(gf) if gf else None)}-{fmt_or_dash(max(gf) if gf else None)}).", "",
                   "| system | B TTFT mean ms | p50 | p90 | vs HiCache | vs recompute | restored tokens | "
                   "master bytes / token | vs HiCache | plan | outputs = recompute | A again: TTFT mean ms | vs HiCache |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for s, v in g["systems"].items():
             lines.append(
-                f"| {s} | {_f(v['ttft_ms_mean'])} | {_f(v['ttft_ms_p50'])} | {_f(v['ttft_ms_p90'])} | "
-                f"{_f(v['ttft_speedup_vs_hicache'], '{:.2f}x')} | {_f(v['ttft_speedup_vs_recompute'], '{:.2f}x')} | "
-                f"{v['restored_tokens']}/{v['prompt_tokens']} | {_f(v.get('bytes_per_token'))} | "
-                f"{_f(v['bytes_per_token_vs_hicache'], '{:.2f}x')} | {v.get('plan_a') or '-'} | "
-                f"{_f(v.get('agreement'), '{:.0%}')} | {_f(v.get('own_ttft_ms_mean'))} | "
-                f"{_f(v.get('own_ttft_speedup_vs_hicache'), '{:.2f}x')} |")
+                f"| {s} | {fmt_or_dash(v['ttft_ms_mean'])} | {fmt_or_dash(v['ttft_ms_p50'])} | {fmt_or_dash(v['ttft_ms_p90'])} | "
+                f"{fmt_or_dash(v['ttft_speedup_vs_hicache'], '{:.2f}x')} | {fmt_or_dash(v['ttft_speedup_vs_recompute'], '{:.2f}x')} | "
+                f"{v['restored_tokens']}/{v['prompt_tokens']} | {fmt_or_dash(v.get('bytes_per_token'))} | "
+                f"{fmt_or_dash(v['bytes_per_token_vs_hicache'], '{:.2f}x')} | {v.get('plan_a') or '-'} | "
+                f"{fmt_or_dash(v.get('agreement'), '{:.0%}')} | {fmt_or_dash(v.get('own_ttft_ms_mean'))} | "
+                f"{fmt_or_dash(v.get('own_ttft_speedup_vs_hicache'), '{:.2f}x')} |")
         lines.append("")
         for key, t in g["targets"].items():
             lines.append(f"- target {key} {t['bound']}: {t['value']:.2f} -> {'met' if t['met'] else 'NOT met'}")

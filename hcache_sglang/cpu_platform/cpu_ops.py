@@ -96,16 +96,7 @@ def transfer_kv_direct(
             f"transfer_kv_direct: {len(src_layers)} source layers but {len(dst_layers)} "
             "destination layers; expected one destination per source"
         )
-    if src_indices.numel() != dst_indices.numel():
-        raise ValueError(
-            f"transfer_kv_direct: {src_indices.numel()} source indices but "
-            f"{dst_indices.numel()} destination indices; expected equal counts"
-        )
-    if page_size <= 0 or src_indices.numel() % page_size:
-        raise ValueError(
-            f"transfer_kv_direct: {src_indices.numel()} indices is not a whole number of "
-            f"pages of page_size={page_size}"
-        )
+    _check_pages(src_indices, dst_indices, page_size, "transfer_kv_direct")
     src = src_indices.long()
     dst = dst_indices.long()
     for src_layer, dst_layer in zip(src_layers, dst_layers):
@@ -113,19 +104,20 @@ def transfer_kv_direct(
         dst_layer[dst.to(dst_layer.device)] = rows.to(dst_layer.device)
 
 
-def _first_slots(indices: torch.Tensor, page_size: int, what: str) -> torch.Tensor:
-    """The first token slot of each page of ``indices`` (whole pages, in page order)."""
-    if page_size <= 0 or indices.numel() % page_size:
-        raise ValueError(f"{what}: {indices.numel()} indices is not a whole number of pages of "
-                         f"page_size={page_size}")
-    return indices.long().view(-1, page_size)[:, 0].cpu()
-
-
-def _page_first_pairs(src_indices, dst_indices, page_size, what):
+def _check_pages(src_indices: torch.Tensor, dst_indices: torch.Tensor, page_size: int, what: str) -> None:
+    """Both index lists the same length, a whole number of pages of ``page_size``."""
     if src_indices.numel() != dst_indices.numel():
         raise ValueError(f"{what}: {src_indices.numel()} source indices but {dst_indices.numel()} "
                          "destination indices; expected equal counts")
-    return _first_slots(src_indices, page_size, what), _first_slots(dst_indices, page_size, what)
+    if page_size <= 0 or src_indices.numel() % page_size:
+        raise ValueError(f"{what}: {src_indices.numel()} indices is not a whole number of pages of "
+                         f"page_size={page_size}")
+
+
+def _page_first_pairs(src_indices, dst_indices, page_size, what):
+    """The first token slot of each page, of the source and of the destination (checked pages)."""
+    _check_pages(src_indices, dst_indices, page_size, what)
+    return tuple(i.long().view(-1, page_size)[:, 0].cpu() for i in (src_indices, dst_indices))
 
 
 def transfer_kv_all_layer_direct_lf_pf(
