@@ -51,6 +51,17 @@ class HostBuffers:
             return torch.empty(size, dtype=torch.uint8, pin_memory=True)
         return aligned_buffer(size, populate=True)
 
+    def prewarm(self, nbytes: int) -> int:
+        """Allocate (fault in, or pin) one buffer of at least ``nbytes`` now and keep it, so that the
+        first restore does not pay for it (~0.5 s for 256 MiB on a 2-core VM); bytes kept (0 when
+        ``nbytes`` is 0 or the buffer would not fit ``max_cached_bytes``)."""
+        if nbytes <= 0:
+            return 0
+        buf = self.acquire(nbytes)
+        before = self.cached_bytes
+        self.release(buf)
+        return self.cached_bytes - before
+
     def lease(self, nbytes: int) -> "Lease":
         """A buffer of at least ``nbytes`` with one holder; back to the pool when the last drops it."""
         return Lease(self, self.acquire(nbytes))

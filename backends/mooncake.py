@@ -256,6 +256,17 @@ class MooncakeChunkStore:
             logger.warning("hcache: %d of %d manifests not stored (codes %s): those pages miss",
                            sum(1 for c in codes if c), len(items), sorted(set(codes) - {0}))
 
+    @property
+    def landing_allocations(self) -> int:
+        """Landing buffers allocated and registered so far (reads after a prewarm add none)."""
+        return self._landing.allocations
+
+    def prewarm(self, ns: Namespace, num_tokens: int) -> None:
+        """Allocate and register every reader thread's landing buffer for a read of ``num_tokens``
+        tokens of ``ns`` now, not during the first restore."""
+        layer_bytes = num_tokens * max(ns.row_bytes(k) for k in (LayerKind.HIDDEN, LayerKind.KV))
+        self._landing.prewarm(self._readers, self.config.reader_threads, layer_bytes)
+
     # ---- drop / stats / close ---------------------------------------------------------------
     def drop(self, ns: Namespace, keys: Sequence[str]) -> None:
         """Forget ``keys`` (their manifests) for every server; the data objects age out."""

@@ -29,6 +29,19 @@ class Landing:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._registered: dict[int, torch.Tensor] = {}  # data_ptr -> buffer
+        self.allocations = 0  # buffers allocated and registered
+
+    def prewarm(self, executor: cf.ThreadPoolExecutor, threads: int, nbytes: int) -> None:
+        """A buffer of ``nbytes`` for each of the executor's ``threads`` threads, now: every task
+        waits at a barrier until all have their buffer, so no thread takes two of them."""
+        barrier = threading.Barrier(threads)
+
+        def one() -> None:
+            self.get(nbytes)
+            barrier.wait(timeout=60)
+
+        for f in [executor.submit(one) for _ in range(threads)]:
+            f.result()
 
     def get(self, nbytes: int) -> torch.Tensor:
         buf = getattr(self._local, "buf", None)
@@ -36,6 +49,7 @@ class Landing:
             return buf
         # Grow to the next power of two: a thread re-registers O(log size) times at most.
         new = aligned_buffer(max(1 << 20, 1 << (align_up(nbytes) - 1).bit_length()), populate=True)
+        self.allocations += 1
         rc = self._client.register_buffer(new.data_ptr(), len(new))
         if rc != 0:
             raise RuntimeError(f"Mooncake register_buffer of {len(new)} bytes failed (code {rc})")

@@ -78,6 +78,11 @@ class TieredStore:
         self.near.flush()
         self.far.flush()
 
+    def prewarm(self, ns: Namespace, num_tokens: int) -> None:
+        for tier in (self.near, self.far):
+            if hasattr(tier, "prewarm"):
+                tier.prewarm(ns, num_tokens)
+
     def read_split(self) -> tuple[int, int]:
         """(reads served by the local pool, reads served by the shared store) so far."""
         with self._lock:

@@ -49,3 +49,16 @@ def test_carved_views_are_page_aligned_disjoint_and_checked():
     assert a.float().sum() == 15 and b.sum() == -7 and c.sum() == 49  # no view overwrote another
     with pytest.raises(ValueError, match="cannot hold"):
         carve(buf[: need - 1], specs)
+
+
+def test_prewarm_allocates_once_so_later_leases_allocate_nothing():
+    pool = HostBuffers(pin=False, max_cached_bytes=64 << 20)
+    assert pool.prewarm(20 << 20) == 32 << 20 and pool.allocations == 1
+    for nbytes in (20 << 20, 3 << 20, 100):  # the first restore, and smaller ones: no new buffer
+        lease = pool.lease(nbytes)
+        assert lease.buffer.numel() == 32 << 20
+        lease.drop()
+    assert pool.allocations == 1 and pool.cached_bytes == 32 << 20
+    assert pool.prewarm(0) == 0 and pool.allocations == 1
+    # a buffer past the cap is not kept: prewarming it would only waste the time
+    assert HostBuffers(pin=False, max_cached_bytes=8 << 20).prewarm(10 << 20) == 0

@@ -88,6 +88,21 @@ def test_reads_larger_than_a_landing_buffer(master):
             assert_read_equals(store, wide, keys, data)
 
 
+def test_prewarmed_landing_buffers_serve_reads_without_allocating(master):
+    wide = replace(NS, hidden_size=2048, dtype="float32")
+    keys, data = chain(64, "warm"), payload(wide, 64)  # 1024 tokens, 4 chunks
+    with open_store(master, staging_bytes=16 << 20, reader_threads=3) as store:
+        assert store.save(wide, keys, **data)
+        store.flush()
+        assert store.lookup(wide, keys).num_pages == 64  # manifests land in the caller's buffer
+        reads_before = store.landing_allocations  # (and the writers' manifest puts in theirs)
+        store.prewarm(wide, 1024)
+        assert store.landing_allocations == reads_before + 3  # one per reader thread
+        for _ in range(3):
+            assert_read_equals(store, wide, keys, data)
+        assert store.landing_allocations == reads_before + 3  # no read allocated or registered
+
+
 def test_each_layer_is_its_own_object(master):
     keys, data = chain(16), payload(NS, 16)  # one full chunk
     with open_store(master) as store:

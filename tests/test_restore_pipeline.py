@@ -233,3 +233,63 @@ def test_namespace_of_a_recomputing_plan_is_its_own_and_old_keys_are_kept():
     assert shifted.key_prefix not in (old.key_prefix, Namespace(**dict(base, num_layers=3)).key_prefix)
     with pytest.raises(ValueError):
         Namespace(**base, recomputed_layers=-1)
+
+
+def test_prewarmed_host_buffers_take_the_first_restore_without_allocating(scenario):
+    from hcache_sglang.config import LoadCheck
+    from hcache_sglang.serving.metrics import RestoreStats
+    from hcache_sglang.serving.restore_pipeline import RestorePipeline
+    from sglang.srt.mem_cache.unified_cache.unified_cache_linker import LayerWiseLoadCounter
+
+    kinds = (H, K, K, H)
+    ns = scenario.save(kinds)
+    pipeline = RestorePipeline(scenario.store, ns, scenario.restorer, LayerWiseLoadCounter(len(kinds)),
+                               stats=RestoreStats(), load_check=LoadCheck.EAGER, page_size=PAGE,
+                               num_layers=len(kinds), recomputed=0, dtype=torch.float32)
+    try:
+        pipeline.prewarm(4 * scenario.tokens, kinds).join(timeout=60)
+        buffers = pipeline.host_buffers
+        assert buffers.allocations == 1 and buffers.cached_bytes > 0
+        assert pipeline.load("r0", scenario.keys, scenario.slots)  # a whole context: read and queued
+        pipeline.reset()
+        assert buffers.allocations == 1  # the restore's buffers were the prewarmed ones
+        # the prewarm is bounded by half the free list's cap, whatever the pool's size
+        big = RestorePipeline(scenario.store, ns, scenario.restorer, LayerWiseLoadCounter(len(kinds)),
+                              stats=RestoreStats(), load_check=LoadCheck.EAGER, page_size=PAGE,
+                              num_layers=len(kinds), recomputed=0, dtype=torch.float32)
+        big.host_buffers.max_cached_bytes = 8 << 20
+        big.prewarm(10**9, kinds).join(timeout=60)
+        assert big.host_buffers.allocations == 1 and big.host_buffers.cached_bytes == 4 << 20
+        big.close()
+    finally:
+        pipeline.close()
+
+
+def _omp_threads() -> int:
+    """The calling thread's OpenMP thread count, as torch reports it."""
+    import re
+    return int(re.search(r"omp_get_max_threads\(\) : (\d+)", torch.__config__.parallel_info()).group(1))
+
+
+def test_worker_thread_counts_are_their_own_and_leak_to_no_other_thread():
+    from hcache_sglang.serving.worker import Worker
+
+    main, seen = _omp_threads(), {}
+    gate = threading.Barrier(2)
+
+    def task(name):
+        gate.wait(timeout=30)  # both workers have set their count before either reads it
+        seen[name] = _omp_threads()
+
+    workers = [Worker(f"t{n}", task, intra_op_threads=n) for n in (1, 2)]
+    for n, w in zip((1, 2), workers):
+        w.put(n)
+    for w in workers:
+        w.drain()
+        w.stop()
+    assert seen == {1: 1, 2: 2}  # torch.set_num_threads gave both the last one set
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(_omp_threads()))
+    t.start()
+    t.join()
+    assert _omp_threads() == main and fresh == [main]  # a spill thread's 1 is nobody else's

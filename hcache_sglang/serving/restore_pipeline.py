@@ -20,6 +20,7 @@ SGLang's scheduler thread drives it through the linker (:mod:`hcache_sglang.serv
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from hcache_sglang.backends import HostBuffers, LayerKind, Namespace, carve, carved_bytes
+from hcache_sglang.backends import ALIGN, HostBuffers, LayerKind, Namespace, carve, carved_bytes
 from hcache_sglang.config import LoadCheck
 from hcache_sglang.serving.metrics import RestoreStats
 from hcache_sglang.serving.replan import RestoreClock
@@ -130,7 +131,7 @@ class RestorePipeline:
     def __init__(self, store: Any, namespace: Namespace, restorer: LayerRestorer, counter: Any, *,
                  stats: RestoreStats, load_check: LoadCheck, page_size: int, num_layers: int,
                  recomputed: int, dtype: torch.dtype, forward_stream: Any = None, timeline: Any = None,
-                 replanner: Any = None) -> None:
+                 replanner: Any = None, intra_op_threads: Optional[int] = None) -> None:
         self.store, self.namespace, self.restorer, self.counter = store, namespace, restorer, counter
         self.stats, self.load_check = stats, load_check
         self.page_size, self.num_layers, self.recomputed, self.dtype = page_size, num_layers, recomputed, dtype
@@ -142,11 +143,45 @@ class RestorePipeline:
         self.host_buffers = HostBuffers(restorer.device.type == "cuda")  # reused landing buffers
         self._expected: dict[str, RequestContext] = {}
         self._pending: dict[str, QueuedRestore] = {}
-        # the projections get every core this process may use: torch's thread count is not inherited
-        # reliably by a new thread (the spill thread's own setting of one leaks into it), and a
-        # restore thread on one core projected 1.6x slower than the startup profile measured
-        self._restores = Worker("restore", self._restore_one, intra_op_threads=len(os.sched_getaffinity(0)))
+        # the projections get the forward's cores (``intra_op_threads``: the scheduler thread's torch
+        # thread count; default every core this process may use). A new thread does not reliably
+        # inherit torch's count (the spill thread's own setting of one leaks into it), and a restore
+        # thread on one core projected 1.6x slower than the startup profile measured
+        threads = intra_op_threads or len(os.sched_getaffinity(0))
+        self._restores = Worker("restore", self._restore_one, intra_op_threads=threads)
         self._releases = Worker("release", self._release_one)
+
+    def prewarm(self, max_tokens: int, layer_kinds: tuple[LayerKind, ...]) -> threading.Thread:
+        """Allocate, on a thread of its own, the host buffers a restore of up to ``max_tokens`` tokens
+        (stored layers ``layer_kinds``) lands in -- the pipeline's and the store's -- so the first
+        restore after startup does not fault them in (it cost HCache ~1 s more than later ones on a
+        2-core VM). At most half of ``host_buffers``' cap; the thread is returned for tests."""
+        specs = self._landing_specs(1, layer_kinds)
+        per_token = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs)
+        budget = self.host_buffers.max_cached_bytes // 2 - ALIGN * len(specs)  # views start page-aligned
+        tokens = max(0, min(max_tokens, budget // per_token))
+
+        def run() -> None:
+            t0 = time.perf_counter()
+            try:
+                kept = self.host_buffers.prewarm(carved_bytes(self._landing_specs(tokens, layer_kinds)))
+                store_prewarm = getattr(self.store, "prewarm", None)
+                if store_prewarm is not None:
+                    store_prewarm(self.namespace, tokens)
+            except Exception:  # noqa: BLE001 - an optimisation: a restore allocates what it needs
+                logger.exception("hcache: prewarming the host landing buffers failed")
+                return
+            logger.info("hcache: host landing buffers ready for a %d-token restore (%.0f MiB, %.2f s)",
+                        tokens, kept / 2**20, time.perf_counter() - t0)
+
+        thread = threading.Thread(target=run, name="hcache-prewarm", daemon=True)
+        thread.start()
+        return thread
+
+    def _landing_specs(self, num_tokens: int, layer_kinds) -> list:
+        """Shapes and dtypes of a restore's host buffers: its stored layers, positions, token ids."""
+        specs = [((num_tokens, *self.namespace.row_shape(kind)), self.dtype) for kind in layer_kinds]
+        return specs + [((num_tokens,), torch.int64), ((num_tokens,), torch.int32)]
 
     # ---- lookup / load (scheduler thread) ---------------------------------------------------
 
@@ -183,8 +218,7 @@ class RestorePipeline:
                                 or len(context.prefix_slots) != context.start):
             logger.warning("hcache: load for %s refused: no request context for its recomputed layers", rid)
             return False
-        specs = [((num_tokens, *self.namespace.row_shape(kind)), self.dtype) for kind in hit.layer_kinds]
-        specs += [((num_tokens,), torch.int64), ((num_tokens,), torch.int32)]
+        specs = self._landing_specs(num_tokens, hit.layer_kinds)
         lease = self.host_buffers.lease(carved_bytes(specs))
         try:
             *stored, positions, token_ids = carve(lease.buffer, specs)

@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch
+
 from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig, TieredStore
 from hcache_sglang.config import Backend, HCacheConfig, format_size
 from hcache_sglang.fingerprint import model_fingerprint
@@ -154,6 +156,7 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     """The runtime of one linker over ``kvcache`` (SGLang's MHATokenToKVPool); ``counter`` is the
     layer-done counter the forward waits on; ``tp`` this rank's place in its TP group."""
     check_kv_pool(kvcache)
+    forward_threads = torch.get_num_threads()  # this (the scheduler's) thread's, before any worker starts
     runner = current_model_runner()
     refused = unsupported_model(runner.model_config)
     if refused:
@@ -191,7 +194,8 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     restore = RestorePipeline(store, namespace, restorer, counter, stats=stats, load_check=config.load_check,
                               page_size=page_size, num_layers=kvcache.layer_num, recomputed=r,
                               dtype=kvcache.dtype, forward_stream=forward_stream, timeline=timeline,
-                              replanner=replan)
+                              replanner=replan, intra_op_threads=forward_threads)
+    restore.prewarm(kvcache.size, tuple(k for k in plan.methods if k is not LayerKind.RECOMPUTE))
     location, where = store_location(config, store, directory)
     _log_startup(plan, where, config, capture, device, kvcache.size, tp)
     metrics = start_metrics_exporter(store, stats) if server_args.enable_metrics else None

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import logging
+import os
 import queue
+import re
 import threading
 from typing import Any, Callable, Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class Worker:
@@ -36,7 +43,7 @@ class Worker:
         # with one, so its small per-chunk gathers do not wait on descheduled workers of the forward's
         # cores (bench/bench_save_path.py: 28-182 vs 1.4-2.3 ms per 1K tokens and layer, loaded host)
         if self._intra_op_threads is not None:
-            torch.set_num_threads(self._intra_op_threads)
+            set_thread_intra_op_threads(self._intra_op_threads)
         while True:
             task = self._tasks.get()
             try:
@@ -45,3 +52,39 @@ class Worker:
                 self._handle(task)
             finally:
                 self._tasks.task_done()
+
+
+def set_thread_intra_op_threads(n: int) -> None:
+    """torch's CPU threads for the calling thread only.
+
+    ``torch.set_num_threads`` is not that: it also sets a process-wide value that every thread adopts
+    at its first torch op (torch initialises a thread's OpenMP setting lazily). So a spill thread's
+    ``set_num_threads(1)`` became a later restore thread's count, and the restore thread's
+    ``set_num_threads(n)`` undid the spill thread's own 1 before its first op. Here the thread is
+    initialised first, then its OpenMP thread count (which MKL follows too) set directly."""
+    torch.get_num_threads()  # the lazy per-thread initialisation, now, so it cannot override what follows
+    omp = _openmp()
+    if omp is None:
+        torch.set_num_threads(n)  # no OpenMP runtime found: the process-wide setting
+        return
+    omp.omp_set_num_threads(n)
+
+
+@functools.cache
+def _openmp() -> Optional[ctypes.CDLL]:
+    """The OpenMP runtime this process loaded (GNU, Intel or LLVM; torch's own first), or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if line.count("/")}
+    except OSError:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    found = sorted((p for p in paths if re.search(r"/lib(g|i)?omp[-.\w]*\.so", p)),
+                   key=lambda p: (not p.startswith(torch_dir), p))
+    for path in found:
+        try:
+            return ctypes.CDLL(path)
+        except OSError:
+            continue
+    logger.debug("hcache: no OpenMP runtime in this process; worker thread counts are process-wide")
+    return None
