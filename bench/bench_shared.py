@@ -26,10 +26,12 @@ Reported per system: TTFT of B's questions (mean/p50/p90), B's tokens by origin
 (``cached_tokens_details``), the bytes the master holds per stored token (the master's own
 ``master_allocated_bytes``, before and after A's requests), and agreement of B's greedy outputs with
 recompute's. Ratios: ``bytes_per_token_vs_hicache`` (target <= 0.55 for hcache-space) and
-``ttft_speedup_vs_hicache`` (target >= 0.9 for hcache-speed).
+``ttft_speedup_vs_hicache`` (target >= 0.9 for hcache-speed). ``--rounds N`` (the full preset: 3)
+runs every system N times, the order rotated each round (recompute in the first only); a TTFT
+ratio is then the median of each round's ratio to that round's HiCache, with its range.
 
     python bench/bench_shared.py --smoke --json /tmp/shared.json      # tiny model, ~4 minutes
-    python bench/bench_shared.py --json OUT.json --markdown bench/RESULTS-shared.md   # ~20 minutes
+    python bench/bench_shared.py --json OUT.json --markdown bench/RESULTS-shared.md   # ~30 minutes
 """
 
 from __future__ import annotations
@@ -59,12 +61,12 @@ PRESETS = {
     # tiny float32 model, two documents: the CI smoke run
     "smoke": dict(models=("tiny-llama-mha",), dtype="float32", systems=("recompute", "hicache", "hcache-space"),
                   documents=2, document_len=256, question_len=16, output_len=4, max_total_tokens=1024,
-                  page_size=16, store_mb=256),
+                  page_size=16, store_mb=256, rounds=1),
     # the bench geometry (MHA), 2K-token documents (the issue's range); float32 (a bf16 GEMM is
     # emulated on CPUs without AVX512-BF16/AMX)
     "full": dict(models=("bench-llama",), dtype="float32", systems=SYSTEMS, documents=3,
                  document_len=2048, question_len=64, output_len=8, max_total_tokens=4096,
-                 page_size=16, store_mb=1536),
+                 page_size=16, store_mb=1536, rounds=3),
 }
 
 
@@ -78,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--documents", type=int, help="documents prefilled on A, one question each on B")
     ap.add_argument("--document-len", type=int, help="tokens per document (a multiple of the page size)")
     ap.add_argument("--store-mb", type=int, help="memory of the standalone Mooncake store process")
+    ap.add_argument("--rounds", type=int, help="times every system runs, order rotated (recompute once)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, help="server and Mooncake logs (default: a fresh temp dir)")
     ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds for /health")
@@ -95,11 +98,11 @@ def plan_run(args) -> dict:
     plan = dict(PRESETS[args.preset], preset=args.preset, seed=args.seed, start_timeout=args.start_timeout)
     plan["models"] = pick_names(args.models, plan["models"], None, "models")
     plan["systems"] = pick_names(args.systems, plan["systems"], SYSTEMS, "systems")
-    for key in ("dtype", "documents", "document_len", "store_mb"):
+    for key in ("dtype", "documents", "document_len", "store_mb", "rounds"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
-    if plan["documents"] < 1 or plan["store_mb"] < 16:
-        raise SystemExit("--documents must be >= 1 and --store-mb >= 16")
+    if plan["documents"] < 1 or plan["store_mb"] < 16 or plan["rounds"] < 1:
+        raise SystemExit("--documents and --rounds must be >= 1 and --store-mb >= 16")
     if plan["document_len"] < plan["page_size"] or plan["document_len"] % plan["page_size"]:
         raise SystemExit(f"--document-len {plan['document_len']}: expected a multiple of the page size "
                          f"{plan['page_size']} (a restore covers whole pages)")
@@ -107,6 +110,14 @@ def plan_run(args) -> dict:
         raise SystemExit(f"--document-len {plan['document_len']}: a request must fit well under the "
                          f"device pool of {plan['max_total_tokens']} tokens")
     return plan
+
+
+def round_order(systems: tuple[str, ...], r: int) -> list[str]:
+    """Round ``r``'s order: recompute first and in round 0 only (the reference outputs), the
+    others rotated by ``r`` so no system always runs first or last."""
+    others = [s for s in systems if s != "recompute"]
+    k = r % len(others) if others else 0
+    return (["recompute"] if r == 0 and "recompute" in systems else []) + others[k:] + others[:k]
 
 
 def workloads(plan: dict, vocab: int) -> tuple[Workload, Workload, Workload]:
@@ -212,19 +223,22 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
         info = check_model_path(path)
         config = json.loads((Path(path) / "config.json").read_text())
         prefill, own, ask = workloads(plan, config["vocab_size"])
-        runs, gflops = {}, []
-        for system in plan["systems"]:
-            gflops.append(gemm_gflops(hidden=info.hidden_size, intermediate=config["intermediate_size"],
-                                      dtype=getattr(torch, plan["dtype"])))
-            print(f"bench_shared: {name} {system}: A prefills {len(prefill.requests)} documents, "
-                  f"B asks {len(ask.requests)} questions", flush=True)
-            runs[system] = run_system(system, path, plan["dtype"], plan, prefill, own, ask,
-                                      workdir / f"{name}-{system}")
+        rounds, gflops = [], []
+        for r in range(plan["rounds"]):
+            runs = {}
+            for system in round_order(plan["systems"], r):
+                gflops.append(gemm_gflops(hidden=info.hidden_size, intermediate=config["intermediate_size"],
+                                          dtype=getattr(torch, plan["dtype"])))
+                print(f"bench_shared: {name} round {r + 1}/{plan['rounds']} {system}: A prefills "
+                      f"{len(prefill.requests)} documents, B asks {len(ask.requests)} questions", flush=True)
+                runs[system] = run_system(system, path, plan["dtype"], plan, prefill, own, ask,
+                                          workdir / f"{name}-{system}" / f"round{r}")
+            rounds.append(runs)
         stored = sum(len(r.input_ids) // plan["page_size"] * plan["page_size"] for r in prefill.requests)
         doc["geometries"][name] = dict(
             model=str(path), dtype=plan["dtype"], num_layers=info.num_layers, hidden_size=info.hidden_size,
             num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, spec=ask.spec, stored_tokens=stored,
-            host_gemm_gflops=gflops, **evaluate(runs, stored, plan["dtype"] == "float32"))
+            host_gemm_gflops=gflops, **evaluate(rounds, stored, plan["dtype"] == "float32"))
     return doc
 
 

@@ -36,7 +36,7 @@ def test_report_ratios_targets_and_agreement():
             "hicache": _run([0.4, 0.6], [[1], [2]], master_bytes=8000, details={"device": 0, "storage": 96}),
             "hcache-space": _run([0.5, 0.5], [[1], [3]], master_bytes=4100, plan="HH",
                                  details={"device": 0, "hcache": 96, "storage": 96})}
-    out = evaluate(runs, stored_tokens=100, float32=True)
+    out = evaluate([runs], stored_tokens=100, float32=True)
     s = out["systems"]
     assert s["hicache"]["bytes_per_token"] == 80 and s["hcache-space"]["bytes_per_token"] == 41
     assert s["hcache-space"]["bytes_per_token_vs_hicache"] == pytest.approx(41 / 80)
@@ -53,6 +53,33 @@ def test_report_ratios_targets_and_agreement():
                                     spec=dict(documents=2, document_len=96, question_len=4))}}
     table = render_markdown(doc)
     assert "| hcache-space | 500 |" in table and table.count("| - | - |") >= 3 and "0.51x" in table and "-> met" in table
+
+
+def test_rounds_pair_each_ratio_with_its_own_rounds_hicache():
+    from shared_report import evaluate, render_markdown
+
+    import bench_shared
+
+    assert bench_shared.round_order(("recompute", "a", "b", "c"), 0) == ["recompute", "a", "b", "c"]
+    assert bench_shared.round_order(("recompute", "a", "b", "c"), 1) == ["b", "c", "a"]  # recompute once
+    rounds = [{"recompute": _run([2.0], [[1]]), "hicache": _run([1.0], [[1]], master_bytes=80),
+               "hcache-speed": _run([0.5], [[1]], master_bytes=80, plan="KK")},
+              {"hicache": _run([0.5], [[1]], master_bytes=80),  # a slow round for HiCache, not for HCache
+               "hcache-speed": _run([0.5], [[1]], master_bytes=80, plan="KK")},
+              {"hicache": _run([2.0], [[1]], master_bytes=80),
+               "hcache-speed": _run([1.0], [[2]], master_bytes=80, plan="KK")}]
+    out = evaluate(rounds, stored_tokens=100, float32=True)
+    s = out["systems"]["hcache-speed"]
+    assert s["ttft_speedup_vs_hicache_rounds"] == pytest.approx([2.0, 1.0, 2.0])
+    assert s["ttft_speedup_vs_hicache"] == pytest.approx(2.0)  # the median, not 1.17/0.67 pooled
+    assert s["questions"] == 3 and s["agreement"] == pytest.approx(2 / 3)  # every round vs recompute
+    assert out["rounds"] == 3 and [r["round"] for r in out["requests"]["hicache"]] == [0, 1, 2]
+    assert out["targets"]["hcache-speed ttft_speedup_vs_hicache"]["met"]
+    doc = {"geometries": {"m": dict(dtype="float32", num_layers=2, hidden_size=8, num_kv_heads=2,
+                                    num_heads=2, host_gemm_gflops=[10.0], **out,
+                                    spec=dict(documents=1, document_len=96, question_len=4))}}
+    table = render_markdown(doc)
+    assert "2.00x (1.00-2.00)" in table and "3 rounds" in table
 
 
 def test_document_length_must_be_whole_pages():
