@@ -13,7 +13,7 @@ This package is the face the rest of hcache_sglang, bench/ and tests/ import: th
 """
 
 from .base import ChunkBackend
-from .host_buffers import HostBuffers, carve, carved_bytes
+from .host_buffers import HostBuffers, carve, carved_bytes, rows_within
 from .index import ChunkIndex, ChunkRecord
 from .layout import ALIGN, LayerKind, Namespace, chunk_layout
 from .mooncake import MooncakeChunkStore, MooncakeStoreConfig, largest_object_bytes
@@ -33,5 +33,5 @@ __all__ = ["ALIGN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkI
            "ExtentAllocator", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind", "MooncakeChunkStore",
            "MooncakeConfigError", "MooncakeMaster", "MooncakeStoreConfig", "MooncakeStoreProcess",
            "MooncakeTarget", "Namespace", "OpenReport", "PeerStore", "ReadHandle", "StoreConfig",
-           "StoreLocked", "StoreStats", "TieredStore", "aligned_buffer", "byte_view", "carve", "carved_bytes",
+           "StoreLocked", "StoreStats", "TieredStore", "aligned_buffer", "byte_view", "carve", "carved_bytes", "rows_within",
            "chunk_layout", "largest_object_bytes", "manifest_key", "object_key"]

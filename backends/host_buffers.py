@@ -20,7 +20,7 @@ import threading
 
 import torch
 
-from .layout import align_up
+from .layout import ALIGN, align_up
 from .pool import aligned_buffer
 
 _MIN_BYTES = 1 << 20
@@ -58,22 +58,22 @@ class HostBuffers:
         if nbytes <= 0:
             return 0
         buf = self.acquire(nbytes)
-        before = self.cached_bytes
-        self.release(buf)
-        return self.cached_bytes - before
+        return buf.numel() if self.release(buf) else 0
 
     def lease(self, nbytes: int) -> "Lease":
         """A buffer of at least ``nbytes`` with one holder; back to the pool when the last drops it."""
         return Lease(self, self.acquire(nbytes))
 
-    def release(self, buf: torch.Tensor) -> None:
+    def release(self, buf: torch.Tensor) -> bool:
+        """Keep ``buf`` for reuse; False when it would pass the cap (freed when its last view goes)."""
         size = buf.numel()
         with self._lock:
             if self.cached_bytes + size > self.max_cached_bytes:
-                return  # dropped: freed when the last view goes
+                return False
             self._serial += 1
             bisect.insort(self._free, (size, self._serial, buf))
             self.cached_bytes += size
+            return True
 
 
 class Lease:
@@ -102,12 +102,16 @@ class Lease:
 Spec = tuple[tuple[int, ...], torch.dtype]
 
 
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
 def _offsets(specs: list[Spec]) -> tuple[list[tuple[int, int]], int]:
     """(start, bytes) of each view, each start page-aligned, and the bytes they span."""
     out, end = [], 0
     for shape, dtype in specs:
         start = align_up(end)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = _nbytes(shape, dtype)
         out.append((start, nbytes))
         end = start + nbytes
     return out, end
@@ -116,6 +120,13 @@ def _offsets(specs: list[Spec]) -> tuple[list[tuple[int, int]], int]:
 def carved_bytes(specs: list[Spec]) -> int:
     """Bytes ``carve`` needs for ``specs``."""
     return _offsets(specs)[1]
+
+
+def rows_within(nbytes: int, row_specs: list[Spec]) -> int:
+    """The most rows n such that ``carve`` of ``row_specs`` with n rows each (specs of one row, the
+    first dimension the row count) fits ``nbytes``, page alignment of every view included."""
+    per_row = sum(_nbytes(shape, dtype) for shape, dtype in row_specs)
+    return max(0, (nbytes - ALIGN * len(row_specs)) // max(per_row, 1))
 
 
 def carve(buf: torch.Tensor, specs: list[Spec]) -> list[torch.Tensor]:

@@ -59,7 +59,12 @@ class MooncakeStoreConfig:
 def largest_object_bytes(ns: Namespace, chunk_tokens: int) -> int:
     """The biggest object a chunk of ``ns`` can need (a full chunk's widest layer)."""
     tokens = max(ns.page_size, chunk_tokens // ns.page_size * ns.page_size)
-    return tokens * max(ns.row_bytes(k) for k in (LayerKind.HIDDEN, LayerKind.KV))
+    return tokens * _widest_row(ns)
+
+
+def _widest_row(ns: Namespace) -> int:
+    """Bytes per token of ``ns``'s widest stored layer (a hidden state or a K/V row)."""
+    return max(ns.row_bytes(k) for k in (LayerKind.HIDDEN, LayerKind.KV))
 
 
 @dataclass
@@ -264,8 +269,7 @@ class MooncakeChunkStore:
     def prewarm(self, ns: Namespace, num_tokens: int) -> None:
         """Allocate and register every reader thread's landing buffer for a read of ``num_tokens``
         tokens of ``ns`` now, not during the first restore."""
-        layer_bytes = num_tokens * max(ns.row_bytes(k) for k in (LayerKind.HIDDEN, LayerKind.KV))
-        self._landing.prewarm(self._readers, self.config.reader_threads, layer_bytes)
+        self._landing.prewarm(self._readers, self.config.reader_threads, num_tokens * _widest_row(ns))
 
     # ---- drop / stats / close ---------------------------------------------------------------
     def drop(self, ns: Namespace, keys: Sequence[str]) -> None:

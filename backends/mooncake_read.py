@@ -49,11 +49,11 @@ class Landing:
             return buf
         # Grow to the next power of two: a thread re-registers O(log size) times at most.
         new = aligned_buffer(max(1 << 20, 1 << (align_up(nbytes) - 1).bit_length()), populate=True)
-        self.allocations += 1
         rc = self._client.register_buffer(new.data_ptr(), len(new))
         if rc != 0:
             raise RuntimeError(f"Mooncake register_buffer of {len(new)} bytes failed (code {rc})")
         with self._lock:
+            self.allocations += 1
             if buf is not None:
                 self._client.unregister_buffer(buf.data_ptr())
                 del self._registered[buf.data_ptr()]

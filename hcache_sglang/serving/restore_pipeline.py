@@ -20,7 +20,6 @@ SGLang's scheduler thread drives it through the linker (:mod:`hcache_sglang.serv
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -28,7 +27,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from hcache_sglang.backends import ALIGN, HostBuffers, LayerKind, Namespace, carve, carved_bytes
+from hcache_sglang.backends import HostBuffers, LayerKind, Namespace, carve, carved_bytes, rows_within
 from hcache_sglang.config import LoadCheck
 from hcache_sglang.serving.metrics import RestoreStats
 from hcache_sglang.serving.replan import RestoreClock
@@ -144,9 +143,9 @@ class RestorePipeline:
         self._expected: dict[str, RequestContext] = {}
         self._pending: dict[str, QueuedRestore] = {}
         # the projections get the forward's cores (``intra_op_threads``: the scheduler thread's torch
-        # thread count; default every core this process may use). A new thread does not reliably
-        # inherit torch's count (the spill thread's own setting of one leaks into it), and a restore
-        # thread on one core projected 1.6x slower than the startup profile measured
+        # thread count; default every core this process may use), set for this thread alone (see
+        # worker.set_thread_intra_op_threads): a restore thread on one core projected 1.6x slower
+        # than the startup profile measured
         threads = intra_op_threads or len(os.sched_getaffinity(0))
         self._restores = Worker("restore", self._restore_one, intra_op_threads=threads)
         self._releases = Worker("release", self._release_one)
@@ -156,10 +155,8 @@ class RestorePipeline:
         (stored layers ``layer_kinds``) lands in -- the pipeline's and the store's -- so the first
         restore after startup does not fault them in (it cost HCache ~1 s more than later ones on a
         2-core VM). At most half of ``host_buffers``' cap; the thread is returned for tests."""
-        specs = self._landing_specs(1, layer_kinds)
-        per_token = sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in specs)
-        budget = self.host_buffers.max_cached_bytes // 2 - ALIGN * len(specs)  # views start page-aligned
-        tokens = max(0, min(max_tokens, budget // per_token))
+        budget = self.host_buffers.max_cached_bytes // 2
+        tokens = min(max_tokens, rows_within(budget, self._landing_specs(1, layer_kinds)))
 
         def run() -> None:
             t0 = time.perf_counter()
