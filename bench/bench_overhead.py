@@ -7,7 +7,7 @@ streaming client of bench_serving.py) and measures, paired with ``off`` in the s
 
     cold-prefill TTFT        one unique prompt at a time per size (512, 2K, 4K tokens), cache flushed
                              (and HCache's spills written) before each
-    decode time per token    unique 64-token prompts decoding 32 tokens, batch 1 and batch 8
+    decode time per token    unique 64-token prompts decoding 96 tokens, batch 1 and batch 8
     prefill throughput       a stream of unique 512-token prompts, 4 in flight, one output token each
 
 Systems (``--systems``):
@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from host_speed import gemm_gflops  # noqa: E402
@@ -55,7 +57,7 @@ SYSTEMS = ("off", "hcache-hidden", "hcache-hybrid", "hcache-kv", "hicache")
 # --split: hcache-hidden with these stages (HCACHE_DEBUG_DISABLE) off, cumulatively, in this order.
 SPLIT_CHAIN = (("writer_io", "split-no-io"), ("staging", "split-no-staging"),
                ("spill", "split-no-spill"), ("capture", "split-no-capture"))
-_MEASURE = dict(ttft_tokens=(512, 2048, 4032), decode_prompt=64, decode_tokens=32, decode_batches=(1, 8),
+_MEASURE = dict(ttft_tokens=(512, 2048, 4032), decode_prompt=64, decode_tokens=96, decode_batches=(1, 8),
                 stream_tokens=512, stream_requests=8, stream_parallel=4, max_total_tokens=4608)
 PRESETS = {
     # CI smoke: tiny model, off and one HCache plan, two rounds, short prompts (HiCache's server is
@@ -214,7 +216,8 @@ def run_geometry(name: str, plan: dict, workdir: Path) -> dict:
         for r in range(plan["rounds"]):
             work = round_workloads(plan, vocab, plan["seed"] * 1000 + r)
             order = systems[r % len(systems):] + systems[: r % len(systems)]
-            entry = {"host": {"gemm_gflops": gemm_gflops(hidden=info.hidden_size, intermediate=inter)},
+            entry = {"host": {"gemm_gflops": gemm_gflops(hidden=info.hidden_size, intermediate=inter,
+                                                          dtype=getattr(torch, dtype))},
                      "order": order, "systems": {}}
             for s in order:
                 with contextlib.ExitStack() as fresh:
@@ -240,12 +243,24 @@ def _brief(m: dict) -> str:
     return f"TTFT ms {ttft} | ms/token {tpot} | stream tok/s {thr}"
 
 
+def _warn_if_dtype_emulated(dtype: str) -> None:
+    """A host without native bf16 GEMMs runs them ~100x slower than float32: say so before a long run."""
+    if dtype == "float32":
+        return
+    own, fp32 = gemm_gflops(dtype=getattr(torch, dtype)), gemm_gflops(dtype=torch.float32)
+    if own < 0.25 * fp32:
+        print(f"bench_overhead: WARNING {dtype} GEMMs run at {own:.1f} GFLOP/s on this host against "
+              f"{fp32:.0f} in float32 (emulated): --dtype float32 measures the same saving path in "
+              "a fraction of the time", flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     plan = plan_run(args)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     print(f"bench_overhead: preset {plan['preset']}, models {', '.join(plan['models'])}, systems "
           f"{', '.join(plan['systems'])}, {plan['rounds']} rounds; logs under {workdir}", flush=True)
+    _warn_if_dtype_emulated(plan["dtype"])
     t0 = time.perf_counter()
     doc = {"config": plan, "geometries": {}}
     for name in plan["models"]:
