@@ -100,16 +100,23 @@ class RestoreStats:
 
 
 class _Exporter:
-    def __init__(self, store: Any, restore_stats: RestoreStats, interval_s: float) -> None:
-        from prometheus_client import Gauge
+    def __init__(self, store: Any, restore_stats: RestoreStats, interval_s: float,
+                 gauge_cls: Any = None) -> None:
+        if gauge_cls is None:
+            from prometheus_client import Gauge as gauge_cls
 
         self._store, self._restore = store, restore_stats
         self._gauges: dict[str, Any] = {}
-        self._gauge_cls = Gauge
+        self._gauge_cls = gauge_cls
+        # One update at a time: prometheus refuses a second gauge of a name, and creating the first
+        # (a file in the multiprocess directory) may take longer than the export interval.
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._interval = interval_s
         self._plan = ""  # the plan label exported as 1 (the previous one drops to 0)
         self._thread = threading.Thread(target=self._run, name="hcache-metrics", daemon=True)
+
+    def start(self) -> None:
         self._thread.start()
 
     def _set(self, name: str, value: float) -> None:
@@ -124,6 +131,10 @@ class _Exporter:
         return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def update(self) -> None:
+        with self._lock:
+            self._update()
+
+    def _update(self) -> None:
         for key, value in self._numeric_fields(self._store.stats()).items():
             self._set(f"hcache_store_{key}", value)
         snapshot = self._restore.snapshot()
@@ -155,9 +166,16 @@ class _Exporter:
         self._stop.set()
 
 
-def start_metrics_exporter(store: Any, restore_stats: RestoreStats, interval_s: float = 1.0) -> _Exporter:
-    exporter = _Exporter(store, restore_stats, interval_s)
-    exporter.update()
+def start_metrics_exporter(store: Any, restore_stats: RestoreStats, interval_s: float = 1.0,
+                           gauge_cls: Any = None) -> _Exporter:
+    """Export once now, then every ``interval_s`` on a daemon thread. A failed export is logged and
+    retried on the next interval: metrics never keep a server from starting."""
+    exporter = _Exporter(store, restore_stats, interval_s, gauge_cls)
+    try:
+        exporter.update()
+    except Exception:  # noqa: BLE001
+        logger.exception("hcache: metrics export failed (retried every %.1f s)", interval_s)
+    exporter.start()
     return exporter
 
 
