@@ -127,7 +127,9 @@ def server_options(system: str, num_layers: int) -> tuple[str, dict]:
     if system == BASELINE:
         return "recompute", {}
     if system == "hicache":
-        return "hicache", {}
+        # SGLang's default host ratio, stated: its auto-sizing keeps 10 GiB free and refuses to
+        # start beside the other resident servers (float32 weights and HCache's landing buffers).
+        return "hicache", dict(server_flags=["--hicache-ratio", "2"])
     if system == "hcache-kv":
         return "hcache", dict(server_flags=["--hcache-layer-plan", "kv"])
     if system == "hcache-hybrid":
