@@ -213,8 +213,11 @@ def run_geometry(name: str, plan: dict, workdir: Path) -> dict:
     systems, rounds, plans = list(plan["systems"]), [], {}
     dtype, layers = plan["dtype"], info.num_layers
     with contextlib.ExitStack() as stack:
+        # HiCache first: SGLang sizes its host tier against the memory left after a 10 GiB reserve,
+        # which the other resident servers would have taken.
         resident = {} if plan["restart"] else {
-            s: stack.enter_context(_server(s, path, dtype, plan, layers, workdir / name)) for s in systems}
+            s: stack.enter_context(_server(s, path, dtype, plan, layers, workdir / name))
+            for s in sorted(systems, key=lambda s: s != "hicache")}
         for r in range(plan["rounds"]):
             work = round_workloads(plan, vocab, plan["seed"] * 1000 + r)
             order = systems[r % len(systems):] + systems[: r % len(systems)]
