@@ -7,7 +7,7 @@ streaming client of bench_serving.py) and measures, paired with ``off`` in the s
 
     cold-prefill TTFT        one unique prompt at a time per size (512, 2K, 4K tokens), cache flushed
                              (and HCache's spills written) before each
-    decode time per token    unique 64-token prompts decoding 96 tokens, batch 1 and batch 8
+    decode time per token    unique 64-token prompts decoding 48 tokens, batch 1 and batch 8
     prefill throughput       a stream of unique 512-token prompts, 4 in flight, one output token each
 
 Systems (``--systems``):
@@ -57,7 +57,7 @@ SYSTEMS = ("off", "hcache-hidden", "hcache-hybrid", "hcache-kv", "hicache")
 # --split: hcache-hidden with these stages (HCACHE_DEBUG_DISABLE) off, cumulatively, in this order.
 SPLIT_CHAIN = (("writer_io", "split-no-io"), ("staging", "split-no-staging"),
                ("spill", "split-no-spill"), ("capture", "split-no-capture"))
-_MEASURE = dict(ttft_tokens=(512, 2048, 4032), decode_prompt=64, decode_tokens=96, decode_batches=(1, 8),
+_MEASURE = dict(ttft_tokens=(512, 2048, 4032), decode_prompt=64, decode_tokens=48, decode_batches=(1, 8),
                 stream_tokens=512, stream_requests=8, stream_parallel=4, max_total_tokens=4608)
 PRESETS = {
     # CI smoke: tiny model, off and one HCache plan, two rounds, short prompts (HiCache's server is
@@ -270,6 +270,8 @@ def main(argv=None) -> int:
     doc = {"config": plan, "geometries": {}}
     for name in plan["models"]:
         doc["geometries"][name] = run_geometry(name, plan, workdir)
+        if args.json:  # each geometry kept as it completes: a long run stopped later loses only the rest
+            args.json.write_text(json.dumps(doc, indent=1, default=str))
     doc["wall_s"] = time.perf_counter() - t0
     print(render(doc))
     print(f"wall {doc['wall_s'] / 60:.1f} min; a shared host moves absolute times, the paired ratios less")

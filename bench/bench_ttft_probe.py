@@ -60,7 +60,8 @@ def main(argv=None) -> int:
     path = toy_models.resolve_model(args.model)
     vocab = json.loads((Path(path) / "config.json").read_text())["vocab_size"]
     extra = dict(args.option)
-    pool = args.tokens * 2 + 512  # the context and one flood fit; three floods evict it
+    pool = args.tokens * 2 + 512
+    flood = (pool - args.tokens) // 3 + 64  # the context and two floods fit; three evict it
     scratch = None
     if args.mode == "hcache" and "hcache_dir" not in extra:
         extra["hcache_dir"] = scratch = tempfile.mkdtemp(prefix="ttft-probe-")
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         ask("device hit", context + _tokens(3, args.question, vocab))
         for r in range(args.rounds):
             for f in range(3):
-                engine.generate(input_ids=[1] + _tokens(100 + 10 * r + f, args.tokens // 2 + 100, vocab),
+                engine.generate(input_ids=[1] + _tokens(100 + 10 * r + f, flood, vocab),
                                 sampling_params=greedy)
             time.sleep(1.0)  # let write-through spills land
             ask(f"returning {r}", context + _tokens(4 + r, args.question, vocab))
