@@ -19,9 +19,10 @@ Systems (``--systems``):
     hicache        --hierarchical-cache hicache      (SGLang's write-through to host + file storage)
 
 Every system's server is started once per geometry and kept (``--sleep-on-idle``: a waiting server
-sleeps on its sockets); rounds then alternate the systems, one serving at a time, the order rotated
-each round, the GEMM GFLOP/s of the host measured before each round. ``--restart`` starts each system
-afresh for each round instead (one server alive at a time; much slower). The ratios, their spreads
+sleeps on its sockets); in each round every measurement runs on every system back to back, one
+serving at a time, before the next measurement (the order rotated per measurement and per round), the
+GEMM GFLOP/s of the host measured before each round. ``--restart`` starts each system afresh for each
+round instead (one server alive at a time, all of its measurements in turn; much slower). The ratios, their spreads
 and the host speed beside them: bench/overhead_report.py.
 
 ``--split`` adds ``hcache-hidden`` with its saving stages turned off one more at a time through the
@@ -162,22 +163,43 @@ def round_workloads(plan: dict, vocab: int, seed: int) -> dict[str, Workload]:
 
 
 def measure(server, work: dict[str, Workload]) -> dict:
-    """One system's round: each workload after a flush (HCache's spills of the last one written)."""
-    out: dict = {"ttft_s": {}, "tpot_s": {}, "throughput_tok_s": {}, "load_avg": []}
+    """One system's round (``--restart``: one server at a time), every workload in turn."""
+    out = _new_measurement()
     for key, wl in work.items():
-        kind, size = key.split(":")
-        _flush(server)
-        run = run_workload(server, wl, scrape=False)
-        out["load_avg"].append(run["load_avg"])
-        recs = run["requests"]
-        if kind == "ttft":
-            out["ttft_s"][size] = recs[0]["ttft_s"]
-        elif kind == "decode":
-            out["tpot_s"][size] = statistics.median(tpot_s(r) for r in recs)
-        else:
-            out["throughput_tok_s"][size] = sum(r["prompt_tokens"] for r in recs) / run["wall_s"]
-    _flush(server)  # the next system must not share the host with this one's writes
+        measure_item(server, key, wl, out)
     return out
+
+
+def measure_interleaved(servers: dict, order: list[str], work: dict[str, Workload]) -> dict[str, dict]:
+    """One round of resident servers: each workload on every system back to back before the next
+    workload (who goes first rotates per workload), so a ratio pairs measurements seconds apart rather
+    than a whole system's round apart: this host's speed drifts by 10-30% over minutes."""
+    out = {s: _new_measurement() for s in order}
+    for i, (key, wl) in enumerate(work.items()):
+        for s in order[i % len(order):] + order[: i % len(order)]:
+            measure_item(servers[s], key, wl, out[s])
+    return out
+
+
+def _new_measurement() -> dict:
+    return {"ttft_s": {}, "tpot_s": {}, "throughput_tok_s": {}, "load_avg": []}
+
+
+def measure_item(server, key: str, wl: Workload, out: dict) -> None:
+    """One workload on one server, between flushes (HCache's spills written before and after, so the
+    next measurement, on this server or another, does not share the host with these writes)."""
+    kind, size = key.split(":")
+    _flush(server)
+    run = run_workload(server, wl, scrape=False)
+    _flush(server)
+    out["load_avg"].append(run["load_avg"])
+    recs = run["requests"]
+    if kind == "ttft":
+        out["ttft_s"][size] = recs[0]["ttft_s"]
+    elif kind == "decode":
+        out["tpot_s"][size] = statistics.median(tpot_s(r) for r in recs)
+    else:
+        out["throughput_tok_s"][size] = sum(r["prompt_tokens"] for r in recs) / run["wall_s"]
 
 
 def _flush(server, timeout_s: float = 120.0) -> None:
@@ -224,11 +246,14 @@ def run_geometry(name: str, plan: dict, workdir: Path) -> dict:
             entry = {"host": {"gemm_gflops": gemm_gflops(hidden=info.hidden_size, intermediate=inter,
                                                           dtype=getattr(torch, dtype))},
                      "order": order, "systems": {}}
+            if resident:
+                entry["systems"] = measure_interleaved(resident, order, work)
             for s in order:
                 with contextlib.ExitStack() as fresh:
                     server = resident.get(s) or fresh.enter_context(
                         _server(s, path, dtype, plan, layers, workdir / name / f"round{r}"))
-                    entry["systems"][s] = measure(server, work)
+                    if s not in entry["systems"]:
+                        entry["systems"][s] = measure(server, work)
                     if s not in plans:
                         plans[s] = server.describe()["restore_plan"]
                 print(f"{name} round {r + 1}/{plan['rounds']} {s}: {_brief(entry['systems'][s])}", flush=True)
@@ -252,7 +277,8 @@ def _warn_if_dtype_emulated(dtype: str) -> None:
     """A host without native bf16 GEMMs runs them ~100x slower than float32: say so before a long run."""
     if dtype == "float32":
         return
-    own, fp32 = gemm_gflops(dtype=getattr(torch, dtype)), gemm_gflops(dtype=torch.float32)
+    small = dict(tokens=128, hidden=512, intermediate=1024, repeats=2)  # ~0.1 s even emulated
+    own, fp32 = gemm_gflops(dtype=getattr(torch, dtype), **small), gemm_gflops(dtype=torch.float32, **small)
     if own < 0.25 * fp32:
         print(f"bench_overhead: WARNING {dtype} GEMMs run at {own:.1f} GFLOP/s on this host against "
               f"{fp32:.0f} in float32 (emulated): --dtype float32 measures the same saving path in "
