@@ -16,7 +16,7 @@ tokens) and, after each forward, a real save of its tokens' rows from a side poo
 
     none      the forward alone (the baseline)
     spill     the spill thread as the linker runs it (torch's default intra-op threads)
-    spill-1t  the spill thread with ``torch.set_num_threads(1)`` (per thread under OpenMP)
+    spill-1t  the spill thread with one OpenMP thread of its own (serving/worker.py's setter)
 
 Per mode: forward ms (median), the ratio to ``none`` paired per round (median, min-max), the spill
 thread's staged MB/s while busy, and the process's CPU seconds per forward; a GEMM's GFLOP/s beside
@@ -58,7 +58,7 @@ def _cpu_s() -> float:
 class Spiller:
     """A spill thread that saves queued (keys, rows) from the side pool into a real ChunkStore."""
 
-    def __init__(self, store, ns, side: list[torch.Tensor], positions, token_ids, threads: int | None):
+    def __init__(self, store, ns, side: list[torch.Tensor], positions, token_ids, threads: int):
         self.store, self.ns, self.side = store, ns, side
         self.positions, self.token_ids, self.threads = positions, token_ids, threads
         self.tasks: queue.Queue = queue.Queue()
@@ -69,8 +69,11 @@ class Spiller:
     def _main(self) -> None:
         from hcache_sglang.backends import LayerKind
 
-        if self.threads is not None:
-            torch.set_num_threads(self.threads)
+        from hcache_sglang.serving.worker import set_thread_intra_op_threads
+
+        # this thread's count only (torch.set_num_threads would also hand it to every thread started
+        # later: a "spill" round after a "spill-1t" one ran with one thread too)
+        set_thread_intra_op_threads(self.threads)
         while (task := self.tasks.get()) is not None:
             keys, rows = task
             t0 = time.perf_counter()
@@ -164,7 +167,7 @@ def run_mode(mode: str, args, forward, side, positions, token_ids, round_no: int
     directory = workdir / f"{mode}-{round_no}"
     store = ChunkStore(StoreConfig(str(directory), capacity_bytes=256 << 20))
     spiller = None if mode == "none" else Spiller(store, ns, side, positions, token_ids,
-                                                  1 if mode == "spill-1t" else None)
+                                                  1 if mode == "spill-1t" else args.default_threads)
     times, cpu0, slots = [], _cpu_s(), side[0].shape[0]
     try:
         for i in range(args.forwards):
@@ -225,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    args.default_threads = torch.get_num_threads()  # the forward's (main thread's) count
     dtype = getattr(torch, args.dtype)
     doc: dict = {"config": vars(args) | {"json": str(args.json)}}
     with tempfile.TemporaryDirectory(prefix="save-path-") as tmp:
