@@ -182,7 +182,7 @@ def measure_interleaved(servers: dict, order: list[str], work: dict[str, Workloa
 
 
 def _new_measurement() -> dict:
-    return {"ttft_s": {}, "tpot_s": {}, "throughput_tok_s": {}, "load_avg": []}
+    return {"ttft_s": {}, "tpot_s": {}, "throughput_tok_s": {}, "cpu_s": {}, "load_avg": []}
 
 
 def measure_item(server, key: str, wl: Workload, out: dict) -> None:
@@ -190,8 +190,10 @@ def measure_item(server, key: str, wl: Workload, out: dict) -> None:
     next measurement, on this server or another, does not share the host with these writes)."""
     kind, size = key.split(":")
     _flush(server)
+    cpu0 = server.cpu_s()
     run = run_workload(server, wl, scrape=False)
     _flush(server)
+    out["cpu_s"][key] = server.cpu_s() - cpu0  # the request's work and every save it caused
     out["load_avg"].append(run["load_avg"])
     recs = run["requests"]
     if kind == "ttft":

@@ -8,6 +8,8 @@ reported figure is the median of the per-round ratios, with their min and max:
     ttft_overhead[system][tokens]   = median_r(TTFT_sys / TTFT_off) - 1      (0.03 = 3% slower)
     decode_overhead[system][batch]  = median_r(TPOT_sys / TPOT_off) - 1      (time per output token)
     throughput_ratio[system][tokens] = median_r(tok/s_sys / tok/s_off)       (prefill of a stream)
+    cpu_overhead[system][measurement] = median_r(CPU_sys / CPU_off) - 1      (CPU seconds of every
+        process of the server, from the measurement's start to the flush after it: its saves included)
 
 ``host`` beside every figure: the median GEMM GFLOP/s of those rounds and ``off``'s prefill
 tokens/s at the largest TTFT size (or the stream's, for throughput) in the same rounds.
@@ -63,6 +65,11 @@ def summarize(rounds: list[dict], systems: list[str]) -> dict:
             n: dict(spread(_paired(rounds, s, lambda m, n=n: m["throughput_tok_s"][n])),
                     host=_host(rounds, lambda m, n=n: m["throughput_tok_s"][n]))
             for n in streams}
+        if "cpu_s" in first:  # runs before CPU accounting have none
+            out.setdefault("cpu_overhead", {})[s] = {
+                key: dict(_minus_one(spread(_paired(rounds, s, lambda m, key=key: m["cpu_s"][key]))),
+                          host=ttft_host)
+                for key in first["cpu_s"]}
         out["systems"][s] = {
             key: {k: spread([r["systems"][s][key][k] for r in rounds]) for k in rounds[0]["systems"][s][key]}
             for key in ("ttft_s", "tpot_s", "throughput_tok_s")}
@@ -109,8 +116,8 @@ def render(doc: dict) -> str:
     for g, geo in doc["geometries"].items():
         lines.append(f"== {g} ({geo['dtype']}, {geo['rounds_done']} rounds alternated) ==")
         for table, unit in (("ttft_overhead", "cold TTFT overhead"), ("decode_overhead", "decode overhead"),
-                            ("throughput_ratio", "prefill throughput ratio")):
-            for s, rows in geo[table].items():
+                            ("throughput_ratio", "prefill throughput ratio"), ("cpu_overhead", "CPU overhead")):
+            for s, rows in geo.get(table, {}).items():
                 if s == BASELINE:
                     continue
                 plan = geo["restore_plans"].get(s)
@@ -118,7 +125,7 @@ def render(doc: dict) -> str:
                     fmt = "{:+.1%}" if table != "throughput_ratio" else "{:.3f}x"
                     h = st["host"]
                     lines.append(
-                        f"{s:18s} {unit:25s} {key:>7s}: {fmt.format(st['median']):>8s} "
+                        f"{s:18s} {unit:25s} {key:>11s}: {fmt.format(st['median']):>8s} "
                         f"[{fmt.format(st['min'])}, {fmt.format(st['max'])}]"
                         f"  (host: GEMM {h['gemm_gflops']:.0f} GFLOP/s, off prefill "
                         f"{h['off_prefill_tok_s']:.0f} tok/s){'  plan ' + plan if plan else ''}")

@@ -83,6 +83,20 @@ class Server:
     start_s: float = 0.0
     log: Path = field(default=Path())
     tp: int = 1
+    pgid: int = 0  # the launcher's process group: every process of this server
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) every process of this server has used so far: unlike wall
+        time, another tenant's load on the host barely moves it."""
+        tick, total = os.sysconf("SC_CLK_TCK"), 0
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process exited meanwhile
+                continue
+            if int(fields[2]) == self.pgid:  # pgrp; utime and stime follow at 11 and 12
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
 
     def metrics(self) -> dict[str, float]:
         """``hcache_*`` gauges of ``/metrics`` (empty for systems without them)."""
@@ -175,6 +189,7 @@ def system_server(system: str, model_path, dtype: str, max_total_tokens: int, pl
     with open(log, "wb") as out:
         proc = subprocess.Popen(LAUNCHER + argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
+    server.pgid = proc.pid  # a new session: its own process group, led by the launcher
     try:
         _wait_healthy(server, proc, start_timeout)
         server.start_s = time.perf_counter() - t0

@@ -8,6 +8,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,31 @@ def test_quick_run_serves_every_system_and_writes_every_key(tmp_path):
             m = r["systems"][s]
             assert all(v > 0 for v in m["ttft_s"].values()) and all(v > 0 for v in m["tpot_s"].values())
         assert geo["throughput_ratio"][s]["64"]["host"]["gemm_gflops"] > 0
-    assert "GFLOP/s" in result.stdout and "cold TTFT overhead" in result.stdout
+        # CPU seconds of the server's processes per measurement, paired with off's like the times
+        keys = {"ttft:64", "ttft:192", "decode:1", "decode:4", "stream:64"}
+        assert set(geo["cpu_overhead"][s]) == keys
+        assert all(r["systems"][s]["cpu_s"][k] > 0 for r in geo["rounds"] for k in keys)
+        cpu = [r["systems"][s]["cpu_s"]["ttft:192"] / r["systems"]["off"]["cpu_s"]["ttft:192"] for r in geo["rounds"]]
+        assert geo["cpu_overhead"][s]["ttft:192"]["median"] == pytest.approx(statistics.median(cpu) - 1)
+    assert "GFLOP/s" in result.stdout and "cold TTFT overhead" in result.stdout and "CPU overhead" in result.stdout
+
+
+def test_server_cpu_seconds_count_every_process_of_its_group():
+    from serving_client import Server
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.5: pass\ntime.sleep(30)"],
+                             start_new_session=True)
+    try:
+        server = Server("off", "http://127.0.0.1:1", Path("."), 16, [], pgid=child.pid)
+        deadline = time.monotonic() + 30
+        while server.cpu_s() < 0.4:  # the child's busy half second, counted through its group
+            assert time.monotonic() < deadline, server.cpu_s()
+            time.sleep(0.05)
+        assert Server("off", "", Path("."), 16, [], pgid=child.pid + 10**7).cpu_s() == 0
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_skipped_writer_io_covers_the_tp_group_store_and_refuses_a_store_without_a_pool(tmp_path):
