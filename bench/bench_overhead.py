@@ -130,7 +130,7 @@ def server_options(system: str, num_layers: int) -> tuple[str, dict]:
     if system == "hicache":
         # SGLang's default host ratio, stated: its auto-sizing keeps 10 GiB free and refuses to
         # start beside the other resident servers (float32 weights and HCache's landing buffers).
-        return "hicache", dict(server_flags=["--hicache-ratio", "2"])
+        return "hicache", dict(hicache_ratio=2.0)
     if system == "hcache-kv":
         return "hcache", dict(server_flags=["--hcache-layer-plan", "kv"])
     if system == "hcache-hybrid":
@@ -219,7 +219,7 @@ def _server(system: str, path, dtype: str, plan: dict, num_layers: int, workdir:
     base, extra = server_options(system, num_layers)
     flags = ["--sleep-on-idle", *extra.get("server_flags", ())]  # a waiting server sleeps on its sockets
     sys_plan = dict(page_size=16, objective="balanced", server_flags=flags,
-                    server_env=extra.get("server_env", {}))
+                    server_env=extra.get("server_env", {}), hicache_ratio=extra.get("hicache_ratio"))
     with system_server(base, path, dtype, plan["max_total_tokens"], sys_plan, workdir / system,
                        start_timeout=plan["start_timeout"]) as server:
         yield server

@@ -68,7 +68,6 @@ class Spiller:
 
     def _main(self) -> None:
         from hcache_sglang.backends import LayerKind
-
         from hcache_sglang.serving.worker import set_thread_intra_op_threads
 
         # this thread's count only (torch.set_num_threads would also hand it to every thread started
