@@ -1,9 +1,11 @@
 """The LMDB index: which chunk holds each page of each namespace, and where its bytes are.
 
-Three databases in one environment (``<directory>/index``):
+Four databases in one environment (``<directory>/index``):
 
 - ``pages``:  ``ns.key_prefix + page_key`` -> ``chunk_id u64 | page_idx u32``
 - ``chunks``: ``chunk_id`` (big-endian u64) -> packed :class:`ChunkRecord`
+- ``headers``: ``chunk_id`` -> the chunk's header (positions int64 [t] | token ids int32 [t]), read
+  with the chunk and never at open (12 bytes a token: its pool extent holds its layers only)
 - ``meta``:   ``b"format"`` -> :data:`FORMAT`, ``b"pool"`` -> the id of the pool file the offsets
   point into (see :class:`IndexStamp`; an index of another format or pool is never read, see
   ``recovery``). ``b"lru"`` -> the chunk ids from least to most recently used (``u64`` each), written
@@ -11,7 +13,8 @@ Three databases in one environment (``<directory>/index``):
   committed after it was written, count as newest).
 
 Call order: ``stamp`` and ``records`` (at open, to check the index and rebuild the allocator) ->
-``resolve`` (one read txn per lookup or read) -> ``commit`` (after the bytes are written and synced)
+``resolve`` (one read txn per lookup or read) -> ``headers`` (one more per read) -> ``commit`` (after
+the bytes are written and synced)
 -> ``delete`` (before their space is freed). Every method takes the index lock; the map doubles on
 ``MapFullError``. Opening writes nothing, so a tool may inspect a live store's index.
 """
@@ -35,8 +38,9 @@ logger = logging.getLogger(__name__)
 _REC = struct.Struct("<Q16sQQIQQH")  # id, ns prefix, offset, nbytes, tokens, parent, header digest, L
 _PAGE = struct.Struct("<QI")  # chunk id, page index within the chunk
 _ID = struct.Struct(">Q")
+MAX_DBS = 4
 DAMAGED_MARK = "DAMAGED"  # written into the index directory when a read fails at run time
-FORMAT = b"3"  # 3: offsets into the data region after the pool header (2: no pool header)
+FORMAT = b"4"  # 4: headers in the index; 3: headers in the extents; 2: no pool header
 
 
 class IndexStamp(NamedTuple):
@@ -57,7 +61,7 @@ class ChunkRecord(NamedTuple):  # a NamedTuple: opening 10^5 of them costs a thi
     num_tokens: int
     parent_id: int  # chunk holding the page before this chunk's first page; 0 = unknown / root
     kinds: tuple[LayerKind, ...]
-    header_digest: int  # layout.digest of the header payload
+    header_digest: int  # layout.digest of the header (kept in the headers database)
     layer_digests: tuple[int, ...]
     keys: tuple[str, ...]  # page keys in order
 
@@ -106,10 +110,11 @@ class ChunkIndex:
 
     def __init__(self, path: str, map_size: int = 64 << 20):
         self.path = path
-        self.env = lmdb.open(path, map_size=map_size, max_dbs=3, subdir=True, lock=True)
+        self.env = lmdb.open(path, map_size=map_size, max_dbs=MAX_DBS, subdir=True, lock=True)
         try:
             self._pages = self.env.open_db(b"pages")
             self._chunks = self.env.open_db(b"chunks")
+            self._headers = self.env.open_db(b"headers")
             self._meta = self.env.open_db(b"meta")
             with self.env.begin(db=self._chunks) as txn:
                 cur = txn.cursor()
@@ -194,11 +199,31 @@ class ChunkIndex:
             return []
         return out
 
-    def commit(self, records: Sequence[ChunkRecord]) -> None:
-        """Insert chunks and their page entries atomically (call after the bytes are synced)."""
+    def headers(self, ids: Sequence[int]) -> dict[int, bytes]:
+        """The headers of chunks ``ids`` (one read txn); a chunk deleted meanwhile is absent, and so
+        is every one when the index fails to read (the reader then reports the chunks damaged)."""
+        out: dict[int, bytes] = {}
+        try:
+            with self._lock, self.env.begin(db=self._headers) as txn:
+                for cid in ids:
+                    raw = txn.get(_ID.pack(cid))
+                    if raw is not None:
+                        out[cid] = bytes(raw)
+        except lmdb.Error as e:
+            logger.error("hcache store: the index %s failed a header read (%s)", self.path, e)
+            return {}
+        return out
+
+    def commit(self, records: Sequence[ChunkRecord], headers: Sequence[bytes]) -> None:
+        """Insert chunks, their headers (``headers[i]`` is ``records[i]``'s) and their page entries
+        atomically (call after the bytes are synced)."""
+        if len(headers) != len(records):
+            raise ValueError(f"{len(records)} records but {len(headers)} headers")
+
         def put(txn: lmdb.Transaction) -> None:
-            for rec in records:
+            for rec, header in zip(records, headers):
                 txn.put(_ID.pack(rec.chunk_id), rec.pack(), db=self._chunks)
+                txn.put(_ID.pack(rec.chunk_id), header, db=self._headers)
                 for i, key in enumerate(rec.keys):
                     txn.put(rec.ns_prefix + key.encode(), _PAGE.pack(rec.chunk_id, i), db=self._pages)
         self._write(put)
@@ -208,6 +233,7 @@ class ChunkIndex:
         def rm(txn: lmdb.Transaction) -> None:
             for rec in records:
                 txn.delete(_ID.pack(rec.chunk_id), db=self._chunks)
+                txn.delete(_ID.pack(rec.chunk_id), db=self._headers)
                 for key in rec.keys:
                     k = rec.ns_prefix + key.encode()
                     v = txn.get(k, db=self._pages)

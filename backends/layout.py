@@ -1,14 +1,18 @@
 """What a chunk is, on disk and in staging: the namespace that makes bytes valid, and the byte layout.
 
-A *chunk* is a page-aligned run of up to ``chunk_tokens`` tokens of one context. Its image is one
-contiguous extent, layer-major::
+A *chunk* is a page-aligned run of up to ``chunk_tokens`` tokens of one context. Its pool extent
+is layer-major::
 
-    [header: positions int64 [t] | token_ids int32 [t]] [layer 0] [layer 1] ... [layer L-1]
+    [layer 0] [layer 1] ... [layer L-1]
 
 each segment starting on an ``ALIGN`` boundary, so that restoring layer ``l`` reads only layer ``l``'s
 bytes (one aligned read per chunk, O_DIRECT-capable). A HIDDEN layer holds ``[t, hidden_size]``, a KV
-layer ``[t, 2, num_kv_heads, head_dim]``, both in the namespace dtype. Each segment's payload is
-guarded by a 64-bit :func:`digest` kept in the index.
+layer ``[t, 2, num_kv_heads, head_dim]``, both in the namespace dtype. The chunk's *header*
+(positions int64 ``[t]`` | token ids int32 ``[t]``, 12 bytes a token) is not in the extent: a file
+store keeps it in its index, Mooncake in an object of its own. (In the extent it took an ``ALIGN``
+block of its own: a 27 MiB pool held 17 64-token chunks of 1.5 MiB of K/V, not 18.) In staging a
+chunk's image is its header block, then its extent. Every payload is guarded by a 64-bit
+:func:`digest` kept in the index.
 """
 
 from __future__ import annotations
@@ -128,17 +132,27 @@ class ChunkLayout:
     """Byte layout of one chunk of ``num_tokens`` tokens with the given per-layer kinds."""
 
     num_tokens: int
-    header: Segment
-    layers: tuple[Segment, ...]
-    total_bytes: int  # ALIGN-aligned extent size
+    header: Segment  # at the start of the staging image; never in the pool extent
+    layers: tuple[Segment, ...]  # offsets inside the extent
+    total_bytes: int  # ALIGN-aligned extent size: what the pool allocates for the chunk
+
+    @property
+    def header_block(self) -> int:
+        """Bytes the header takes in staging, before the extent (an ALIGN multiple)."""
+        return align_up(self.header.length)
+
+    @property
+    def staging_bytes(self) -> int:
+        """The staging image: header block, then the extent."""
+        return self.header_block + self.total_bytes
 
 
 def chunk_layout(ns: Namespace, num_tokens: int, kinds: tuple[LayerKind, ...]) -> ChunkLayout:
-    """Lay out a chunk: header first, then one aligned segment per layer, in layer order."""
+    """Lay out a chunk: one aligned segment per layer, in layer order, and its header apart."""
     if len(kinds) != ns.num_layers:
         raise ValueError(f"layer_kinds has {len(kinds)} entries, expected num_layers={ns.num_layers}")
     header = Segment(0, HEADER_BYTES_PER_TOKEN * num_tokens)
-    pos = align_up(header.length)
+    pos = 0
     layers = []
     for kind in kinds:
         seg = Segment(pos, num_tokens * ns.row_bytes(kind))

@@ -225,13 +225,13 @@ class MooncakeChunkStore:
         keys, ptrs, sizes, manifests = [], [], [], []
         for c in job.chunks:
             cid = f"{self._nonce}{next(self._seq):08x}"
-            segs = (c.layout.header, *c.layout.layers)
-            digests = [digest(view[c.staging_offset + s.offset:c.staging_offset + s.offset + s.length])
-                       for s in segs]
-            for l, s in enumerate(segs):
+            segs = [(c.staging_offset, c.layout.header.length)]  # the header, then each layer
+            segs += [(c.extent_offset + s.offset, s.length) for s in c.layout.layers]
+            digests = [digest(view[at:at + n]) for at, n in segs]
+            for l, (at, n) in enumerate(segs):
                 keys.append(object_key(ns, cid, l - 1))
-                ptrs.append(base_ptr + c.staging_offset + s.offset)
-                sizes.append(s.length)
+                ptrs.append(base_ptr + at)
+                sizes.append(n)
             manifests.append([(key, Manifest(cid, c.layout.num_tokens, i, c.kinds, digests[0],
                                              tuple(digests[1:])))
                               for i, key in enumerate(c.keys)])

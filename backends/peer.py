@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import lmdb
 import torch
 
-from .index import FORMAT, ChunkIndex, ChunkRecord
+from .index import FORMAT, MAX_DBS, ChunkIndex, ChunkRecord
 from .layout import LayerKind, Namespace
 from .pool import PoolReader
 from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces
@@ -37,19 +37,30 @@ class _ReadOnlyIndex(ChunkIndex):
 
     def __init__(self, path: str):  # noqa: D107 - no super().__init__: it opens for writing
         self.path = path
-        self.env = lmdb.open(path, readonly=True, max_dbs=3, subdir=True, lock=True)
+        self.env = lmdb.open(path, readonly=True, max_dbs=MAX_DBS, subdir=True, lock=True)
         self._pages = self.env.open_db(b"pages", create=False)
         self._chunks = self.env.open_db(b"chunks", create=False)
+        self._headers = self._open_headers()
         self._meta = self.env.open_db(b"meta", create=False)
         self._lock = threading.Lock()
         self.read_errors = 0
+
+    def _open_headers(self):
+        """The headers database, or None while the index is of an older format (which has none)."""
+        try:
+            return self.env.open_db(b"headers", create=False)
+        except lmdb.NotFoundError:
+            return None
 
     def pool_id(self) -> bytes | None:
         """The pool id the index's offsets point into, when it is of this format (else None)."""
         with self._lock, self.env.begin() as txn:
             if txn.get(b"format", db=self._meta) != FORMAT:
                 return None
-            return txn.get(b"pool", db=self._meta)
+            pool_id = txn.get(b"pool", db=self._meta)
+        if self._headers is None:
+            self._headers = self._open_headers()
+        return pool_id if self._headers is not None else None
 
     def resolve(self, prefix: bytes, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
         try:  # adopt a map the writer grew before reading (a stale map fails every read txn)
@@ -97,9 +108,10 @@ class PeerStore:
         if any(rec.kinds != kinds for rec, _ in resolved):
             raise ValueError("pages span chunks with different layer_kinds; read them separately")
         check_out_buffers(ns, kinds, n, out, positions_out, token_ids_out)
-        job = ReadJob(self.pool, self._readers, ns, plan_pieces(resolved, ns.page_size), out,
-                       positions_out, token_ids_out, lambda corrupt, nbytes, seconds: None,
-                       parallel=self._parallel)
+        pieces = plan_pieces(resolved, ns.page_size)
+        headers = self.index.headers([p.rec.chunk_id for p in pieces])
+        job = ReadJob(self.pool, self._readers, ns, pieces, headers, out, positions_out,
+                      token_ids_out, lambda corrupt, nbytes, seconds: None, parallel=self._parallel)
         return job.handle
 
     def close(self) -> None:

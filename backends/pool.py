@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 GROW_BYTES = 64 << 20  # the pool file grows in steps of this many bytes
 HEADER_BYTES = ALIGN  # the pool header block; chunk extents follow it
-POOL_FORMAT = 1  # bump when the meaning of the bytes in pool.bin changes
+POOL_FORMAT = 2  # bump when the meaning of the bytes in pool.bin changes (2: no chunk headers)
 _MAGIC = b"HCACHEPL"
 _HEADER = struct.Struct("<8sI16s32s")  # magic, pool format, pool id, writer's package version
 

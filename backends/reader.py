@@ -1,7 +1,8 @@
 """Reads into caller buffers, layer by layer, with one future per layer.
 
 ``plan_pieces`` (which token range of which chunk lands where) -> ``ReadHandle`` submits layer 0's
-tasks (which also read the headers), layer 1's, ... to the reader pool (FIFO, so layer 0 completes first)
+tasks (which also check and copy the chunk headers, fetched from the index by the caller), layer
+1's, ... to the reader pool (FIFO, so layer 0 completes first)
 -> each task reads one layer's segment of a run of chunks, checks its digest and copies the wanted
 tokens (whole chunks land in the caller's buffer directly). A layer is split into as many tasks as
 the pool has threads, so the threads read one layer together instead of four layers at once: on a
@@ -130,16 +131,17 @@ class ReadJob:
     after the last task and before the last layer future resolves.
 
     Each layer's pieces are split into ``parallel`` runs (the reader pool's threads), one task each;
-    layer 0's tasks read their pieces' headers first (positions and token ids land with layer 0). The
+    layer 0's tasks check their pieces' ``headers`` (chunk id -> header bytes, from the index) first:
+    positions and token ids land with layer 0. The
     threads share one layer at a time, the tasks stay large enough that their Python cost is far below
     the copy, and the layers complete in order because the executor is FIFO.
     """
 
     def __init__(self, pool: FilePool, executor: cf.Executor, ns: Namespace, pieces: list[Piece],
-                 out: Sequence[torch.Tensor], positions_out: torch.Tensor,
+                 headers: dict[int, bytes], out: Sequence[torch.Tensor], positions_out: torch.Tensor,
                  token_ids_out: torch.Tensor | None, on_done: Callable[[set[int], int, float], None],
                  parallel: int = 1):
-        self.pool, self.ns, self.pieces, self.out = pool, ns, pieces, out
+        self.pool, self.ns, self.pieces, self.headers, self.out = pool, ns, pieces, headers, out
         self.positions_out, self.token_ids_out = positions_out, token_ids_out
         t0 = time.perf_counter()
         runs = split_runs(len(pieces), parallel)
@@ -159,7 +161,7 @@ class ReadJob:
         for p in pieces:
             try:
                 if l == 0:
-                    nbytes += self._read(p, -1, None)
+                    self._header(p)
                 nbytes += self._read(p, l, out)
             except ChunkCorrupt as e:
                 corrupt.append(p.rec.chunk_id)
@@ -168,8 +170,22 @@ class ReadJob:
                 err = err or e
         self._tasks.done(l, err, corrupt, nbytes)
 
-    def _read(self, p: Piece, l: int, out: memoryview | None) -> int:
-        """Read piece ``p``'s segment of layer ``l`` (-1: header; ``out``: bytes of ``self.out[l]``).
+    def _header(self, p: Piece) -> None:
+        """Check piece ``p``'s header against its digest and copy its positions and token ids."""
+        rec, t = p.rec, p.rec.num_tokens
+        data = self.headers.get(rec.chunk_id)
+        if data is None or len(data) != self._layouts[rec.chunk_id].header.length \
+                or digest(data) != rec.header_digest:
+            raise ChunkCorrupt(f"chunk {rec.chunk_id} header: "
+                               f"{'missing from the index' if data is None else 'checksum mismatch'}")
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        lo, hi, d = p.tok_lo, p.tok_hi, p.dst
+        self.positions_out[d:d + hi - lo].copy_(raw[:8 * t].view(torch.int64)[lo:hi])
+        if self.token_ids_out is not None:
+            self.token_ids_out[d:d + hi - lo].copy_(raw[8 * t:].view(torch.int32)[lo:hi])
+
+    def _read(self, p: Piece, l: int, out: memoryview) -> int:
+        """Read piece ``p``'s segment of layer ``l`` into ``out`` (bytes of ``self.out[l]``).
 
         Returns the payload bytes read.
 
@@ -178,11 +194,8 @@ class ReadJob:
         all of it) into a per-thread bounce buffer and copy the wanted tokens.
         """
         rec, lay = p.rec, self._layouts[p.rec.chunk_id]
-        if l < 0:
-            seg, want, row = lay.header, rec.header_digest, None
-        else:
-            seg, want, row = lay.layers[l], rec.layer_digests[l], self.ns.row_bytes(rec.kinds[l])
-        direct = row is not None and p.tok_lo == 0 and p.tok_hi == rec.num_tokens
+        seg, want, row = lay.layers[l], rec.layer_digests[l], self.ns.row_bytes(rec.kinds[l])
+        direct = p.tok_lo == 0 and p.tok_hi == rec.num_tokens
         if direct:
             dst = out[p.dst * row:(p.dst + rec.num_tokens) * row]
             if self.pool.o_direct:
@@ -195,16 +208,9 @@ class ReadJob:
         n = self.pool.read_into(dst, rec.offset + seg.offset)
         data = dst[:seg.length]
         if n < seg.length or digest(data) != want:
-            raise ChunkCorrupt(f"chunk {rec.chunk_id} {'header' if l < 0 else f'layer {l}'}: "
+            raise ChunkCorrupt(f"chunk {rec.chunk_id} layer {l}: "
                                f"{'short read' if n < seg.length else 'checksum mismatch'}")
-        if l < 0:
-            t = rec.num_tokens
-            raw = torch.frombuffer(data, dtype=torch.uint8)
-            lo, hi, d = p.tok_lo, p.tok_hi, p.dst
-            self.positions_out[d:d + hi - lo].copy_(raw[:8 * t].view(torch.int64)[lo:hi])
-            if self.token_ids_out is not None:
-                self.token_ids_out[d:d + hi - lo].copy_(raw[8 * t:].view(torch.int32)[lo:hi])
-        elif not direct:
+        if not direct:
             out[p.dst * row:(p.dst + p.tok_hi - p.tok_lo) * row] = data[p.tok_lo * row:p.tok_hi * row]
         return seg.length
 

@@ -5,7 +5,8 @@
 from CPU, a gather when ``rows`` is given; from a GPU asynchronous copies, waited for before the
 save returns) -> the writer threads (store.py) digest, write, sync and commit ->
 ``StagingArea.release``.
-The staging image of a chunk is byte-identical to its pool extent, so writers pwrite it as is.
+A chunk's staging image is its header block, then bytes identical to its pool extent, which writers
+pwrite as they are (the header goes to the index, or to its own Mooncake object).
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ class StagedChunk:
     keys: tuple[str, ...]
     layout: ChunkLayout
     kinds: tuple[LayerKind, ...]
-    staging_offset: int
+    staging_offset: int  # the image's start: the header block, then the extent
+
+    @property
+    def extent_offset(self) -> int:
+        """Where the bytes of the pool extent start in staging."""
+        return self.staging_offset + self.layout.header_block
 
 
 @dataclass
@@ -131,7 +137,7 @@ def stage_save(area: StagingArea, ns: Namespace, keys: Sequence[str], skip: int,
         lay = chunk_layout(ns, np_ * ns.page_size, kinds)
         chunks.append(StagedChunk(tuple(keys[skip + p0:skip + p0 + np_]), lay, kinds, nbytes))
         starts.append((skip + p0) * ns.page_size)
-        nbytes += lay.total_bytes
+        nbytes += lay.staging_bytes
     base = area.reserve(nbytes, timeout)
     if base is None:
         return None
@@ -155,13 +161,13 @@ def stage_chunks(area: StagingArea, ns: Namespace, chunks: Sequence[StagedChunk]
     dev_rows = {}
     on_gpu = False
     for chunk, t0 in zip(chunks, token_starts):
-        lay, base = chunk.layout, chunk.staging_offset
+        lay, base, extent = chunk.layout, chunk.staging_offset, chunk.extent_offset
         t1 = t0 + lay.num_tokens
         hdr = area.buf[base:base + lay.header.length]
         hdr[:8 * lay.num_tokens].view(torch.int64).copy_(positions[t0:t1])
         hdr[8 * lay.num_tokens:].view(torch.int32).copy_(token_ids[t0:t1])
         for l, (kind, seg) in enumerate(zip(chunk.kinds, lay.layers)):
-            dst = area.segment(base + seg.offset, seg.length, ns.torch_dtype,
+            dst = area.segment(extent + seg.offset, seg.length, ns.torch_dtype,
                                (lay.num_tokens, *ns.row_shape(kind)))
             src = layers[l]
             if rows is None:

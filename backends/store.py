@@ -3,7 +3,7 @@
 Call order for a context: ``lookup`` (leading pages present) -> ``read`` (per-layer futures) ...
 ``save`` (copy to staging, return) -> writer threads (``writers``), per batch of queued saves: digest
 -> allocate (evicting LRU chain tails) -> one pwritev per contiguous run of extents (growing the pool
-file) -> one fdatasync -> one index commit -> release staging. ``flush`` waits for all accepted saves.
+file) -> one fdatasync -> one index commit (records and chunk headers) -> release staging. ``flush`` waits for all accepted saves.
 Open (``recovery``): damaged state is set aside, the cache starts cold; a smaller capacity evicts.
 Durability: an index entry is committed only after its bytes are synced; space is freed only after
 the index delete that unreferences it commits; at open, free space = everything no entry references.
@@ -164,6 +164,7 @@ class ChunkStore:
         ids = [p.rec.chunk_id for p in pieces]
         with self._space:
             self._lru.pin(ids)
+        headers = self.index.headers(ids)
         self._touch(resolved)
         t_issue = time.perf_counter()
 
@@ -176,8 +177,8 @@ class ChunkStore:
             self._stats.add(chunks_read=len(pieces), bytes_read=nbytes)
             self._stats.observe("read", time.perf_counter() - t_issue)
 
-        job = ReadJob(self.pool, self._readers, ns, pieces, out, positions_out, token_ids_out, done,
-                      parallel=self.config.reader_threads)
+        job = ReadJob(self.pool, self._readers, ns, pieces, headers, out, positions_out, token_ids_out,
+                      done, parallel=self.config.reader_threads)
         return job.handle
 
     def _touch(self, resolved: Sequence[tuple[ChunkRecord, int]]) -> None:
@@ -241,12 +242,12 @@ class ChunkStore:
         t0 = time.perf_counter()
         chunks = [(job, c) for job in batch for c in job.chunks]
         view = self.staging.view
-        digests = []
+        digests, headers = [], {}
         for _, c in chunks:
-            b = c.staging_offset
-            digests.append((digest(view[b:b + c.layout.header.length]),
-                            tuple(digest(view[b + s.offset:b + s.offset + s.length])
-                                  for s in c.layout.layers)))
+            b, e = c.staging_offset, c.extent_offset
+            headers[id(c)] = header = bytes(view[b:b + c.layout.header.length])
+            digests.append((digest(header), tuple(digest(view[e + s.offset:e + s.offset + s.length])
+                                                  for s in c.layout.layers)))
         offsets = self._allocate([c.layout.total_bytes for _, c in chunks])
         placed, broken = [], set()
         for (j, c), dig, off in zip(chunks, digests, offsets):
@@ -264,7 +265,7 @@ class ChunkStore:
                 self.pool.write_at(bufs, off)
             self.pool.sync()
             records = self._make_records(placed)
-            self.index.commit(records)
+            self.index.commit(records, [headers[id(c)] for _, c, _, _ in placed])
         except Exception as e:  # noqa: BLE001 - ENOSPC (pool or index), EIO: these chunks are lost
             self._drop_placed(placed, e)
             return

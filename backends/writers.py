@@ -86,7 +86,7 @@ def contiguous_runs(view: memoryview, placed) -> list[tuple[int, list[memoryview
     runs: list[tuple[int, list[memoryview]]] = []
     end = -1
     for _, c, _, off in sorted(placed, key=lambda x: x[3]):
-        b, n = c.staging_offset, c.layout.total_bytes
+        b, n = c.extent_offset, c.layout.total_bytes
         if off != end:
             runs.append((off, []))
         runs[-1][1].append(view[b:b + n])

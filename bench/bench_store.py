@@ -27,6 +27,7 @@ import torch
 
 from hcache_sglang.backends import (ChunkIndex, ChunkRecord, ChunkStore, LayerKind, Namespace,
                                     StoreConfig, aligned_buffer, byte_view, chunk_layout)
+from hcache_sglang.backends.layout import HEADER_BYTES_PER_TOKEN
 
 PRESETS = {
     "llama2-7b": dict(num_layers=32, hidden_size=4096, num_kv_heads=32, head_dim=128),
@@ -160,7 +161,7 @@ def bench_lookup(args) -> dict:
                         (0,) * 32, tuple(f"{i:08x}{p:056x}" for p in range(per)))
             for i in range(args.entries // per)]
     for s in range(0, len(recs), 5000):
-        index.commit(recs[s:s + 5000])
+        index.commit(recs[s:s + 5000], [bytes(HEADER_BYTES_PER_TOKEN * 64)] * len(recs[s:s + 5000]))
     lat = []
     for j in range(args.lookups):
         base = (j * 7919) % (len(recs) - 16)
@@ -193,12 +194,14 @@ def build_restart_store(args, ns: Namespace, chunk_bytes: int) -> StoreConfig:
     index = ChunkIndex(os.path.join(args.dir, "index"))
     kinds = (LayerKind.HIDDEN,) * ns.num_layers
     ids = index.new_ids(n)
+    header = bytes(HEADER_BYTES_PER_TOKEN * 64)  # a header's size: the open never reads it
     for s in range(0, n, 5000):
+        batch = ids[s:s + 5000]
         index.commit([ChunkRecord(cid, ns.key_prefix, i * chunk_bytes, chunk_bytes, 64,
                                   0 if i % CONTEXT_CHUNKS == 0 else cid - 1, kinds, i,
                                   tuple(range(i, i + ns.num_layers)),
                                   tuple(f"{i:016x}{p:048x}" for p in range(pages)))
-                      for i, cid in enumerate(ids[s:s + 5000], start=s)])
+                      for i, cid in enumerate(batch, start=s)], [header] * len(batch))
     index.save_lru_order(ids)
     index.close()
     with open(os.path.join(args.dir, "pool.bin"), "r+b") as f:
@@ -270,7 +273,7 @@ def main() -> None:
     for _ in range(args.repeats):
         shutil.rmtree(args.dir, ignore_errors=True)
         os.makedirs(args.dir)
-        run = raw_baseline(os.path.join(args.dir, "raw.bin"), nbytes, chunk_bytes - 4096)
+        run = raw_baseline(os.path.join(args.dir, "raw.bin"), nbytes, chunk_bytes)
         run.update(bench_store(args, ns, chunk_bytes))
         runs.append(run)
     for key in runs[0]:

@@ -111,10 +111,12 @@ class Server:
     def storage(self) -> dict:
         """Bytes and tokens held by this system's storage tier now."""
         if self.system.startswith("hcache"):
-            # The committed chunks in the pool's indexes: extents (header, alignment included). At
+            # The committed chunks in the pool's indexes: extents (alignment included) and the
+            # headers the index keeps (positions and token ids, 12 bytes a token). At
             # --tp N: the group's hidden store and every rank's K/V shard store (each holds the same
             # tokens, so tokens count once: the most any one store holds).
             from hcache_sglang.backends import ChunkIndex
+            from hcache_sglang.backends.layout import HEADER_BYTES_PER_TOKEN
 
             nbytes, tokens = 0, 0
             for path in sorted((self.workdir / "pool").glob("**/index")):
@@ -123,7 +125,7 @@ class Server:
                     recs = list(index.records())
                 finally:
                     index.close()
-                nbytes += sum(r.nbytes for r in recs)
+                nbytes += sum(r.nbytes + HEADER_BYTES_PER_TOKEN * r.num_tokens for r in recs)
                 tokens = max(tokens, sum(r.num_tokens for r in recs))
             return dict(bytes=float(nbytes), tokens=float(tokens), source="pool index extents")
         if self.system == "hicache":

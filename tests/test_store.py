@@ -13,7 +13,7 @@ H, KV = LayerKind.HIDDEN, LayerKind.KV
 NS = Namespace("model-a", num_layers=3, hidden_size=64, num_kv_heads=2, head_dim=16,
                dtype="bfloat16", page_size=4)
 KINDS = (H, KV, H)
-LAYOUT = chunk_layout(NS, 64, KINDS)  # a full 16-page chunk: 4 + 8 + 8 + 8 KiB
+LAYOUT = chunk_layout(NS, 64, KINDS)  # a full 16-page chunk: 8 + 8 + 8 KiB (its header: the index)
 CHUNK = LAYOUT.total_bytes
 
 
@@ -104,40 +104,41 @@ def test_restart_finds_everything_and_namespaces_are_isolated(tmp_path):
 
 def test_eviction_takes_lru_chain_tails_and_never_orphans(tmp_path):
     with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
-        slots = store.stats().capacity_bytes // CHUNK  # 36 full chunks fit
-        a, b = chain(15 * 16, "a"), chain(15 * 16, "b")
-        store.save(NS, a, **payload(NS, 15 * 16))
-        store.save(NS, b, **payload(NS, 15 * 16))
+        slots = store.stats().capacity_bytes // CHUNK
+        assert slots == 42  # 1 MiB of 24 KiB chunks: no header block takes 4 KiB of each
+        a, b = chain(18 * 16, "a"), chain(18 * 16, "b")
+        store.save(NS, a, **payload(NS, 18 * 16))
+        store.save(NS, b, **payload(NS, 18 * 16))
         store.flush()
-        assert store.lookup(NS, a).num_pages == 15 * 16
-        assert store.lookup(NS, b).num_pages == 15 * 16  # b is now more recent than a
+        assert store.lookup(NS, a).num_pages == 18 * 16
+        assert store.lookup(NS, b).num_pages == 18 * 16  # b is now more recent than a
         # a third context needs 12 chunks, 6 more than are free: a loses its tail first
         c = chain(12 * 16, "c")
         store.save(NS, c, **payload(NS, 12 * 16))
         store.flush()
         s = store.stats()
-        assert s.chunks_evicted == 42 - slots and s.used_bytes == s.chunks_stored * CHUNK
-        assert store.lookup(NS, a).num_pages == (15 - s.chunks_evicted) * 16  # a prefix, no hole
-        assert store.lookup(NS, b).num_pages == 15 * 16 and store.lookup(NS, c).num_pages == 12 * 16
+        assert s.chunks_evicted == 48 - slots == 6 and s.used_bytes == s.chunks_stored * CHUNK
+        assert store.lookup(NS, a).num_pages == (18 - s.chunks_evicted) * 16  # a prefix, no hole
+        assert store.lookup(NS, b).num_pages == 18 * 16 and store.lookup(NS, c).num_pages == 12 * 16
 
 
 def test_lru_order_survives_a_restart(tmp_path):
-    a, b = chain(15 * 16, "a"), chain(15 * 16, "b")
+    a, b = chain(18 * 16, "a"), chain(18 * 16, "b")
     with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
         slots = store.stats().capacity_bytes // CHUNK
-        store.save(NS, a, **payload(NS, 15 * 16))
-        store.save(NS, b, **payload(NS, 15 * 16))
+        store.save(NS, a, **payload(NS, 18 * 16))
+        store.save(NS, b, **payload(NS, 18 * 16))
         store.flush()
-        assert store.lookup(NS, a).num_pages == 15 * 16  # a, created first, is now the most recent
+        assert store.lookup(NS, a).num_pages == 18 * 16  # a, created first, is now the most recent
     with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
         c = chain(12 * 16, "c")
         store.save(NS, c, **payload(NS, 12 * 16))
         store.flush()
         evicted = store.stats().chunks_evicted
-        assert evicted == 42 - slots
+        assert evicted == 48 - slots > 0
         # b's tail went, as it would have without the restart (creation order would take a's)
-        assert store.lookup(NS, b).num_pages == (15 - evicted) * 16
-        assert store.lookup(NS, a).num_pages == 15 * 16 and store.lookup(NS, c).num_pages == 12 * 16
+        assert store.lookup(NS, b).num_pages == (18 - evicted) * 16
+        assert store.lookup(NS, a).num_pages == 18 * 16 and store.lookup(NS, c).num_pages == 12 * 16
 
 
 def test_fragmented_full_pool_evicts_instead_of_dropping(tmp_path):
@@ -214,6 +215,54 @@ def test_corrupted_pool_bytes_are_a_miss_never_wrong_data(tmp_path):
     assert store.stats().corrupt == 1
     assert store.lookup(NS, keys).num_pages == 16  # the bad chunk is dropped, the prefix kept
     store.close()
+
+
+def test_a_budget_of_n_chunks_holds_n_chunks(tmp_path):
+    # Layers of whole 4 KiB blocks (K/V of a GQA model, hidden states of most): a chunk takes its
+    # layers' bytes and nothing more, so a pool of exactly N chunks keeps all N (a header block in
+    # the extent made it N - 1 of N in the equal-bytes benchmark)
+    n = 44
+    assert n * CHUNK >= 1 << 20 and CHUNK == sum(s.length for s in LAYOUT.layers)
+    keys, data = chain(n * 16), payload(NS, n * 16, seed=3)
+    with ChunkStore(cfg(tmp_path, capacity_bytes=n * CHUNK, staging_bytes=8 << 20)) as store:
+        assert store.save(NS, keys, **data)
+        store.flush()
+        s = store.stats()
+        assert s.chunks_stored == n and s.chunks_evicted == 0 and s.used_bytes == s.capacity_bytes
+        handle, out, pos, tok = read_back(store, NS, keys)
+        assert handle.wait()
+        assert torch.equal(pos, data["positions"]) and torch.equal(tok, data["token_ids"])
+        assert all(torch.equal(got, want) for got, want in zip(out, data["layers"]))
+
+
+@pytest.mark.parametrize("damage", ["changed", "deleted"])
+def test_a_damaged_or_missing_header_is_a_miss_never_wrong_tokens(tmp_path, damage):
+    import lmdb
+
+    keys, data = chain(32), payload(NS, 32)
+    with ChunkStore(cfg(tmp_path)) as store:
+        store.save(NS, keys, **data)
+        store.flush()
+        rec = store.index.resolve(NS.key_prefix, keys[16:17])[0][0]
+    env = lmdb.open(os.path.join(store.config.directory, "index"), max_dbs=4)
+    with env.begin(write=True, db=env.open_db(b"headers")) as txn:  # the second chunk's header
+        key = rec.chunk_id.to_bytes(8, "big")
+        if damage == "deleted":
+            assert txn.delete(key)
+        else:
+            raw = bytearray(txn.get(key))
+            raw[8 * 5] ^= 1  # one position bit: restored K/V would be rotated wrongly
+            txn.put(key, bytes(raw))
+    env.close()
+    with ChunkStore(cfg(tmp_path)) as store:
+        handle, out, pos, _ = read_back(store, NS, keys)
+        with pytest.raises(ChunkCorrupt, match="header"):
+            handle.layer(0).result(timeout=10)
+        assert not handle.wait()
+        assert store.stats().corrupt == 1
+        assert store.lookup(NS, keys).num_pages == 16  # the chunk is dropped, the prefix kept
+        handle, out, pos, _ = read_back(store, NS, keys[:16])
+        assert handle.wait() and torch.equal(pos, data["positions"][:64])
 
 
 def test_drop_and_missing_pages(tmp_path):

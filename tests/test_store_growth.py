@@ -67,24 +67,28 @@ def test_smaller_capacity_on_restart_evicts_lru_contexts(tmp_path):
             store.flush()
         for name in "cba":  # c is now the least recently used, a the most
             store.lookup(NS, ctx[name])
-    # 2 MiB holds 73 chunks: c's tail goes (the top of the file), and the file is cut after the rest
+    # 2 MiB holds 85 chunks (24 KiB each): c's tail goes (the top of the file), and the file is
+    # cut after the rest
+    fit2, fit1 = (2 << 20) // CHUNK, (1 << 20) // CHUNK
+    assert 60 < fit2 < 90 and 0 < fit2 - fit1 - 30 < 30  # the scenario below needs these
     with ChunkStore(cfg(tmp_path, capacity_bytes=2 << 20)) as store:
-        evicted = 90 - (2 << 20) // CHUNK
+        evicted = 90 - fit2
         assert store.opened.evicted == evicted and store.opened.cold_start is None
         assert store.lookup(NS, ctx["c"]).num_pages == (30 - evicted) * 16
         assert store.lookup(NS, ctx["a"]).num_pages == store.lookup(NS, ctx["b"]).num_pages == 30 * 16
-        assert store.stats().used_bytes == 73 * CHUNK
-        assert os.path.getsize(pool) == ALIGN + 73 * CHUNK
+        assert store.stats().used_bytes == fit2 * CHUNK
+        assert os.path.getsize(pool) == ALIGN + fit2 * CHUNK
         for name in "ac":  # now b is the least recently used
             store.lookup(NS, ctx[name])
-    # 1 MiB holds 36 chunks: b goes whole, then a's tail; c's chunks past 1 MiB stay readable
+    # 1 MiB holds 42 chunks: b goes whole, then a's tail; c's chunks past 1 MiB stay readable
+    a_kept = 30 - (fit2 - fit1 - 30)
     with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
-        assert store.opened.evicted == 73 - 36
+        assert store.opened.evicted == fit2 - fit1
         assert store.lookup(NS, ctx["b"]).num_pages == 0
-        assert store.lookup(NS, ctx["a"]).num_pages == (30 - 7) * 16
+        assert store.lookup(NS, ctx["a"]).num_pages == a_kept * 16
         assert store.lookup(NS, ctx["c"]).num_pages == (30 - evicted) * 16
         assert intact(store, ctx["c"], (30 - evicted) * 16, seed=2)
-        assert intact(store, ctx["a"], 23 * 16, seed=0)
+        assert intact(store, ctx["a"], a_kept * 16, seed=0)
         # new chunks land below the new capacity, evicting to make room
         d = chain(10 * 16, "d")
         store.save(NS, d, **payload(NS, 10 * 16, seed=3))

@@ -51,7 +51,7 @@ def test_index_matches_model(tmp_path_factory, seq):
             (cid,) = index.new_ids(1)
             rec = ChunkRecord(cid, prefix, cid * ALIGN, ALIGN, npages, 0, (LayerKind.KV,) * 3,
                               cid, (1, 2, cid), keys)
-            index.commit([rec])
+            index.commit([rec], [b"header %d" % cid])
             recs[cid] = rec
             model.update({(prefix, k): cid for k in keys})
         elif op == "delete":
@@ -68,6 +68,8 @@ def test_index_matches_model(tmp_path_factory, seq):
             for (rec, idx), k in zip(got, all_keys):
                 assert rec == recs[model[(p, k)]] and rec.keys[idx] == k
     assert {r.chunk_id for r in index.records()} == set(recs)
+    probe = sorted(recs) + [max(recs, default=0) + 1]  # the live chunks and one never committed
+    assert index.headers(probe) == {cid: b"header %d" % cid for cid in recs}  # deleted: gone too
     index.close()
 
 
@@ -79,7 +81,7 @@ def test_index_map_grows_from_tiny_and_reopens(tmp_path):
                         tuple(range(i, i + 32)), tuple(f"{i:06d}-{p}" for p in range(4)))
             for i in range(3000)]
     for s in range(0, len(recs), 500):
-        index.commit(recs[s:s + 500])
+        index.commit(recs[s:s + 500], [bytes(768)] * 500)
     assert index.map_grows >= 3
     got = index.resolve(b"N" * 16, [k for r in recs[1234:1240] for k in r.keys])
     assert [rec for rec, _ in got[::4]] == recs[1234:1240]
@@ -89,7 +91,8 @@ def test_index_map_grows_from_tiny_and_reopens(tmp_path):
     assert sorted(r.chunk_id for r in index.records()) == list(range(1, 3001))
     (cid,) = index.new_ids(1)
     assert cid == 3001
-    index.commit([ChunkRecord(cid, b"N" * 16, 0, ALIGN, 64, 0, (LayerKind.KV,), 7, (8,), ("new",))])
+    index.commit([ChunkRecord(cid, b"N" * 16, 0, ALIGN, 64, 0, (LayerKind.KV,), 7, (8,), ("new",))],
+                 [b"h"])
     assert index.resolve(b"N" * 16, ["new"])[0][0].layer_digests == (8,)
     index.close()
 

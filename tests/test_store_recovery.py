@@ -89,7 +89,7 @@ def test_index_of_another_format_is_set_aside_not_misread(tmp_path, caplog):
     with env.begin(write=True) as txn:
         txn.put(b"format", b"2", db=env.open_db(b"meta", txn=txn))
     env.close()
-    with open_cold(tmp_path, caplog, r"in format 2 \(this version reads 3\)") as store:
+    with open_cold(tmp_path, caplog, r"in format 2 \(this version reads 4\)") as store:
         serves(store)
 
 
@@ -139,7 +139,7 @@ def test_index_past_the_pool_end_or_overlapping_is_set_aside(tmp_path, caplog):
         rec = store.index.resolve(NS.key_prefix, chain(20, "after")[:1])[0][0]
     index = ChunkIndex(str(index_dir(tmp_path)))
     (cid,) = index.new_ids(1)
-    index.commit([rec._replace(chunk_id=cid, offset=rec.offset + ALIGN, keys=("x",))])
+    index.commit([rec._replace(chunk_id=cid, offset=rec.offset + ALIGN, keys=("x",))], [b""])
     index.close()
     with open_cold(tmp_path, caplog, r"overlapping extents") as store:
         serves(store)
@@ -150,7 +150,7 @@ def test_pool_of_another_version_is_emptied(tmp_path, caplog):
     with open(pool_file(tmp_path), "r+b") as f:  # the header's pool format field
         f.seek(8)
         f.write(struct.pack("<I", 99))
-    with open_cold(tmp_path, caplog, r"pool format 99 .*this version reads format 1") as store:
+    with open_cold(tmp_path, caplog, r"pool format 99 .*this version reads format 2") as store:
         serves(store)
     with open(pool_file(tmp_path), "r+b") as f:  # a pool from before the header existed
         f.write(bytes(ALIGN))
