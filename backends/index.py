@@ -111,11 +111,10 @@ class ChunkIndex:
     def __init__(self, path: str, map_size: int = 64 << 20):
         self.path = path
         self.env = lmdb.open(path, map_size=map_size, max_dbs=MAX_DBS, subdir=True, lock=True)
+        self.map_grows = 0
         try:
-            self._pages = self.env.open_db(b"pages")
-            self._chunks = self.env.open_db(b"chunks")
-            self._headers = self.env.open_db(b"headers")
-            self._meta = self.env.open_db(b"meta")
+            self._pages, self._chunks, self._headers, self._meta = (
+                self._open_db(name) for name in (b"pages", b"chunks", b"headers", b"meta"))
             with self.env.begin(db=self._chunks) as txn:
                 cur = txn.cursor()
                 self._next_id = _ID.unpack(cur.key())[0] + 1 if cur.last() else 1
@@ -123,8 +122,16 @@ class ChunkIndex:
             self.env.close()
             raise
         self._lock = threading.Lock()
-        self.map_grows = 0
         self.read_errors = 0  # lookups that failed on a damaged index (each answered a miss)
+
+    def _open_db(self, name: bytes):
+        """A named database, created if new (a write: the map doubles when it is full)."""
+        while True:
+            try:
+                return self.env.open_db(name)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                self.map_grows += 1
 
     def stamp(self) -> IndexStamp:
         with self._lock, self.env.begin() as txn:
