@@ -25,12 +25,14 @@ GEMM GFLOP/s of the host measured before each round. ``--restart`` starts each s
 round instead (one server alive at a time, all of its measurements in turn; much slower). The ratios, their spreads
 and the host speed beside them: bench/overhead_report.py.
 
-``--split`` adds ``hcache-hidden`` with its saving stages turned off one more at a time through the
-debug-only ``HCACHE_DEBUG_DISABLE`` (hcache_sglang/serving/debug_stages.py) and reports each stage's share.
+``--split`` adds ``hcache-hidden`` (or ``--split-of`` another HCache system) with its saving stages
+turned off one more at a time through the debug-only ``HCACHE_DEBUG_DISABLE``
+(hcache_sglang/serving/debug_stages.py) and reports each stage's share.
 
     python bench/bench_overhead.py --quick --json /tmp/ovh.json     # tiny model, 2 rounds (smoke)
     python bench/bench_overhead.py --json OUT.json                  # bench-llama + GQA twin, 5 rounds
     python bench/bench_overhead.py --preset split --json OUT.json   # where the overhead goes
+    python bench/bench_overhead.py --preset split --split-of hcache-kv --json OUT.json
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from serving_client import flush_cache, run_workload, system_server  # noqa: E40
 from serving_workloads import BenchRequest, Workload  # noqa: E402
 
 SYSTEMS = ("off", "hcache-hidden", "hcache-hybrid", "hcache-kv", "hicache")
-# --split: hcache-hidden with these stages (HCACHE_DEBUG_DISABLE) off, cumulatively, in this order.
+# --split: the --split-of system with these stages (HCACHE_DEBUG_DISABLE) off, cumulatively, in order.
 SPLIT_CHAIN = (("writer_io", "split-no-io"), ("staging", "split-no-staging"),
                ("spill", "split-no-spill"), ("capture", "split-no-capture"))
 _MEASURE = dict(ttft_tokens=(512, 2048, 4032), decode_prompt=64, decode_tokens=48, decode_batches=(1, 8),
@@ -82,7 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--models", help="comma-separated model presets or paths (default: the preset's)")
     ap.add_argument("--systems", help=f"comma-separated, from {', '.join(SYSTEMS)} (off is always run)")
     ap.add_argument("--rounds", type=int, help="alternations of all systems (default: the preset's)")
-    ap.add_argument("--split", action="store_true", help="also turn hcache-hidden's stages off in turn")
+    ap.add_argument("--split", action="store_true", help="also turn --split-of's stages off in turn")
+    ap.add_argument("--split-of", default="hcache-hidden", choices=("hcache-hidden", "hcache-hybrid", "hcache-kv"),
+                    help="the HCache system whose saving stages --split turns off")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--restart", action="store_true", help="start each system afresh every round")
     ap.add_argument("--seed", type=int, default=0)
@@ -111,9 +115,9 @@ def plan_run(args) -> dict:
             raise SystemExit(f"--rounds {args.rounds}: expected at least 1")
         plan["rounds"] = args.rounds
     plan["split"] = bool(args.split or plan.get("split"))
+    plan["split_of"] = args.split_of
     if plan["split"]:
-        plan["systems"] = tuple(dict.fromkeys([*plan["systems"], "hcache-hidden",
-                                               *(s for _, s in SPLIT_CHAIN)]))
+        plan["systems"] = tuple(dict.fromkeys([*plan["systems"], args.split_of, *(s for _, s in SPLIT_CHAIN)]))
     return plan
 
 
@@ -123,8 +127,9 @@ def hybrid_plan(num_layers: int) -> str:
     return "H" * (num_layers - kv) + "K" * kv
 
 
-def server_options(system: str, num_layers: int) -> tuple[str, dict]:
-    """(serving_client system, extra plan keys: flags and environment) for one of our systems."""
+def server_options(system: str, num_layers: int, split_of: str = "hcache-hidden") -> tuple[str, dict]:
+    """(serving_client system, extra plan keys: flags and environment) for one of our systems; the
+    split systems are ``split_of`` with stages off."""
     if system == BASELINE:
         return "recompute", {}
     if system == "hicache":
@@ -139,7 +144,8 @@ def server_options(system: str, num_layers: int) -> tuple[str, dict]:
     chain = [s for _, s in SPLIT_CHAIN]
     if system in chain:
         off = ",".join(stages[: chain.index(system) + 1])
-        return "hcache-hidden", dict(server_env={"HCACHE_DEBUG_DISABLE": off})
+        base, extra = server_options(split_of, num_layers)
+        return base, dict(extra, server_env={"HCACHE_DEBUG_DISABLE": off})
     if system == "hcache-hidden":
         return "hcache-hidden", {}
     raise ValueError(f"system {system!r}: expected one of {list(SYSTEMS) + chain}")
@@ -216,7 +222,7 @@ def _flush(server, timeout_s: float = 120.0) -> None:
 
 @contextlib.contextmanager
 def _server(system: str, path, dtype: str, plan: dict, num_layers: int, workdir: Path):
-    base, extra = server_options(system, num_layers)
+    base, extra = server_options(system, num_layers, plan.get("split_of", "hcache-hidden"))
     flags = ["--sleep-on-idle", *extra.get("server_flags", ())]  # a waiting server sleeps on its sockets
     sys_plan = dict(page_size=16, objective="balanced", server_flags=flags,
                     server_env=extra.get("server_env", {}), hicache_ratio=extra.get("hicache_ratio"))
@@ -264,7 +270,7 @@ def run_geometry(name: str, plan: dict, workdir: Path) -> dict:
                num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, rounds_done=len(rounds),
                restore_plans=plans, rounds=rounds, **summarize(rounds, systems))
     if plan["split"]:
-        doc["split"] = stage_split(doc, [(st, s) for st, s in SPLIT_CHAIN], "hcache-hidden")
+        doc["split"] = stage_split(doc, [(st, s) for st, s in SPLIT_CHAIN], plan["split_of"])
     return doc
 
 

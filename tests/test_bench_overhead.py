@@ -74,6 +74,12 @@ def test_systems_map_to_forced_plans_and_cumulative_debug_switches():
     assert base == "hcache-hidden" and extra["server_env"]["HCACHE_DEBUG_DISABLE"] == "writer_io,staging,spill"
     plan = bo.plan_run(bo.parse_args(["--quick", "--systems", "hcache-kv", "--split"]))
     assert plan["systems"][0] == "off" and "split-no-capture" in plan["systems"]
+    # the split of another plan: its stages off under that plan's own flags
+    plan = bo.plan_run(bo.parse_args(["--preset", "split", "--split-of", "hcache-kv"]))
+    assert plan["split_of"] == "hcache-kv" and "hcache-kv" in plan["systems"]
+    base, extra = bo.server_options("split-no-io", 12, "hcache-kv")
+    assert base == "hcache" and extra == {"server_flags": ["--hcache-layer-plan", "kv"],
+                                          "server_env": {"HCACHE_DEBUG_DISABLE": "writer_io"}}
     with pytest.raises(SystemExit, match="nope"):
         bo.plan_run(bo.parse_args(["--systems", "nope"]))
 
