@@ -15,7 +15,7 @@ This package is the face the rest of hcache_sglang, bench/ and tests/ import: th
 from .base import ChunkBackend
 from .host_buffers import HostBuffers, carve, carved_bytes, rows_within
 from .index import ChunkIndex, ChunkRecord
-from .layout import ALIGN, LayerKind, Namespace, chunk_layout
+from .layout import ALIGN, HEADER_BYTES_PER_TOKEN, LayerKind, Namespace, chunk_layout
 from .mooncake import MooncakeChunkStore, MooncakeStoreConfig, largest_object_bytes
 from .mooncake_connect import MooncakeConfigError, MooncakeTarget
 from .mooncake_objects import manifest_key, object_key
@@ -29,7 +29,7 @@ from .store import ChunkStore, Hit, OpenReport, StoreConfig
 from .throttle import BandwidthThrottle
 from .tiered import TieredStore
 
-__all__ = ["ALIGN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
+__all__ = ["ALIGN", "HEADER_BYTES_PER_TOKEN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
            "ExtentAllocator", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind", "MooncakeChunkStore",
            "MooncakeConfigError", "MooncakeMaster", "MooncakeStoreConfig", "MooncakeStoreProcess",
            "MooncakeTarget", "Namespace", "OpenReport", "PeerStore", "ReadHandle", "StoreConfig",

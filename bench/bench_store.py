@@ -25,9 +25,8 @@ import time
 
 import torch
 
-from hcache_sglang.backends import (ChunkIndex, ChunkRecord, ChunkStore, LayerKind, Namespace,
-                                    StoreConfig, aligned_buffer, byte_view, chunk_layout)
-from hcache_sglang.backends.layout import HEADER_BYTES_PER_TOKEN
+from hcache_sglang.backends import (HEADER_BYTES_PER_TOKEN, ChunkIndex, ChunkRecord, ChunkStore, LayerKind,
+                                    Namespace, StoreConfig, aligned_buffer, byte_view, chunk_layout)
 
 PRESETS = {
     "llama2-7b": dict(num_layers=32, hidden_size=4096, num_kv_heads=32, head_dim=128),

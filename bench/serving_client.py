@@ -115,8 +115,7 @@ class Server:
             # headers the index keeps (positions and token ids, 12 bytes a token). At
             # --tp N: the group's hidden store and every rank's K/V shard store (each holds the same
             # tokens, so tokens count once: the most any one store holds).
-            from hcache_sglang.backends import ChunkIndex
-            from hcache_sglang.backends.layout import HEADER_BYTES_PER_TOKEN
+            from hcache_sglang.backends import HEADER_BYTES_PER_TOKEN, ChunkIndex
 
             nbytes, tokens = 0, 0
             for path in sorted((self.workdir / "pool").glob("**/index")):
