@@ -121,6 +121,11 @@ class InFlightKeys:
         with self._lock:
             self._keys.difference_update(keys)
 
+    def count(self, keys: Sequence) -> int:
+        """How many of the leading ``keys`` are in flight (accepted, not yet written)."""
+        with self._lock:
+            return next((i for i, k in enumerate(keys) if k not in self._keys), len(keys))
+
 
 def stage_save(area: StagingArea, ns: Namespace, keys: Sequence[str], skip: int,
                kinds: tuple[LayerKind, ...], positions: torch.Tensor, token_ids: torch.Tensor,

@@ -24,6 +24,9 @@ class StoreStats:
     chunks_dropped: int = 0  # chunks of accepted saves lost to disk errors or no evictable space
     hit_pages: int = 0
     miss_pages: int = 0
+    # missed pages that an accepted save was still writing (staged, not yet committed): a lookup
+    # that came back before the write landed
+    in_flight_miss_pages: int = 0
     corrupt: int = 0  # checksum mismatches and torn/truncated chunks (each dropped, a miss)
     used_bytes: int = 0
     capacity_bytes: int = 0

@@ -145,7 +145,8 @@ class ChunkStore:
         kinds = resolved[0][0].kinds if resolved else ()
         n = next((i for i, (rec, _) in enumerate(resolved) if rec.kinds != kinds), len(resolved))
         self._touch(resolved[:n])
-        self._stats.add(hit_pages=n, miss_pages=len(keys) - n)
+        in_flight = self._in_flight.count([ns.key_prefix + k.encode() for k in keys[n:]]) if n < len(keys) else 0
+        self._stats.add(hit_pages=n, miss_pages=len(keys) - n, in_flight_miss_pages=in_flight)
         return Hit(n, kinds)
 
     def read(self, ns: Namespace, keys: Sequence[str], out: Sequence[torch.Tensor],

@@ -163,6 +163,25 @@ def test_staging_full_drops_save_without_blocking(tmp_path):
         assert store.lookup(NS, chain(16)).num_pages == 0
 
 
+def test_a_lookup_before_the_write_lands_is_a_miss_counted_in_flight(tmp_path, monkeypatch):
+    import threading
+
+    from hcache_sglang.backends import pool
+
+    gate, real = threading.Event(), pool._write_at
+    keys, other = chain(20), chain(4, "other")
+    with ChunkStore(cfg(tmp_path)) as store:  # (its pool header written before the gate)
+        monkeypatch.setattr(pool, "_write_at", lambda fd, bufs, off: (gate.wait(10), real(fd, bufs, off)))
+        assert store.save(NS, keys, **payload(NS, 20))  # staged; the writer waits at the gate
+        assert store.lookup(NS, keys).num_pages == 0
+        assert store.lookup(NS, other).num_pages == 0  # never saved: a miss, not in flight
+        s = store.stats()
+        assert s.miss_pages == 24 and s.in_flight_miss_pages == 20
+        gate.set()
+        store.flush()
+        assert store.lookup(NS, keys).num_pages == 20 and store.stats().in_flight_miss_pages == 20
+
+
 def test_wrong_geometry_or_dtype_is_a_clear_error(tmp_path):
     keys, data = chain(4), payload(NS, 4)
     with ChunkStore(cfg(tmp_path)) as store:
