@@ -166,12 +166,11 @@ def test_staging_full_drops_save_without_blocking(tmp_path):
 def test_a_lookup_before_the_write_lands_is_a_miss_counted_in_flight(tmp_path, monkeypatch):
     import threading
 
-    from hcache_sglang.backends import pool
-
-    gate, real = threading.Event(), pool._write_at
+    gate = threading.Event()
     keys, other = chain(20), chain(4, "other")
-    with ChunkStore(cfg(tmp_path)) as store:  # (its pool header written before the gate)
-        monkeypatch.setattr(pool, "_write_at", lambda fd, bufs, off: (gate.wait(10), real(fd, bufs, off)))
+    with ChunkStore(cfg(tmp_path)) as store:
+        real = store.pool.write_at
+        monkeypatch.setattr(store.pool, "write_at", lambda bufs, off: (gate.wait(10), real(bufs, off)))
         assert store.save(NS, keys, **payload(NS, 20))  # staged; the writer waits at the gate
         assert store.lookup(NS, keys).num_pages == 0
         assert store.lookup(NS, other).num_pages == 0  # never saved: a miss, not in flight
