@@ -184,7 +184,7 @@ def _capture_case(cfg: Config, g: BenchGeometry, n: int) -> dict:
         lay = chunk_layout(ns, pages * page, kinds)
         chunks.append(StagedChunk((f"{p0}",), lay, kinds, off))
         starts.append(p0 * page)
-        off += lay.total_bytes
+        off += lay.staging_bytes
     area = StagingArea(off)
     host_positions, host_ids = positions.cpu(), ids.cpu().int()
     try:
@@ -195,8 +195,8 @@ def _capture_case(cfg: Config, g: BenchGeometry, n: int) -> dict:
                 event.synchronize()
 
         staging_ms = bench_project.median_ms(stage, torch.device("cpu"), cfg.warmup, cfg.repeats)
-        first = chunks[0].layout
-        got = area.segment(first.layers[0].offset, first.layers[0].length, DTYPE,
+        first, seg = chunks[0].layout, chunks[0].layout.layers[0]
+        got = area.segment(chunks[0].extent_offset + seg.offset, seg.length, DTYPE,
                            (first.num_tokens, g.hidden_size))
         staged = bool(torch.equal(got, x[: first.num_tokens].cpu()))
         pinned = area.pinned if dev.type == "cuda" else NO_CUDA
