@@ -29,8 +29,9 @@ from .store import ChunkStore, Hit, OpenReport, StoreConfig
 from .throttle import BandwidthThrottle
 from .tiered import TieredStore
 
-__all__ = ["ALIGN", "HEADER_BYTES_PER_TOKEN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
-           "ExtentAllocator", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind", "MooncakeChunkStore",
+__all__ = ["ALIGN", "BandwidthThrottle", "ChunkBackend", "ChunkCorrupt", "ChunkIndex", "ChunkRecord", "ChunkStore",
+           "ExtentAllocator", "HEADER_BYTES_PER_TOKEN", "Hit", "HostBuffers", "KEEP_DAMAGED", "LayerKind",
+           "MooncakeChunkStore",
            "MooncakeConfigError", "MooncakeMaster", "MooncakeStoreConfig", "MooncakeStoreProcess",
            "MooncakeTarget", "Namespace", "OpenReport", "PeerStore", "ReadHandle", "StoreConfig",
            "StoreLocked", "StoreStats", "TieredStore", "aligned_buffer", "byte_view", "carve", "carved_bytes", "rows_within",

@@ -225,7 +225,7 @@ class MooncakeChunkStore:
         keys, ptrs, sizes, manifests = [], [], [], []
         for c in job.chunks:
             cid = f"{self._nonce}{next(self._seq):08x}"
-            segs = [(c.staging_offset, c.layout.header.length)]  # the header, then each layer
+            segs = [(c.header_span.start, c.layout.header.length)]  # the header, then each layer
             segs += [(c.extent_offset + s.offset, s.length) for s in c.layout.layers]
             digests = [digest(view[at:at + n]) for at, n in segs]
             for l, (at, n) in enumerate(segs):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +33,11 @@ class StagedChunk:
     layout: ChunkLayout
     kinds: tuple[LayerKind, ...]
     staging_offset: int  # the image's start: the header block, then the extent
+
+    @property
+    def header_span(self) -> slice:
+        """Where the header's bytes lie in staging (the image's start)."""
+        return slice(self.staging_offset, self.staging_offset + self.layout.header.length)
 
     @property
     def extent_offset(self) -> int:
@@ -121,10 +126,16 @@ class InFlightKeys:
         with self._lock:
             self._keys.difference_update(keys)
 
-    def count(self, keys: Sequence) -> int:
-        """How many of the leading ``keys`` are in flight (accepted, not yet written)."""
+    def count(self, keys: Iterable) -> int:
+        """How many of the leading ``keys`` are in flight (accepted, not yet written); reads
+        ``keys`` only up to the first that is not."""
+        n = 0
         with self._lock:
-            return next((i for i, k in enumerate(keys) if k not in self._keys), len(keys))
+            for key in keys:
+                if key not in self._keys:
+                    break
+                n += 1
+        return n
 
 
 def stage_save(area: StagingArea, ns: Namespace, keys: Sequence[str], skip: int,
@@ -166,9 +177,9 @@ def stage_chunks(area: StagingArea, ns: Namespace, chunks: Sequence[StagedChunk]
     dev_rows = {}
     on_gpu = False
     for chunk, t0 in zip(chunks, token_starts):
-        lay, base, extent = chunk.layout, chunk.staging_offset, chunk.extent_offset
+        lay, extent = chunk.layout, chunk.extent_offset
         t1 = t0 + lay.num_tokens
-        hdr = area.buf[base:base + lay.header.length]
+        hdr = area.buf[chunk.header_span]
         hdr[:8 * lay.num_tokens].view(torch.int64).copy_(positions[t0:t1])
         hdr[8 * lay.num_tokens:].view(torch.int32).copy_(token_ids[t0:t1])
         for l, (kind, seg) in enumerate(zip(chunk.kinds, lay.layers)):

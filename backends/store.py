@@ -3,7 +3,8 @@
 Call order for a context: ``lookup`` (leading pages present) -> ``read`` (per-layer futures) ...
 ``save`` (copy to staging, return) -> writer threads (``writers``), per batch of queued saves: digest
 -> allocate (evicting LRU chain tails) -> one pwritev per contiguous run of extents (growing the pool
-file) -> one fdatasync -> one index commit (records and chunk headers) -> release staging. ``flush`` waits for all accepted saves.
+file) -> one fdatasync -> one index commit (records and chunk headers) -> release staging. ``flush``
+waits for all accepted saves.
 Open (``recovery``): damaged state is set aside, the cache starts cold; a smaller capacity evicts.
 Durability: an index entry is committed only after its bytes are synced; space is freed only after
 the index delete that unreferences it commits; at open, free space = everything no entry references.
@@ -145,7 +146,7 @@ class ChunkStore:
         kinds = resolved[0][0].kinds if resolved else ()
         n = next((i for i, (rec, _) in enumerate(resolved) if rec.kinds != kinds), len(resolved))
         self._touch(resolved[:n])
-        in_flight = self._in_flight.count([ns.key_prefix + k.encode() for k in keys[n:]]) if n < len(keys) else 0
+        in_flight = self._in_flight.count(ns.key_prefix + k.encode() for k in keys[n:])
         self._stats.add(hit_pages=n, miss_pages=len(keys) - n, in_flight_miss_pages=in_flight)
         return Hit(n, kinds)
 
@@ -243,12 +244,12 @@ class ChunkStore:
         t0 = time.perf_counter()
         chunks = [(job, c) for job in batch for c in job.chunks]
         view = self.staging.view
-        digests, headers = [], {}
+        digests = []
         for _, c in chunks:
-            b, e = c.staging_offset, c.extent_offset
-            headers[id(c)] = header = bytes(view[b:b + c.layout.header.length])
-            digests.append((digest(header), tuple(digest(view[e + s.offset:e + s.offset + s.length])
-                                                  for s in c.layout.layers)))
+            e = c.extent_offset
+            digests.append((digest(view[c.header_span]),
+                            tuple(digest(view[e + s.offset:e + s.offset + s.length])
+                                  for s in c.layout.layers)))
         offsets = self._allocate([c.layout.total_bytes for _, c in chunks])
         placed, broken = [], set()
         for (j, c), dig, off in zip(chunks, digests, offsets):
@@ -266,7 +267,7 @@ class ChunkStore:
                 self.pool.write_at(bufs, off)
             self.pool.sync()
             records = self._make_records(placed)
-            self.index.commit(records, [headers[id(c)] for _, c, _, _ in placed])
+            self.index.commit(records, [bytes(view[c.header_span]) for _, c, _, _ in placed])
         except Exception as e:  # noqa: BLE001 - ENOSPC (pool or index), EIO: these chunks are lost
             self._drop_placed(placed, e)
             return

@@ -159,8 +159,10 @@ def bench_lookup(args) -> dict:
     recs = [ChunkRecord(i + 1, b"N" * 16, i * 4096, 4096, 64, i, (LayerKind.HIDDEN,) * 32, 0,
                         (0,) * 32, tuple(f"{i:08x}{p:056x}" for p in range(per)))
             for i in range(args.entries // per)]
+    header = bytes(HEADER_BYTES_PER_TOKEN * 64)
     for s in range(0, len(recs), 5000):
-        index.commit(recs[s:s + 5000], [bytes(HEADER_BYTES_PER_TOKEN * 64)] * len(recs[s:s + 5000]))
+        batch = recs[s:s + 5000]
+        index.commit(batch, [header] * len(batch))
     lat = []
     for j in range(args.lookups):
         base = (j * 7919) % (len(recs) - 16)
