@@ -142,13 +142,22 @@ class ChunkStore:
     # ---- lookup / read ----------------------------------------------------------------------
     def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
         """How many leading pages of ``keys`` are present with one plan (one read txn)."""
-        resolved = self.index.resolve(ns.key_prefix, keys)
+        resolved = self._resolve_live(ns, keys)
         kinds = resolved[0][0].kinds if resolved else ()
         n = next((i for i, (rec, _) in enumerate(resolved) if rec.kinds != kinds), len(resolved))
         self._touch(resolved[:n])
         in_flight = self._in_flight.count(ns.key_prefix + k.encode() for k in keys[n:])
         self._stats.add(hit_pages=n, miss_pages=len(keys) - n, in_flight_miss_pages=in_flight)
         return Hit(n, kinds)
+
+    def _resolve_live(self, ns: Namespace, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
+        """The leading pages of ``keys`` the index resolves, up to the first whose chunk was taken
+        as a victim (gone, though its index entry stays until the eviction's delete commits)."""
+        resolved = self.index.resolve(ns.key_prefix, keys)
+        with self._space:
+            live = next((i for i, (rec, _) in enumerate(resolved) if rec.chunk_id not in self._records),
+                        len(resolved))
+        return resolved[:live]
 
     def read(self, ns: Namespace, keys: Sequence[str], out: Sequence[torch.Tensor],
              positions_out: torch.Tensor, token_ids_out: torch.Tensor | None = None) -> ReadHandle:
@@ -165,7 +174,12 @@ class ChunkStore:
         pieces = plan_pieces(resolved, ns.page_size)
         ids = [p.rec.chunk_id for p in pieces]
         with self._space:
-            self._lru.pin(ids)
+            gone = next((p for p in pieces if p.rec.chunk_id not in self._records), None)
+            if gone is None:
+                self._lru.pin(ids)  # pinned chunks are never taken as victims
+        if gone is not None:  # being evicted: its extent may be reused as soon as the delete commits
+            self._stats.add(miss_pages=len(keys))
+            return ReadHandle.failed(ns.num_layers, KeyError(f"chunk {gone.rec.chunk_id} is being evicted"))
         headers = self.index.headers(ids)
         self._touch(resolved)
         t_issue = time.perf_counter()
@@ -203,7 +217,7 @@ class ChunkStore:
         kinds = tuple(LayerKind(k) for k in layer_kinds)
         n = len(keys) * ns.page_size
         check_save(ns, n, positions, token_ids, layers, kinds, rows)
-        resolved = self.index.resolve(ns.key_prefix, keys)
+        resolved = self._resolve_live(ns, keys)
         pending = self._in_flight.reserve([ns.key_prefix + k.encode() for k in keys], len(resolved))
         if pending is None:
             return True
@@ -313,39 +327,49 @@ class ChunkStore:
         return records
 
     def _allocate(self, sizes: list[int]) -> list[int | None]:
-        """Extents for each size inside what the pool file may grow to, evicting LRU chain tails
-        (deleted from the index first)."""
+        """Extents for each size inside what the pool file may grow to, evicting LRU chain tails.
+
+        Victims are taken under the space lock (out of the LRU and the records, so no lookup or read
+        finds them from then on), deleted from the index outside it (an LMDB commit is an fdatasync:
+        the scheduler thread's lookups and reads take the same lock), and their space freed after
+        the delete committed."""
         out: list[int | None] = []
-        with self._space:
-            end = self.pool.size + self.pool.room()  # the disk's free space, checked per batch
-            for i, n in enumerate(sizes):
-                off = self.alloc.alloc(n, end)
-                while off is None:
+        end = self.pool.size + self.pool.room()  # the disk's free space, checked per batch
+        for i, n in enumerate(sizes):
+            while True:
+                with self._space:
+                    off = self.alloc.alloc(n, end)
+                    if off is not None:
+                        break
                     # At least one victim per round: with enough free bytes in total but no gap
                     # large enough (fragmentation), evicting must still make progress.
                     victims = self._take_victims(sum(sizes[i:]) - self.alloc.free_below(end), 1)
-                    if not victims:
-                        break
-                    self._evict(victims)
-                    off = self.alloc.alloc(n, end)
-                out.append(off)
+                if not victims:
+                    break
+                self._evict(victims)
+            out.append(off)
         return out
 
     def _take_victims(self, nbytes: int, at_least: int = 0) -> list[ChunkRecord]:
         """Least-recently-used chain tails worth ``nbytes`` (and ``at_least`` of them), taken out of
-        the LRU; the caller holds the space lock and evicts them."""
+        the LRU and the records; the caller holds the space lock, then evicts them (``_evict``)."""
         victims: list[ChunkRecord] = []
         while nbytes > 0 or len(victims) < at_least:
             cid = self._lru.victim()
             if cid is None:
                 break
-            victims.append(self._records[cid])
+            victims.append(self._records.pop(cid))
             self._lru.remove(cid)
             nbytes -= victims[-1].nbytes
         return victims
 
     def _evict(self, victims: list[ChunkRecord]) -> None:
-        self._forget(victims)
+        """Delete victims already out of the LRU and the records (the caller released the space
+        lock) from the index, then free their extents."""
+        self.index.delete(victims)
+        with self._space:
+            for rec in victims:
+                self.alloc.free(rec.offset, rec.nbytes)
         self._stats.add(chunks_evicted=len(victims), bytes_evicted=sum(r.nbytes for r in victims))
 
     def _forget(self, recs: list[ChunkRecord]) -> None:

@@ -235,6 +235,41 @@ def test_corrupted_pool_bytes_are_a_miss_never_wrong_data(tmp_path):
     store.close()
 
 
+def test_an_eviction_commits_outside_the_lock_lookups_and_reads_take(tmp_path, monkeypatch):
+    # An eviction's index delete is an fsync'd LMDB commit; the scheduler thread's lookups and reads
+    # must not wait on it. While it is held: the victim is already gone for lookups and reads (its
+    # extent is about to be reused), everything else is found and read.
+    import threading
+
+    entered, gate = threading.Event(), threading.Event()
+    with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
+        slots = store.stats().capacity_bytes // CHUNK
+        old, kept = chain(16, "old"), chain((slots - 1) * 16, "kept")
+        store.save(NS, old, **payload(NS, 16))
+        store.flush()
+        store.save(NS, kept, **payload(NS, (slots - 1) * 16, seed=1))
+        store.flush()  # the pool is full; `old` is the least recently used chunk
+        real = store.index.delete
+        monkeypatch.setattr(store.index, "delete",
+                            lambda recs: (entered.set(), gate.wait(10), real(recs)))
+        new = chain(16, "new")
+        assert store.save(NS, new, **payload(NS, 16, seed=2))  # its writer must evict `old`
+        assert entered.wait(10)
+        done = {}
+        t = threading.Thread(target=lambda: done.update(
+            kept=store.lookup(NS, kept).num_pages, old=store.lookup(NS, old).num_pages,
+            old_read=read_back(store, NS, old)[0].wait()))
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "a lookup waited on an eviction's index commit"
+        assert done == dict(kept=(slots - 1) * 16, old=0, old_read=False)
+        gate.set()
+        store.flush()
+        assert store.lookup(NS, new).num_pages == 16 and store.lookup(NS, old).num_pages == 0
+        handle, out, _, _ = read_back(store, NS, kept[:16])
+        assert handle.wait() and torch.equal(out[0], payload(NS, (slots - 1) * 16, seed=1)["layers"][0][:64])
+
+
 def test_a_budget_of_n_chunks_holds_n_chunks(tmp_path):
     # Layers of whole 4 KiB blocks (K/V of a GQA model, hidden states of most): a chunk takes its
     # layers' bytes and nothing more, so a pool of exactly N chunks keeps all N (a header block in
