@@ -15,8 +15,11 @@ TTFT of returning requests (mean, p50, p90), agreement of every greedy output wi
 rag runs are also driven by SGLang's own client (``python -m sglang.benchmark.serving``, the same
 requests: it loads the dataset this script generated), and the multi-turn ones by its multi-turn
 mode (its own conversations, all at once, on the chat route), so the figures do not rest on a client
-written here. One server per (model, system); working sets run smallest first, each on new token
-ids (an earlier set's entries are the least recently used, evicted first).
+written here. Every system's server is up at once (``--sleep-on-idle``); each cell (client,
+workload, working set) runs ``--reps`` times, each repetition on new token ids and on every system
+back to back, one serving at a time (who goes first rotates): a ratio pairs runs seconds apart, and
+the tables quote its median and range over the repetitions. Working sets run smallest first (an
+earlier set's entries are the least recently used, evicted first).
 
     python bench/bench_budget.py --smoke --json /tmp/b.json            # CI: tiny model, ~1-2 minutes
     python bench/bench_budget.py --preset full --json OUT.json --markdown bench/RESULTS-budget.md --plot OUT.svg
@@ -27,6 +30,7 @@ ids (an earlier set's entries are the least recently used, evicted first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -39,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import budget_workloads  # noqa: E402
 from bench_cli import pick_names, write_outputs  # noqa: E402
 from budget_client import run_sglang_client  # noqa: E402
-from budget_report import agreement, evaluate, render_markdown, summarize, write_plot  # noqa: E402
+from budget_report import agreement, combine, evaluate, render_markdown, summarize, write_plot  # noqa: E402
 from host_speed import gemm_gflops  # noqa: E402
-from serving_client import run_workload, system_server  # noqa: E402
+from serving_client import flush_until_accepted, run_workload, system_server  # noqa: E402
 
 SYSTEMS = ("hicache", "hcache-space", "hcache-speed", "hcache")
 RAG = dict(doc_len=128, prompts_per_group=3, question_len=16, output_len=4, zipf_alpha=0.8)
@@ -51,20 +55,20 @@ PRESETS = {
     "smoke": dict(models=("tiny-llama-mha",), dtype="float32", systems=("hicache", "hcache-space"),
                   max_total_tokens=512, page_size=16, budget_pools=4.0, multiples=(2.0,),
                   workloads=dict(rag=dict(RAG, doc_len=192, prompts_per_group=2), multiturn=MULTITURN),
-                  clients=("ours", "sglang")),
+                  clients=("ours", "sglang"), reps=1),
     # the bench geometry and its GQA twin; float32 (a bf16 GEMM is emulated on CPUs without
     # AVX512-BF16/AMX); working sets 0.5x-3x the budget
     "full": dict(models=("bench-llama", "bench-llama-gqa"), dtype="float32", systems=SYSTEMS,
                  max_total_tokens=512, page_size=16, budget_pools=2.25, multiples=(0.5, 1.0, 1.5, 2.0, 3.0),
-                 workloads=dict(rag=RAG, multiturn=MULTITURN), clients=("ours", "sglang")),
+                 workloads=dict(rag=RAG, multiturn=MULTITURN), clients=("ours", "sglang"), reps=3),
     # contexts long enough that a miss costs more than a restore (1K-token documents; agent-like
     # conversations: a 1K-token first turn, then 64-token turns; ~5 s to recompute one context on a
     # 2-core host): where the hit rate becomes TTFT
-    "long": dict(models=("bench-llama",), dtype="float32", systems=("hicache", "hcache-space"),
-                 max_total_tokens=2048, page_size=16, budget_pools=2.25, multiples=(1.5, 2.0),
+    "long": dict(models=("bench-llama",), dtype="float32", systems=("hicache", "hcache-space", "hcache-speed"),
+                 max_total_tokens=2048, page_size=16, budget_pools=2.25, multiples=(0.5, 1.5, 2.0),
                  workloads=dict(rag=dict(RAG, doc_len=1024),
                                 multiturn=dict(MULTITURN, first_len=1024, request_len=64)),
-                 clients=("ours",)),
+                 clients=("ours",), reps=3),
 }
 
 
@@ -82,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-total-tokens", type=int, help="device KV pool of every system")
     ap.add_argument("--dtype", help="serving dtype")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reps", type=int, help="repetitions of every cell, each on new token ids, the "
+                                             "systems interleaved (default: the preset's)")
     ap.add_argument("--workdir", type=Path, help="server logs, pools (default: a fresh temp dir)")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--json", type=Path)
@@ -111,6 +117,10 @@ def plan_run(args) -> dict:
         if any(m <= 0 for m in plan["multiples"]):
             raise SystemExit(f"--multiples {args.multiples!r}: every multiple must be positive")
     plan["multiples"] = tuple(sorted(plan["multiples"]))
+    if args.reps is not None:
+        if args.reps < 1:
+            raise SystemExit(f"--reps {args.reps}: expected at least 1")
+        plan["reps"] = args.reps
     for key in ("max_total_tokens", "dtype"):
         if getattr(args, key) is not None:
             plan[key] = getattr(args, key)
@@ -140,17 +150,18 @@ def size_budget(plan: dict, info) -> dict:
 
 
 def _workloads(plan: dict, mi: int, budget_tokens: int, vocab: int, tokenizer, home: Path) -> dict:
-    """(client, workload, multiple) -> Workload; every one on its own token ids (its own seed)."""
+    """(client, workload, multiple, rep) -> Workload; every one on its own token ids (its own seed)."""
     work = {}
     for ci, client in enumerate(plan["clients"]):
         for wi, (wname, spec) in enumerate(plan["workloads"].items()):
             for k, m in enumerate(plan["multiples"]):
-                seed = plan["seed"] + 1000 * mi + 100 * ci + 10 * wi + k
-                if client == "sglang" and wname == "multiturn":  # the client's own multi-turn mode
-                    work[client, wname, m] = budget_workloads.chat(m, budget_tokens, spec, seed)
-                else:
-                    work[client, wname, m] = budget_workloads.build(
-                        wname, m, budget_tokens, spec, seed, vocab, tokenizer, home)
+                for rep in range(plan["reps"]):
+                    seed = plan["seed"] + 10000 * rep + 1000 * mi + 100 * ci + 10 * wi + k
+                    if client == "sglang" and wname == "multiturn":  # the client's own multi-turn mode
+                        work[client, wname, m, rep] = budget_workloads.chat(m, budget_tokens, spec, seed)
+                    else:
+                        work[client, wname, m, rep] = budget_workloads.build(
+                            wname, m, budget_tokens, spec, seed, vocab, tokenizer, home)
     return work
 
 
@@ -177,38 +188,68 @@ def run_benchmark(plan: dict, workdir: Path) -> dict:
         geo = dict(model=str(path), dtype=plan["dtype"], num_layers=info.num_layers,
                    hidden_size=info.hidden_size, num_heads=info.num_heads, num_kv_heads=info.num_kv_heads,
                    max_total_tokens=plan["max_total_tokens"], **sizes, runs={}, plans={}, servers={},
-                   specs={f"{c}/{w}/{m}": wl.spec for (c, w, m), wl in work.items()})
-        raw: dict = {}
-        for system in plan["systems"]:
-            sys_plan = dict(plan, tokenizer="sglang" in plan["clients"], hicache_host_only=True,
-                            hicache_ratio=sizes["hicache_ratio"], hcache_capacity=str(sizes["budget_bytes"]),
-                            objective={"hcache-space": "space", "hcache-speed": "speed"}.get(system, "balanced"))
-            out = workdir / name / system
-            print(f"bench_budget: {name} {system}: starting", flush=True)
-            with system_server(system, path, plan["dtype"], plan["max_total_tokens"], sys_plan, out,
-                               start_timeout=plan["start_timeout"]) as server:
-                geo["plans"][system] = server.describe()["restore_plan"]
-                geo["servers"][system] = server.argv
-                for (client, wname, m), wl in work.items():
-                    t0 = time.perf_counter()
-                    if client == "ours":
-                        run = run_workload(server, wl)
-                    else:
-                        run = run_sglang_client(server, path, wl, home, out / f"sglang-{wname}-{m}.jsonl")
-                    raw[system, client, wname, m] = run
-                    prefix = run.get("prefix_of") or {
-                        r.rid: budget_workloads.returning_prefix(wl, r) for r in wl.requests}
-                    cell = summarize(prefix, run)
-                    geo["runs"].setdefault(system, {}).setdefault(client, {}).setdefault(wname, {})[str(m)] = cell
-                    print(f"bench_budget: {name} {system} {client} {wname} {m:g}x: hit rate "
-                          f"{cell['hit_rate'] or 0:.2f}, returning TTFT {cell['ttft_returning_ms_mean'] or 0:.0f} ms "
-                          f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        for (system, client, wname, m), run in raw.items():
-            geo["runs"][system][client][wname][str(m)]["agreement_vs_hicache"] = agreement(
-                run, raw["hicache", client, wname, m])
+                   specs={f"{c}/{w}/{m}": wl.spec for (c, w, m, rep), wl in work.items() if rep == 0})
+        raw = run_interleaved(plan, sizes, path, workdir / name, home, work, geo)
+        for (system, client, wname, m) in {k[:4] for k in raw}:
+            reps = [raw[system, client, wname, m, r] for r in range(plan["reps"])]
+            cell = combine([c for c, _ in reps])
+            for rep_cell, (_, run), (_, ref) in zip(cell["reps"], reps,
+                                                    [raw["hicache", client, wname, m, r] for r in range(plan["reps"])]):
+                rep_cell["agreement_vs_hicache"] = agreement(run, ref)
+            cell["agreement_vs_hicache"] = min(c["agreement_vs_hicache"] for c in cell["reps"])
+            geo["runs"].setdefault(system, {}).setdefault(client, {}).setdefault(wname, {})[str(m)] = cell
         evaluate(geo)
         doc["geometries"][name] = geo
     return doc
+
+
+def run_interleaved(plan: dict, sizes: dict, path, workdir: Path, home: Path, work: dict, geo: dict) -> dict:
+    """Every system's server at once (``--sleep-on-idle``: a waiting one sleeps on its sockets); each
+    (client, workload, working set, rep) on every system back to back, one serving at a time, who goes
+    first rotating, each run between flushes (HCache's saves written before the next system runs).
+    Returns (system, client, workload, multiple, rep) -> (summary, raw run)."""
+    systems = plan["systems"]
+    raw: dict = {}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for system in systems:  # HiCache first: SGLang sizes its host tier against the memory left
+            sys_plan = dict(plan, tokenizer="sglang" in plan["clients"], hicache_host_only=True,
+                            hicache_ratio=sizes["hicache_ratio"], hcache_capacity=str(sizes["budget_bytes"]),
+                            objective={"hcache-space": "space", "hcache-speed": "speed"}.get(system, "balanced"),
+                            server_flags=["--sleep-on-idle"])
+            print(f"bench_budget: {Path(path).name} {system}: starting", flush=True)
+            server = stack.enter_context(system_server(system, path, plan["dtype"], plan["max_total_tokens"],
+                                                       sys_plan, workdir / system,
+                                                       start_timeout=plan["start_timeout"]))
+            servers[system] = server
+            geo["plans"][system] = server.describe()["restore_plan"]
+            geo["servers"][system] = server.argv
+        for i, ((client, wname, m, rep), wl) in enumerate(work.items()):
+            for system in systems[i % len(systems):] + systems[:i % len(systems)]:
+                server, t0 = servers[system], time.perf_counter()
+                if client == "ours":
+                    run = run_workload(server, wl)
+                else:
+                    run = run_sglang_client(server, path, wl, home,
+                                            workdir / system / f"sglang-{wname}-{m}-{rep}.jsonl")
+                flush_until_accepted(server)  # this system's saves written before the next one runs
+                prefix = run.get("prefix_of") or {
+                    r.rid: budget_workloads.returning_prefix(wl, r) for r in wl.requests}
+                cell = summarize(prefix, run)
+                raw[system, client, wname, m, rep] = (cell, run)
+                print(f"bench_budget: {system} {client} {wname} {m:g}x rep {rep + 1}/{plan['reps']}: hit rate "
+                      f"{cell['hit_rate'] or 0:.2f}, returning TTFT {cell['ttft_returning_ms_mean'] or 0:.0f} ms "
+                      f"{_pages_note(cell.get('store_pages'))}({time.perf_counter() - t0:.0f} s)", flush=True)
+    return raw
+
+
+def _pages_note(pages: dict | None) -> str:
+    if not pages:
+        return ""
+    return (f"store pages hit {pages['hit_pages']}, missed {pages['miss_pages']} "
+            f"({pages['in_flight_miss_pages']} in flight); chunks written {pages['chunks_written']}, "
+            f"evicted {pages['chunks_evicted']}, dropped {pages['chunks_dropped']}; saves dropped "
+            f"{pages['saves_dropped']} ")
 
 
 def main(argv=None) -> int:

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from host_speed import gemm_gflops  # noqa: E402
 from overhead_report import BASELINE, render, stage_split, summarize, tpot_s  # noqa: E402
-from serving_client import flush_cache, run_workload, system_server  # noqa: E402
+from serving_client import flush_until_accepted, run_workload, system_server  # noqa: E402
 from serving_workloads import BenchRequest, Workload  # noqa: E402
 
 SYSTEMS = ("off", "hcache-hidden", "hcache-hybrid", "hcache-kv", "hicache")
@@ -195,10 +195,10 @@ def measure_item(server, key: str, wl: Workload, out: dict) -> None:
     """One workload on one server, between flushes (HCache's spills written before and after, so the
     next measurement, on this server or another, does not share the host with these writes)."""
     kind, size = key.split(":")
-    _flush(server)
+    flush_until_accepted(server)
     cpu0 = server.cpu_s()
     run = run_workload(server, wl, scrape=False)
-    _flush(server)
+    flush_until_accepted(server)
     out["cpu_s"][key] = server.cpu_s() - cpu0  # the request's work and every save it caused
     out["load_avg"].append(run["load_avg"])
     recs = run["requests"]
@@ -208,16 +208,6 @@ def measure_item(server, key: str, wl: Workload, out: dict) -> None:
         out["tpot_s"][size] = statistics.median(tpot_s(r) for r in recs)
     else:
         out["throughput_tok_s"][size] = sum(r["prompt_tokens"] for r in recs) / run["wall_s"]
-
-
-def _flush(server, timeout_s: float = 120.0) -> None:
-    """Flush until the server accepts: just after a response SGLang may still hold the request
-    (HiCache: "not flushed because there are pending requests" with none queued or running)."""
-    deadline = time.monotonic() + timeout_s
-    while not flush_cache(server):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{server.system}: /flush_cache refused for {timeout_s:.0f} s")
-        time.sleep(0.2)
 
 
 @contextlib.contextmanager

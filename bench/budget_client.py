@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from budget_workloads import gsp_args, sglang_chat_args
-from serving_client import Server, flush_cache
+from serving_client import Server, flush_until_accepted, since, snapshot
 from serving_workloads import Workload
 
 LOADED = "Loading cached generated input data"
@@ -43,8 +43,9 @@ def client_argv(server: Server, model_path, workload: Workload, out: Path) -> li
 
 def run_sglang_client(server: Server, model_path, workload: Workload, home: Path, out: Path,
                       timeout_s: float = 3600.0) -> dict:
-    flush_cache(server)  # each workload starts with an empty device cache, as with this project's client
+    flush_until_accepted(server)  # each workload starts with an empty device cache, as with this project's client
     argv = client_argv(server, model_path, workload, out)
+    before = snapshot(server)
     t0 = time.perf_counter()
     proc = subprocess.run(argv, env=dict(os.environ, HOME=str(home)), capture_output=True, text=True,
                           timeout=timeout_s)
@@ -77,5 +78,6 @@ def run_sglang_client(server: Server, model_path, workload: Workload, home: Path
             cached_tokens=int(result["cached_tokens"][i] or 0),
             details=result["cached_tokens_details"][i]))
     return dict(requests=records, wall_s=wall, client="sglang.benchmark.serving", prefix_of=prefix_of,
+                **since(server, before),
                 summary={k: result.get(k) for k in ("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms",
                                                      "duration", "completed")})

@@ -309,6 +309,16 @@ def flush_cache(server: Server) -> bool:
     return requests.post(f"{server.url}/flush_cache", timeout=600).status_code == 200
 
 
+def flush_until_accepted(server: Server, timeout_s: float = 120.0) -> None:
+    """Flush until the server accepts: just after a response SGLang may still hold the request
+    (HiCache: "not flushed because there are pending requests" with none queued or running)."""
+    deadline = time.monotonic() + timeout_s
+    while not flush_cache(server):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{server.system}: /flush_cache refused for {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
 def run_workload(server: Server, workload: Workload, on_done=lambda: None, *,
                  scrape: bool = True) -> dict:
     """Replay ``workload``; flush the device cache first so each workload starts cold.
@@ -316,20 +326,28 @@ def run_workload(server: Server, workload: Workload, on_done=lambda: None, *,
     ``scrape=False`` skips the ``/metrics`` and storage snapshots around it (and their waits for the
     once-a-second gauges): the flush and the replay alone, for benchmarks timing many short runs.
     """
-    flush_cache(server)
+    flush_until_accepted(server)
     if not scrape:
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         records = asyncio.run(_replay(server.url, workload, on_done))
         return dict(requests=records, wall_s=time.perf_counter() - t0,
                     load_avg=(load0 + os.getloadavg()[0]) / 2)
-    time.sleep(METRICS_WAIT_S)
-    before, store_before = server.metrics(), server.storage()
+    before = snapshot(server)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     records = asyncio.run(_replay(server.url, workload, on_done))
     wall = time.perf_counter() - t0
     load = (load0 + os.getloadavg()[0]) / 2  # a shared host: read times beside the load
+    return dict(requests=records, wall_s=wall, load_avg=load, **since(server, before))
+
+
+def snapshot(server: Server) -> tuple[dict, dict]:
+    """The server's ``hcache_*`` gauges and its storage tier's size, once the gauges are current."""
     time.sleep(METRICS_WAIT_S)
-    after, store_after = server.metrics(), server.storage()
-    delta = {k: after[k] - before.get(k, 0.0) for k in after}
-    return dict(requests=records, wall_s=wall, load_avg=load, metrics_delta=delta,
-                storage_delta={k: store_after[k] - store_before[k] for k in ("bytes", "tokens")})
+    return server.metrics(), server.storage()
+
+
+def since(server: Server, before: tuple[dict, dict]) -> dict:
+    """``metrics_delta`` and ``storage_delta`` of a run: what changed since ``snapshot``'s ``before``."""
+    (m0, s0), (m1, s1) = before, snapshot(server)
+    return dict(metrics_delta={k: m1[k] - m0.get(k, 0.0) for k in m1},
+                storage_delta={k: s1[k] - s0[k] for k in ("bytes", "tokens")})

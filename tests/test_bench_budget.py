@@ -22,6 +22,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import budget_report  # noqa: E402
 import budget_workloads  # noqa: E402
 
 
@@ -80,6 +81,48 @@ def test_the_budget_must_exceed_the_device_pool():
     assert sizes["budget_tokens"] == 1024 and sizes["hicache_ratio"] == pytest.approx(2.0)
     with pytest.raises(SystemExit, match="larger than the device pool"):
         bench_budget.size_budget(dict(plan, budget_bytes=512 * sizes["kv_bytes_per_token"]), info)
+
+
+def _rep(ttft_ms: float, hit: float, restored: float | None = None) -> dict:
+    return dict(hit_rate=hit, restored_rate=hit if restored is None else restored,
+                ttft_returning_ms_mean=ttft_ms, ttft_returning_ms_p50=ttft_ms, ttft_returning_ms_p90=ttft_ms,
+                ttft_ms_mean=ttft_ms, wall_s=1.0, restore_ms_per_1k_tokens=None,
+                requests=4, returning_requests=3, returning_tokens=300, hit_tokens=int(300 * hit),
+                tokens_by_tier={"host": 10}, store_pages=None)
+
+
+def test_ratios_pair_repetitions_and_quote_the_median():
+    # HiCache's second repetition ran on a slow stretch of the host: paired per repetition, the
+    # ratios are 1.0, 1.0 and 0.5 (median 1.0); a ratio of the medians would read 200/300 = 0.67
+    hicache = budget_report.combine([_rep(100, 0.5), _rep(400, 0.5), _rep(200, 0.5)])
+    hcache = budget_report.combine([_rep(100, 0.9), _rep(400, 0.5), _rep(400, 0.0)])
+    geo = {"runs": {"hicache": {"ours": {"rag": {"1.0": hicache}}}, "hcache": {"ours": {"rag": {"1.0": hcache}}}}}
+    budget_report.evaluate(geo)
+    assert hcache["ttft_returning_ms_mean"] == 400 and hicache["ttft_returning_ms_mean"] == 200
+    assert hcache["ttft_speedup_vs_hicache"] == pytest.approx(1.0)
+    assert hcache["ttft_speedup_spread"] == pytest.approx([0.5, 1.0])
+    assert hcache["hit_rate_ratio_vs_hicache"] == pytest.approx(1.0)  # 1.8, 1.0, 0.0
+    assert hcache["hit_rate_ratio_spread"] == pytest.approx([0.0, 1.8])
+    assert hcache["requests"] == 12 and hcache["tokens_by_tier"] == {"host": 30} and len(hcache["reps"]) == 3
+    assert budget_report.with_spread(1.0, [0.5, 1.0]) == "1.00 [0.50, 1.00]"
+
+
+def test_the_hit_rate_target_reads_tokens_restored_from_the_budgeted_tier():
+    # both systems' device pools served 0.2 of the returning tokens: served from any tier HCache is
+    # 1.0 / 0.6 = 1.67x HiCache, restored from the budget's bytes 0.8 / 0.4 = 2.0x
+    ref = budget_report.combine([_rep(300, 0.6, 0.4)])
+    mine = budget_report.combine([_rep(150, 1.0, 0.8)])
+    cells = lambda c: {"ours": {"rag": {"2.0": c}}}  # noqa: E731
+    doc = {"geometries": {"g": {"num_heads": 16, "num_kv_heads": 16,
+                                "runs": {"hicache": cells(ref), "hcache-space": cells(mine)}}}}
+    budget_report.evaluate(doc["geometries"]["g"])
+    assert mine["hit_rate_ratio_vs_hicache"] == pytest.approx(1 / 0.6)
+    assert mine["restored_ratio_vs_hicache"] == pytest.approx(2.0)
+    (line,) = budget_report.targets(doc)
+    assert "TTFT 2.00x" in line and "restored 2.00x" in line and line.endswith("met")
+    mine["reps"][0]["restored_rate"] = 0.6  # 1.5x: the target missed
+    budget_report.evaluate(doc["geometries"]["g"])
+    assert budget_report.targets(doc)[0].endswith("MISSED")
 
 
 @pytest.mark.engine
