@@ -14,7 +14,6 @@ empty. The writer's LRU order is not touched: it sees the group's lookups as its
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import os
 import threading
@@ -26,7 +25,7 @@ import torch
 from .index import FORMAT, MAX_DBS, ChunkIndex, ChunkRecord
 from .layout import LayerKind, Namespace
 from .pool import PoolReader
-from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces
+from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces, reader_pool
 from .store import Hit
 
 logger = logging.getLogger(__name__)
@@ -82,8 +81,8 @@ class PeerStore:
         self.directory = directory
         self.index = _ReadOnlyIndex(index)
         self.pool = PoolReader(directory, read_bandwidth_limit)
-        self._readers = cf.ThreadPoolExecutor(reader_threads, "hcache-peer-read")
-        self._parallel = reader_threads
+        self._readers = reader_pool(reader_threads, "hcache-peer-read")  # 0: on the caller's thread
+        self._parallel = max(1, reader_threads)
 
     def _resolve(self, ns: Namespace, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
         if self.pool.id is None or self.index.pool_id() != self.pool.id:

@@ -12,7 +12,6 @@ the index delete that unreferences it commits; at open, free space = everything 
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import logging
 import threading
 import time
@@ -26,7 +25,7 @@ from .index import ChunkRecord
 from .layout import LayerKind, Namespace, digest
 from .lru import ChainLRU
 from .pool import GROW_BYTES, ExtentAllocator, FilePool
-from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces
+from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces, reader_pool
 from .recovery import open_index
 from .staging import InFlightKeys, StagedSave, StagingArea, check_save, stage_save
 from .stats import StatsRecorder, StoreStats
@@ -45,7 +44,7 @@ class StoreConfig:
     capacity_bytes: int
     staging_bytes: int = 256 << 20
     writer_threads: int = 2
-    reader_threads: int = 4
+    reader_threads: int = 4  # 0: a read runs on the caller's thread and returns done (see ReadJob)
     max_save_block_s: float = 0.002  # the caller never waits longer for staging space
     o_direct: bool = False
     chunk_tokens: int = 64
@@ -56,11 +55,13 @@ class StoreConfig:
     def __post_init__(self) -> None:
         if not self.directory:
             raise ValueError("StoreConfig.directory: expected a path, got an empty string")
-        for name in ("capacity_bytes", "staging_bytes", "writer_threads", "reader_threads",
-                     "chunk_tokens", "grow_bytes"):
+        for name in ("capacity_bytes", "staging_bytes", "writer_threads", "chunk_tokens", "grow_bytes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"StoreConfig.{name}={v!r}: expected a positive int")
+        if not isinstance(self.reader_threads, int) or self.reader_threads < 0:
+            raise ValueError(f"StoreConfig.reader_threads={self.reader_threads!r}: expected an int >= 0 "
+                             "(0: reads run on the caller's thread)")
         if self.capacity_bytes < 1 << 20:
             raise ValueError(f"StoreConfig.capacity_bytes={self.capacity_bytes}: expected >= 1 MiB")
         if self.max_save_block_s < 0:
@@ -112,7 +113,7 @@ class ChunkStore:
         self.opened = OpenReport(len(self._records), time.perf_counter() - t0, opened.problem,
                                  opened.set_aside, evicted)
         self.staging = StagingArea(config.staging_bytes)
-        self._readers = cf.ThreadPoolExecutor(config.reader_threads, "hcache-read")
+        self._readers = reader_pool(config.reader_threads, "hcache-read")
         self._writers = Writers(config.writer_threads, self._write_batch, self._release)
         self._closed = False
         self._last_drop_log = -float("inf")
@@ -194,7 +195,7 @@ class ChunkStore:
             self._stats.observe("read", time.perf_counter() - t_issue)
 
         job = ReadJob(self.pool, self._readers, ns, pieces, headers, out, positions_out, token_ids_out,
-                      done, parallel=self.config.reader_threads)
+                      done, parallel=max(1, self.config.reader_threads))
         return job.handle
 
     def _touch(self, resolved: Sequence[tuple[ChunkRecord, int]]) -> None:

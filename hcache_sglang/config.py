@@ -54,6 +54,32 @@ class LoadCheck(str, enum.Enum):
     PIPELINED = "pipelined"
 
 
+class RestoreOn(str, enum.Enum):
+    """Which thread restores a loaded context into the KV pool.
+
+    THREADS: the restore pipeline's own threads (readers, restorer, releaser), overlapping the reads
+    and projections with the forward, which waits layer by layer. SCHEDULER: the scheduler thread,
+    inside SGLang's ``load``: read, verify and restore every layer before the load is accepted (a
+    failure at any step refuses it and SGLang recomputes). AUTO: SCHEDULER where the KV pool is in
+    host memory (a CPU server: the forward and a restore share the same cores, so overlapping them
+    buys nothing and the thread hand-offs cost more than the copies), THREADS on a GPU.
+    """
+
+    AUTO = "auto"
+    SCHEDULER = "scheduler"
+    THREADS = "threads"
+
+    def inline(self, device: Any) -> bool:
+        """Whether a restore into a KV pool on ``device`` runs on the scheduler thread."""
+        if self is RestoreOn.AUTO:
+            return torch_device_type(device) == "cpu"
+        return self is RestoreOn.SCHEDULER
+
+
+def torch_device_type(device: Any) -> str:
+    return getattr(device, "type", None) or str(device).split(":")[0]
+
+
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -118,6 +144,7 @@ class HCacheConfig:
     objective: Objective = Objective.BALANCED
     layer_plan: Optional[str] = None
     load_check: LoadCheck = LoadCheck.EAGER
+    restore_on: RestoreOn = RestoreOn.AUTO
     staging_bytes: int = 256 << 20
     read_bandwidth_limit: Optional[float] = None  # bytes/s; emulates a slower disk (labelled)
     o_direct: bool = False
@@ -183,7 +210,8 @@ class HCacheConfig:
         capacity_bytes = parse_size(capacity) if capacity is not None else default_capacity(directory)
         if "staging" in kwargs:
             kwargs["staging_bytes"] = parse_size(kwargs.pop("staging"))
-        for name, enum_type in (("objective", Objective), ("load_check", LoadCheck), ("backend", Backend)):
+        for name, enum_type in (("objective", Objective), ("load_check", LoadCheck), ("backend", Backend),
+                                ("restore_on", RestoreOn)):
             if isinstance(kwargs.get(name), str):
                 kwargs[name] = _parse_enum(enum_type, kwargs[name], "--hcache-" + name.replace("_", "-"))
         return cls(directory=directory, capacity_bytes=capacity_bytes, **kwargs)
@@ -193,6 +221,7 @@ class HCacheConfig:
         out["objective"] = self.objective.value
         out["load_check"] = self.load_check.value
         out["backend"] = self.backend.value
+        out["restore_on"] = self.restore_on.value
         return out
 
     @classmethod
@@ -208,6 +237,8 @@ class HCacheConfig:
             data["load_check"] = _parse_enum(LoadCheck, data["load_check"], "load_check")
         if "backend" in data:
             data["backend"] = _parse_enum(Backend, data["backend"], "backend")
+        if "restore_on" in data:
+            data["restore_on"] = _parse_enum(RestoreOn, data["restore_on"], "restore_on")
         return cls(**data)
 
 

@@ -28,6 +28,7 @@ _HCACHE_KEYS = {
     "hcache_objective": "objective",
     "hcache_layer_plan": "layer_plan",
     "hcache_load_check": "load_check",
+    "hcache_restore_on": "restore_on",
     "hcache_staging": "staging",
     "hcache_read_bandwidth": "read_bandwidth_limit",
     "hcache_o_direct": "o_direct",

@@ -22,7 +22,8 @@ import logging
 import os
 from typing import Any, Optional, Sequence
 
-from hcache_sglang.config import Backend, HCacheConfig, HierarchicalCache, LoadCheck, Objective, default_cache_root
+from hcache_sglang.config import (Backend, HCacheConfig, HierarchicalCache, LoadCheck, Objective, RestoreOn,
+                                  default_cache_root)
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,12 @@ def add_hcache_arguments(parser: argparse.ArgumentParser) -> None:
         "--hcache-layer-plan", default=None, help="force a plan: hidden | kv | one letter per layer (H/K/R)"
     )
     group.add_argument("--hcache-load-check", choices=[c.value for c in LoadCheck], default=LoadCheck.EAGER.value)
+    group.add_argument(
+        "--hcache-restore-on", choices=[r.value for r in RestoreOn], default=RestoreOn.AUTO.value,
+        help="thread that restores a loaded context: scheduler (inside the load, before it is accepted), "
+             "threads (the restore pipeline's, overlapping the forward); auto: scheduler on a CPU server, "
+             "threads on a GPU",
+    )
     group.add_argument("--hcache-staging", default="256M", help="host staging area for two-stage saving")
     group.add_argument(
         "--hcache-read-bandwidth", default=None, help="cap store reads (bytes/s, e.g. 2G) to emulate a slower disk"
@@ -102,6 +109,7 @@ def hcache_config_from_args(args: argparse.Namespace) -> HCacheConfig:
         objective=args.hcache_objective,
         layer_plan=args.hcache_layer_plan,
         load_check=args.hcache_load_check,
+        restore_on=args.hcache_restore_on,
         staging=args.hcache_staging,
         read_bandwidth_limit=float(parse_size(args.hcache_read_bandwidth)) if args.hcache_read_bandwidth else None,
         o_direct=args.hcache_o_direct,

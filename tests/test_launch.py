@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from hcache_sglang.config import HCacheConfig, LoadCheck, Objective, parse_size
+from hcache_sglang.config import HCacheConfig, LoadCheck, Objective, RestoreOn, parse_size
 from hcache_sglang.launch import LINKER_MODULE, build_server_argv, sglang_kwargs
 
 
@@ -86,6 +86,26 @@ def test_defaults_are_embedded(tmp_path, monkeypatch):
     assert cfg.directory.startswith(str(tmp_path))
     assert cfg.capacity_bytes >= 256 << 20
     assert cfg.load_check is LoadCheck.EAGER
+    assert cfg.restore_on is RestoreOn.AUTO
+
+
+@pytest.mark.parametrize("choice, cpu, cuda", [("auto", True, False), ("scheduler", True, True),
+                                               ("threads", False, False)])
+def test_restore_on_flag_reaches_the_linker_and_picks_the_thread_per_device(tmp_path, choice, cpu, cuda):
+    import torch
+
+    argv, _, cfg = build_server_argv(["--model-path", "/m", "--hierarchical-cache", "hcache", "--hcache-dir",
+                                      str(tmp_path), "--hcache-capacity", "1G", "--hcache-restore-on", choice])
+    linker = json.loads(_flag_value(argv, "--unified-cache-external-linker-config"))
+    restored = HCacheConfig.from_dict(linker["linker_extra_config"])
+    assert restored.restore_on is RestoreOn(choice) and restored == cfg
+    assert restored.restore_on.inline(torch.device("cpu")) is cpu
+    assert restored.restore_on.inline(torch.device("cuda", 0)) is cuda
+    assert restored.restore_on.inline("cuda:1") is cuda
+    with pytest.raises(SystemExit):
+        build_server_argv(["--model-path", "/m", "--hierarchical-cache", "hcache", "--hcache-restore-on", "gpu"])
+    with pytest.raises(ValueError, match="restore_on"):
+        HCacheConfig.from_dict({"directory": str(tmp_path), "capacity_bytes": 1 << 30, "restore_on": "gpu"})
 
 
 @pytest.mark.parametrize("text,expected", [("4096", 4096), ("2K", 2048), ("1.5G", 3 << 29), ("512MiB", 512 << 20)])

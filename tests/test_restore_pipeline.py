@@ -19,7 +19,7 @@ import hcache_sglang  # noqa: F401 - CPU platform patches before SGLang is impor
 from hcache_sglang.backends import ChunkCorrupt, ChunkStore, LayerKind, Namespace, StoreConfig, chunk_layout
 from hcache_sglang.kernels import causal_attention
 from hcache_sglang.kernels.reference import compute_kv
-from hcache_sglang.serving.restore_pipeline import RestoreProgress
+from hcache_sglang.serving.restore_progress import RestoreProgress
 from hcache_sglang.serving.restorer import LayerRestorer, RestoreJob
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from kernel_cases import paged_slots, random_projection
@@ -293,3 +293,109 @@ def test_worker_thread_counts_are_their_own_and_leak_to_no_other_thread():
     t.start()
     t.join()
     assert _omp_threads() == main and fresh == [main]  # a spill thread's 1 is nobody else's
+
+
+def _pipeline(s: Scenario, ns: Namespace, *, inline: bool):
+    from hcache_sglang.config import LoadCheck
+    from hcache_sglang.serving.metrics import RestoreStats
+    from hcache_sglang.serving.restore_pipeline import RestorePipeline
+    from sglang.srt.mem_cache.unified_cache.unified_cache_linker import LayerWiseLoadCounter
+
+    return RestorePipeline(s.store, ns, s.restorer, LayerWiseLoadCounter(s.layers), stats=RestoreStats(),
+                           load_check=LoadCheck.EAGER, page_size=PAGE, num_layers=s.layers, recomputed=0,
+                           dtype=torch.float32, inline=inline)
+
+
+def _corrupt_layer(s: Scenario, ns: Namespace, layer: int) -> None:
+    """Flip bytes inside ``layer``'s segment of the context's last chunk on disk."""
+    rec, _ = s.store.index.resolve(ns.key_prefix, s.keys[-1:])[0]
+    segment = chunk_layout(ns, rec.num_tokens, rec.kinds).layers[layer]
+    fd = os.open(s.store.pool.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xff" * 64, s.store.pool.file_offset(rec.offset + segment.offset + 8))
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["scheduler-thread", "restore-threads"])
+def test_a_load_restores_the_reference_kv_on_either_thread(tmp_path, inline):
+    # --hcache-restore-on: the same load, restored inside load() on the caller's thread (a CPU
+    # server's default: its reads too) or on the pipeline's threads; the batch lands either way
+    s = Scenario(tmp_path)
+    if inline:  # the serving wiring opens the store so with --hcache-restore-on scheduler
+        s.store.close()
+        s.store = ChunkStore(StoreConfig(str(tmp_path / "store"), capacity_bytes=64 << 20,
+                                         staging_bytes=16 << 20, max_save_block_s=10.0, reader_threads=0))
+    kinds = (H, K, K, H)
+    ns = s.save(kinds)
+    pipeline = _pipeline(s, ns, inline=inline)
+    caller = threading.current_thread()
+    ran_on: set = set()
+    restore = s.restorer.restore
+
+    def spy(*args, **kwargs):
+        ran_on.add(threading.current_thread())
+        return restore(*args, **kwargs)
+
+    s.restorer.restore = spy
+    try:
+        assert pipeline.load("r1", s.keys, s.slots)
+        if inline:  # restored before load returned: every layer is in the pool already
+            assert ran_on == {caller}
+            k0 = s.pool.k_buffer[1].index_select(0, s.slots)
+            assert torch.equal(k0, s.kv[1][:, 0])
+        index = pipeline.start_batch()
+        assert pipeline.finish(index)
+        assert ran_on == {caller} if inline else (ran_on and caller not in ran_on)
+        for l, kind in enumerate(kinds):
+            k = s.pool.k_buffer[l].index_select(0, s.slots)
+            v = s.pool.v_buffer[l].index_select(0, s.slots)
+            torch.testing.assert_close(k, s.kv[l][:, 0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, s.kv[l][:, 1], rtol=1e-5, atol=1e-5)
+        assert pipeline.stats.snapshot().restores == 1
+    finally:
+        pipeline.reset()
+        pipeline.close()
+        s.close()
+
+
+def test_a_corrupt_chunk_refuses_an_inline_load_before_any_slot_is_written(tmp_path):
+    s = Scenario(tmp_path)
+    try:
+        kinds = (K, K, H, K)
+        ns = s.save(kinds)
+        _corrupt_layer(s, ns, 3)  # the last layer: a threaded restore would have written layers 0-2
+        pipeline = _pipeline(s, ns, inline=True)
+        try:
+            assert not pipeline.load("r1", s.keys, s.slots)
+            assert all(not s.pool.k_buffer[l].any() and not s.pool.v_buffer[l].any() for l in range(s.layers))
+            assert pipeline.start_batch() == -1  # nothing pending: SGLang recomputes the request
+            assert pipeline.stats.snapshot().refused_loads == 1
+            assert s.store.lookup(ns, s.keys).num_pages < len(s.keys)  # the damaged chunk is gone
+        finally:
+            pipeline.close()
+    finally:
+        s.close()
+
+
+def test_a_store_without_reader_threads_reads_on_the_callers_thread(tmp_path):
+    store = ChunkStore(StoreConfig(str(tmp_path / "store"), capacity_bytes=64 << 20, staging_bytes=16 << 20,
+                                   reader_threads=0))
+    try:
+        ns = Namespace("inline-read", 2, HIDDEN, HEADS, HEAD_DIM, "float32", PAGE)
+        hidden = [torch.randn(64, HIDDEN) for _ in range(2)]
+        keys = [f"{p:064x}" for p in range(4)]
+        assert store.save(ns, keys, positions=torch.arange(64), token_ids=torch.arange(64, dtype=torch.int32),
+                          layers=hidden, layer_kinds=(H, H))
+        store.flush()
+        out = [torch.empty(64, HIDDEN) for _ in range(2)]
+        positions = torch.empty(64, dtype=torch.int64)
+        handle = store.read(ns, keys, out, positions)
+        assert all(handle.layer(l).done() for l in range(2))  # complete when issued
+        assert handle.wait() and all(torch.equal(o, h) for o, h in zip(out, hidden))
+        assert torch.equal(positions, torch.arange(64))
+        assert not [t for t in threading.enumerate() if t.name.startswith("hcache-read")]
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="reader_threads"):
+        StoreConfig(str(tmp_path / "x"), capacity_bytes=64 << 20, reader_threads=-1)

@@ -4,7 +4,9 @@ Each configuration (MHA with 16-token pages, GQA with 1-token pages) runs, in fl
 - a reference engine with the radix cache disabled (every prompt token computed), which computes
   every expected greedy output up front and stops;
 - one HCache engine the tests share (16 MiB pool, 1024-token device pool), whose later requests
-  restore evicted prefixes from the pool: outputs must equal the reference token for token;
+  restore evicted prefixes from the pool: outputs must equal the reference token for token. The MHA
+  engine restores on the restore pipeline's threads (``--hcache-restore-on threads``, a GPU server's
+  default), the GQA engine inside the load on the scheduler thread (a CPU server's default);
 - (16-token pages only, to spend fewer engine starts) restarts on the same pool: the same model
   restores, a corrupted pool file is refused and recomputed, another cache_salt or another model
   gets no hits.
@@ -69,7 +71,8 @@ def served(config, expected, tmp_path_factory):
     """The shared HCache engine (started after the reference engine has stopped)."""
     name, path, page_size = config
     pool = str(tmp_path_factory.mktemp(f"pool-{name}-p{page_size}"))
-    engine = start_engine(path, page_size, pool)
+    # both restore paths, each on one geometry: the threads' (GPU default) and the scheduler's (CPU)
+    engine = start_engine(path, page_size, pool, hcache_restore_on="threads" if page_size > 1 else "auto")
     yield engine
     engine.stop()
 

@@ -15,6 +15,11 @@ SGLang's scheduler thread drives it through the linker (:mod:`hcache_sglang.serv
    layer l once every restore of the batch has landed it; the forward's attention on layer l waits
    for layer l only.
 4. ``finish(index)``  wait for the batch; False fails its requests (SGLang aborts them).
+
+With ``inline`` (``--hcache-restore-on scheduler``, the default on a CPU server) step 2 does the whole
+restore on the scheduler thread: read (the store's reads then run on the calling thread too), verify,
+restore every layer, and only then accept; any failure refuses the load and SGLang recomputes. The
+batch's layers are complete when it starts.
 """
 
 from __future__ import annotations
@@ -31,68 +36,11 @@ from hcache_sglang.backends import HostBuffers, LayerKind, Namespace, carve, car
 from hcache_sglang.config import LoadCheck
 from hcache_sglang.serving.metrics import RestoreStats
 from hcache_sglang.serving.replan import RestoreClock
+from hcache_sglang.serving.restore_progress import RestoreProgress
 from hcache_sglang.serving.restorer import LayerRestorer, RestoreJob, ShiftedRead
 from hcache_sglang.serving.worker import Worker
 
 logger = logging.getLogger(__name__)
-
-
-class RestoreProgress:
-    """How far one queued restore has got, shared by the thread that runs it (``begin``,
-    ``advance``, ``stop``/``fail``), the scheduler (``cancel``) and the thread that releases its layers
-    to the forward (``wait_layer``)."""
-
-    def __init__(self) -> None:
-        self.queued_at = time.perf_counter()
-        self._cond = threading.Condition()
-        self._landed = 0  # layers 0 .. _landed-1 are in the pool
-        self._started = self._cancelled = self._stopped = False
-        self._error: Optional[BaseException] = None
-
-    def begin(self) -> bool:
-        """The restore thread takes the job: False when it was cancelled first (nothing to do)."""
-        with self._cond:
-            if self._cancelled:
-                self._stopped = True
-                self._cond.notify_all()
-                return False
-            self._started = True
-            return True
-
-    def advance(self, layer: int) -> None:
-        with self._cond:
-            self._landed = layer + 1
-            self._cond.notify_all()
-
-    def stop(self) -> None:
-        """The restore thread is done with the job's slots (every layer landed, or cancelled)."""
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-
-    def fail(self, error: BaseException) -> None:
-        with self._cond:
-            self._error, self._stopped = error, True
-            self._cond.notify_all()
-
-    def cancel_requested(self) -> bool:
-        return self._cancelled
-
-    def cancel(self) -> None:
-        """Stop the restore and return once nothing more will be written to its slots."""
-        with self._cond:
-            self._cancelled = True
-            if not self._started:
-                self._stopped = True
-            self._cond.wait_for(lambda: self._stopped)
-
-    def wait_layer(self, layer: int) -> None:
-        """Block until ``layer`` is in the pool; raises the restore's error if it stopped short."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._landed > layer or self._stopped)
-            if self._landed > layer:
-                return
-            raise self._error or RuntimeError(f"restore stopped before layer {layer} (cancelled)")
 
 
 class RequestContext(NamedTuple):
@@ -130,13 +78,14 @@ class RestorePipeline:
     def __init__(self, store: Any, namespace: Namespace, restorer: LayerRestorer, counter: Any, *,
                  stats: RestoreStats, load_check: LoadCheck, page_size: int, num_layers: int,
                  recomputed: int, dtype: torch.dtype, forward_stream: Any = None, timeline: Any = None,
-                 replanner: Any = None, intra_op_threads: Optional[int] = None) -> None:
+                 replanner: Any = None, intra_op_threads: Optional[int] = None, inline: bool = False) -> None:
         self.store, self.namespace, self.restorer, self.counter = store, namespace, restorer, counter
         self.stats, self.load_check = stats, load_check
         self.page_size, self.num_layers, self.recomputed, self.dtype = page_size, num_layers, recomputed, dtype
         self.forward_stream = forward_stream
         self.timeline = timeline  # serving.timeline.Timeline, or None (off)
         self.replanner = replanner  # serving.replan.Replanner, or None (the startup plan stays)
+        self.inline = inline  # restore inside load(), on the scheduler thread (see the module doc)
         self._busy_lock = threading.Lock()
         self._busy = 0  # restores queued or running on the restore thread
         self.host_buffers = HostBuffers(restorer.device.type == "cuda")  # reused landing buffers
@@ -264,6 +213,8 @@ class RestorePipeline:
         queued.lease.hold()
         with self._busy_lock:
             self._busy += 1
+        if self.inline:
+            return self._run_inline(rid, queued)
         self._restores.put(queued)  # the restore starts as the first layer's bytes land
         accepted = False
         try:
@@ -272,6 +223,25 @@ class RestorePipeline:
             if not accepted:
                 queued.progress.cancel()  # returns once the restore thread no longer writes the slots
         if not accepted:
+            self.stats.record_refused()
+            return False
+        self._pending[rid] = queued
+        return True
+
+    def _run_inline(self, rid: str, queued: QueuedRestore) -> bool:
+        """The whole restore on this (the scheduler's) thread: every chunk read and verified, then every
+        layer restored; True once it all landed. Nothing is written to the slots before the bytes are
+        verified, whatever ``load_check`` says."""
+        restored = False
+        try:
+            restored = self._verified(rid, queued) and self._run_restore(queued)
+            if restored and queued.clock is not None:
+                self._calibrate(queued.clock)
+            elif queued.progress.error is not None:
+                logger.warning("hcache: restore of %s refused: %r", rid, queued.progress.error)
+        finally:
+            self._end(queued)
+        if not restored:
             self.stats.record_refused()
             return False
         self._pending[rid] = queued
@@ -341,11 +311,15 @@ class RestorePipeline:
             if self._run_restore(queued) and queued.clock is not None:
                 self._calibrate(queued.clock)
         finally:
-            if queued.job.read is not None:
-                queued.job.read.wait()
-            queued.lease.drop()
-            with self._busy_lock:
-                self._busy -= 1
+            self._end(queued)
+
+    def _end(self, queued: QueuedRestore) -> None:
+        """A restore is over: its reads done, its host buffers back in the pool."""
+        if queued.job.read is not None:
+            queued.job.read.wait()
+        queued.lease.drop()
+        with self._busy_lock:
+            self._busy -= 1
 
     def _calibrate(self, clock: RestoreClock) -> None:
         try:

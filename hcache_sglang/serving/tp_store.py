@@ -68,7 +68,8 @@ class GroupStore:
     def _hidden_store(self) -> Any:
         if self.hidden is None and self.hidden_ns is not None:
             try:
-                self.hidden = PeerStore(self.hidden_dir, read_bandwidth_limit=self._config.read_bandwidth_limit)
+                self.hidden = PeerStore(self.hidden_dir, reader_threads=self._config.reader_threads,
+                                        read_bandwidth_limit=self._config.read_bandwidth_limit)
             except FileNotFoundError:
                 return None  # rank 0 has not created it yet: nothing to restore from
         return self.hidden

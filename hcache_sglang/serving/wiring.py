@@ -39,44 +39,49 @@ from hcache_sglang.serving.tp_store import GroupStore
 logger = logging.getLogger(__name__)
 
 
-def store_config(config: HCacheConfig, directory: str) -> StoreConfig:
+def store_config(config: HCacheConfig, directory: str, inline_reads: bool = False) -> StoreConfig:
+    """``inline_reads``: restores run on the scheduler thread (``RestoreOn``), which then reads the
+    pool itself (no reader threads)."""
     return StoreConfig(
         directory=directory,
         capacity_bytes=config.capacity_bytes,
         staging_bytes=config.staging_bytes,
         o_direct=config.o_direct,
         read_bandwidth_limit=config.read_bandwidth_limit,
+        reader_threads=0 if inline_reads else StoreConfig.reader_threads,
     )
 
 
-def open_local_store(config: HCacheConfig, directory: str, namespace: Namespace) -> ChunkStore:
+def open_local_store(config: HCacheConfig, directory: str, namespace: Namespace,
+                     inline_reads: bool = False) -> ChunkStore:
     """The chunk pool on a local disk, its LMDB index beside it (one pool serves every namespace)."""
-    return ChunkStore(store_config(config, directory))
+    return ChunkStore(store_config(config, directory, inline_reads))
 
 
-def _open_mooncake_store(config: HCacheConfig, directory: str, namespace: Namespace) -> Any:
+def _open_mooncake_store(config: HCacheConfig, directory: str, namespace: Namespace,
+                         inline_reads: bool = False) -> Any:
     from hcache_sglang.serving.mooncake_config import open_mooncake_store  # imports Mooncake's client
 
-    shared = open_mooncake_store(config, directory, namespace)
+    shared = open_mooncake_store(config, directory, namespace)  # network reads keep their threads
     if not config.local_cache:
         return shared
     try:  # --hcache-local-cache: this server's pool in front (saves to both, local reads first)
-        return TieredStore(open_local_store(config, directory, namespace), shared)
+        return TieredStore(open_local_store(config, directory, namespace, inline_reads), shared)
     except Exception:
         shared.close()
         raise
 
 
 # Store backends by name (``--hcache-backend``): each opens the store the pipelines save to and read
-# from; both meet ``backends.base.ChunkBackend``.
-STORE_BACKENDS: dict[str, Callable[[HCacheConfig, str, Namespace], Any]] = {
+# from (arguments: config, directory, namespace, inline_reads); both meet ``backends.base.ChunkBackend``.
+STORE_BACKENDS: dict[str, Callable[[HCacheConfig, str, Namespace, bool], Any]] = {
     Backend.LOCAL.value: open_local_store,
     Backend.MOONCAKE.value: _open_mooncake_store,
 }
 
 
-def open_store(config: HCacheConfig, directory: str, namespace: Namespace) -> Any:
-    return STORE_BACKENDS[config.backend.value](config, directory, namespace)
+def open_store(config: HCacheConfig, directory: str, namespace: Namespace, inline_reads: bool = False) -> Any:
+    return STORE_BACKENDS[config.backend.value](config, directory, namespace, inline_reads)
 
 
 def store_location(config: HCacheConfig, store: Any, directory: str) -> tuple[str, str]:
@@ -87,10 +92,10 @@ def store_location(config: HCacheConfig, store: Any, directory: str) -> tuple[st
 
 
 def open_group_store(config: HCacheConfig, tp: TPLayout, namespace: Namespace, plan: LayerPlan,
-                     total_kv_heads: int) -> GroupStore:
+                     total_kv_heads: int, inline_reads: bool = False) -> GroupStore:
     """At tp > 1: the group's hidden store (rank 0 writes it) and this rank's K/V shard store."""
     kinds = tuple(kind for kind in plan.methods if kind is not LayerKind.RECOMPUTE)
-    return GroupStore(store_config(config, config.directory), tp, namespace, kinds, total_kv_heads)
+    return GroupStore(store_config(config, config.directory, inline_reads), tp, namespace, kinds, total_kv_heads)
 
 
 @dataclass(frozen=True)
@@ -172,11 +177,12 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
         capture.attach()
     namespace = _namespace(runner, server_args.model_path, kvcache, page_size, plan, projections[0])
     directory = config.directory
+    inline = config.restore_on.inline(device)  # restores (and their reads) on the scheduler thread
     if tp.size == 1:
-        store = open_store(config, directory, namespace)
+        store = open_store(config, directory, namespace, inline)
     elif config.backend is Backend.LOCAL:
         total_kv_heads = model_heads(runner.model_config.hf_config)[1]
-        store = open_group_store(config, tp, namespace, plan, total_kv_heads)
+        store = open_group_store(config, tp, namespace, plan, total_kv_heads, inline)
     else:
         raise ValueError(f"hcache: --hcache-backend {config.backend.value} serves one TP rank (--tp 1); "
                          f"this server runs --tp {tp.size}: use --hcache-backend local")
@@ -194,7 +200,7 @@ def build(server_args: Any, kvcache: Any, page_size: int, counter: Any, config: 
     restore = RestorePipeline(store, namespace, restorer, counter, stats=stats, load_check=config.load_check,
                               page_size=page_size, num_layers=kvcache.layer_num, recomputed=r,
                               dtype=kvcache.dtype, forward_stream=forward_stream, timeline=timeline,
-                              replanner=replan, intra_op_threads=forward_threads)
+                              replanner=replan, intra_op_threads=forward_threads, inline=inline)
     restore.prewarm(kvcache.size, tuple(k for k in plan.methods if k is not LayerKind.RECOMPUTE))
     location, where = store_location(config, store, directory)
     _log_startup(plan, where, config, capture, device, kvcache.size, tp)
@@ -224,10 +230,11 @@ def _log_startup(plan: LayerPlan, where: str, config: HCacheConfig, capture: Hid
                  device: Any, slots: int, tp: TPLayout) -> None:
     logger.info(
         "hcache: restore plan %s [%s]; store %s; %s; side pool %s on %s for %d slots; "
-        "load check %s%s",
+        "load check %s; restores on %s%s",
         plan.describe(), plan, where,
         tp.describe(config.directory, bool(plan.hidden_layers), LayerKind.KV in plan.methods),
         format_size(capture.nbytes()), device, slots, config.load_check.value,
+        "the scheduler thread" if config.restore_on.inline(device) else "the restore threads",
         f"; READS THROTTLED to {format_size(config.read_bandwidth_limit)}/s"
         if config.read_bandwidth_limit else "",
     )
