@@ -125,6 +125,51 @@ def test_the_hit_rate_target_reads_tokens_restored_from_the_budgeted_tier():
     assert budget_report.targets(doc)[0].endswith("MISSED")
 
 
+def test_the_targets_preset_runs_each_geometry_under_its_own_preset():
+    import bench_budget
+
+    args = bench_budget.parse_args(["--preset", "targets", "--reps", "2"])
+    mha, gqa = [bench_budget.plan_run(args, preset, changes) for preset, changes in bench_budget.GROUPS["targets"]]
+    # MHA's targets on 1K-token contexts (its device pool fits them), GQA's on every working set
+    assert mha["models"] == ("bench-llama",) and mha["max_total_tokens"] == 2048
+    assert {"hcache-space", "hcache-speed"} <= set(mha["systems"]) and 0.5 in mha["multiples"]
+    assert gqa["models"] == ("bench-llama-gqa",) and gqa["systems"] == ("hicache", "hcache")
+    assert gqa["multiples"] == (0.5, 1.0, 1.5, 2.0, 3.0) and set(gqa["clients"]) == {"ours", "sglang"}
+    assert mha["reps"] == gqa["reps"] == 2  # a flag applies to every part
+    with pytest.raises(SystemExit):
+        bench_budget.parse_args(["--preset", "targets", "--models", "bench-llama"])
+
+
+def test_parts_merge_into_one_document_with_ratios_derived_anew():
+    import bench_budget
+
+    def part(name, heads, kv_heads, hcache_ttft):
+        cells = lambda c: {"ours": {"rag": {"0.5": c}}}  # noqa: E731
+        geo = {"num_heads": heads, "num_kv_heads": kv_heads,
+               "runs": {"hicache": cells(budget_report.combine([_rep(100, 1.0)])),
+                        "hcache": cells(budget_report.combine([_rep(hcache_ttft, 1.0)]))}}
+        return {"config": {"preset": name}, "geometries": {name: geo}, "wall_s": 10.0, "host_gemm_gflops": 300.0}
+
+    doc = bench_budget.merge([part("a", 16, 16, 100), part("b", 16, 4, 125)])
+    assert list(doc["geometries"]) == ["a", "b"] and doc["wall_s"] == 20.0
+    assert doc["host_gemm_gflops_runs"] == [300.0, 300.0]
+    assert doc["geometries"]["b"]["runs"]["hcache"]["ours"]["rag"]["0.5"]["ttft_speedup_vs_hicache"] == 0.8
+    (line,) = budget_report.targets(doc)  # GQA's planner target read on part b
+    assert line.startswith("b rag 0.5x") and line.endswith("MISSED")
+
+
+def test_a_rag_hit_target_above_the_lru_ceiling_says_so():
+    ref, mine = budget_report.combine([_rep(300, 0.7, 0.57)]), budget_report.combine([_rep(150, 1.0, 0.86)])
+    for wname, m, noted in (("rag", "1.5", True), ("multiturn", "1.5", False), ("rag", "2.0", False)):
+        cells = lambda c: {"ours": {wname: {m: c}}}  # noqa: E731
+        doc = {"geometries": {"g": {"num_heads": 16, "num_kv_heads": 16,
+                                    "runs": {"hicache": cells(ref), "hcache-space": cells(mine)}}}}
+        budget_report.evaluate(doc["geometries"]["g"])
+        (line,) = budget_report.targets(doc)
+        assert "MISSED" in line  # 0.86 / 0.57 = 1.51x restored: below 1.8x whatever the ceiling
+        assert ("ceiling" in line) == noted, line
+
+
 @pytest.mark.engine
 def test_smoke_run_equal_bytes_both_clients(tmp_path):
     out = tmp_path / "budget.json"
