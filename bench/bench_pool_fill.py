@@ -11,7 +11,9 @@ pages' bytes (bench-llama-gqa's K/V geometry, float32). At the end it reports:
             prefix lookup until that page is saved again)
 
 A pool that kept every byte useful would hold ``--pool-pages``. HiCache's host tier, page-granular
-and evicting tree leaves, does (the equal-bytes benchmark's multi-turn cells at 1x).
+and evicting tree leaves, does (the equal-bytes benchmark's multi-turn cells at 1x). The replay is
+the store's worst case: a server recomputes and re-saves a prefix evicted from the device and the
+store alike, which revives the pages after it, so "dead" counts more than a server loses.
 
     python bench/bench_pool_fill.py --json out.json          # seconds
 """
