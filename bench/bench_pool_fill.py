@@ -2,8 +2,9 @@
 
 Conversations take turns (the LRU-hostile order); each turn looks its history up (as SGLang's match
 does with nothing on the device) and then saves its node's new pages the way the spill does (one
-``ChunkStore.save`` of that node's pages, no parent key: SGLang passes a node's own pages), into a pool of exactly ``--pool-pages``
-pages' bytes (bench-llama-gqa's K/V geometry, float32). At the end it reports:
+``ChunkStore.save`` of that node's pages, no parent key: SGLang passes a node's own pages), into a
+pool of exactly ``--pool-pages`` pages' bytes (bench-llama-gqa's K/V geometry, float32). At the end
+it reports:
 
   used      the pool's bytes in use / its capacity (what extent fragmentation leaves free)
   held      pages a lookup still finds from the start of each conversation (what can be restored)
@@ -24,12 +25,16 @@ import argparse
 import hashlib
 import json
 import random
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_cli import pick_names  # noqa: E402
+from hcache_sglang.backends import ChunkStore, LayerKind, Namespace, StoreConfig  # noqa: E402
 
 NS = Namespace("fill", num_layers=12, hidden_size=1024, num_kv_heads=4, head_dim=64, dtype="float32",
                page_size=16)
@@ -52,10 +57,10 @@ def run(pattern: str, pool_pages: int, conversations: int, turns: int, seed: int
             ChunkStore(StoreConfig(str(Path(d) / "pool"), capacity_bytes=pool_pages * page_bytes(),
                                    staging_bytes=32 << 20)) as store:
         for _ in range(turns):
-            for chain in chains:
+            for c, chain in enumerate(chains):
                 if chain:  # the turn comes back: SGLang looks its history up first (touches, links)
                     store.lookup(NS, chain)
-                h = bytes.fromhex(chain[-1]) if chain else f"{seed}/{id(chain)}".encode()
+                h = bytes.fromhex(chain[-1]) if chain else f"{seed}/{c}".encode()
                 new = []
                 for i in range(pages_of(rng)):
                     h = hashlib.sha256(h + bytes([i])).digest()
@@ -83,10 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", default=",".join(PATTERNS), help=f"from {', '.join(PATTERNS)}")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
-    patterns = [p.strip() for p in args.patterns.split(",")]
-    unknown = [p for p in patterns if p not in PATTERNS]
-    if unknown:
-        ap.error(f"--patterns: unknown {unknown}; pick from {list(PATTERNS)}")
+    patterns = pick_names(args.patterns, PATTERNS, PATTERNS, "patterns")
     rows = [run(p, args.pool_pages, args.conversations, args.turns, seed)
             for p in patterns for seed in range(args.seeds)]
     print(f"pool of {args.pool_pages} pages ({args.pool_pages * page_bytes() / 2**20:.1f} MiB), "
