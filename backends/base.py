@@ -63,6 +63,14 @@ class ChunkBackend(Protocol):
         before ``keys[0]`` in the chain, when known (eviction keeps prefixes).
         """
 
+    def touch(self, ns: Namespace, keys: Sequence[str]) -> None:
+        """The engine used these pages from its own device copy: count them as used now.
+
+        A recency hint for the store's eviction (pages it lacks are ignored); it must cost the
+        caller (the scheduler thread, on every device hit) next to nothing. A store whose
+        eviction it cannot steer does nothing.
+        """
+
     def flush(self) -> None:
         """Block until every accepted save is durable in the store (or dropped)."""
 

@@ -195,6 +195,9 @@ class MooncakeChunkStore:
         self._stats.observe("save_call", time.perf_counter() - t0)
         return True
 
+    def touch(self, ns: Namespace, keys: Sequence[str]) -> None:
+        """Nothing: the Mooncake master evicts by its own rules, shared by every server."""
+
     def flush(self) -> None:
         with self._idle:
             self._idle.wait_for(lambda: self._outstanding == 0)

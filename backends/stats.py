@@ -27,6 +27,8 @@ class StoreStats:
     # missed pages that an accepted save was still writing (staged, not yet committed): a lookup
     # that came back before the write landed
     in_flight_miss_pages: int = 0
+    # stored pages the engine used from its device copy (``touch``): made most recently used
+    touched_pages: int = 0
     corrupt: int = 0  # checksum mismatches and torn/truncated chunks (each dropped, a miss)
     used_bytes: int = 0
     capacity_bytes: int = 0

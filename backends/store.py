@@ -4,7 +4,8 @@ Call order for a context: ``lookup`` (leading pages present) -> ``read`` (per-la
 ``save`` (copy to staging, return) -> writer threads (``writers``), per batch of queued saves: digest
 -> allocate (evicting LRU chain tails) -> one pwritev per contiguous run of extents (growing the pool
 file) -> one fdatasync -> one index commit (records and chunk headers) -> release staging. ``flush``
-waits for all accepted saves.
+waits for all accepted saves. ``touch`` (the engine served pages from its device copy) only queues
+their keys; the writers make those chunks the most recently used before they next evict.
 Open (``recovery``): damaged state is set aside, the cache starts cold; a smaller capacity evicts.
 Durability: an index entry is committed only after its bytes are synced; space is freed only after
 the index delete that unreferences it commits; at open, free space = everything no entry references.
@@ -15,8 +16,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -24,54 +25,15 @@ import torch
 from .index import ChunkRecord
 from .layout import LayerKind, Namespace, digest
 from .lru import ChainLRU
-from .pool import GROW_BYTES, ExtentAllocator, FilePool
+from .pool import ExtentAllocator, FilePool
 from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces, reader_pool
 from .recovery import open_index
 from .staging import InFlightKeys, StagedSave, StagingArea, check_save, stage_save
 from .stats import StatsRecorder, StoreStats
+from .store_config import StoreConfig
 from .writers import Writers, contiguous_runs
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StoreConfig:
-    """``capacity_bytes`` is a limit: the pool file grows to it in ``grow_bytes`` steps as chunks
-    are written, while the disk keeps ``disk_reserve_bytes`` free (None: 5% of the filesystem, at
-    most 4 GiB); past that, saves evict as if the pool were full."""
-
-    directory: str
-    capacity_bytes: int
-    staging_bytes: int = 256 << 20
-    writer_threads: int = 2
-    reader_threads: int = 4  # 0: a read runs on the caller's thread and returns done (see ReadJob)
-    max_save_block_s: float = 0.002  # the caller never waits longer for staging space
-    o_direct: bool = False
-    chunk_tokens: int = 64
-    read_bandwidth_limit: float | None = None  # bytes/s throttle for what-if runs
-    grow_bytes: int = GROW_BYTES
-    disk_reserve_bytes: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.directory:
-            raise ValueError("StoreConfig.directory: expected a path, got an empty string")
-        for name in ("capacity_bytes", "staging_bytes", "writer_threads", "chunk_tokens", "grow_bytes"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"StoreConfig.{name}={v!r}: expected a positive int")
-        if not isinstance(self.reader_threads, int) or self.reader_threads < 0:
-            raise ValueError(f"StoreConfig.reader_threads={self.reader_threads!r}: expected an int >= 0 "
-                             "(0: reads run on the caller's thread)")
-        if self.capacity_bytes < 1 << 20:
-            raise ValueError(f"StoreConfig.capacity_bytes={self.capacity_bytes}: expected >= 1 MiB")
-        if self.max_save_block_s < 0:
-            raise ValueError(f"StoreConfig.max_save_block_s={self.max_save_block_s}: expected >= 0")
-        if self.read_bandwidth_limit is not None and self.read_bandwidth_limit <= 0:
-            raise ValueError(f"StoreConfig.read_bandwidth_limit={self.read_bandwidth_limit}: "
-                             "expected None or > 0 bytes/s")
-        if self.disk_reserve_bytes is not None and self.disk_reserve_bytes < 0:
-            raise ValueError(f"StoreConfig.disk_reserve_bytes={self.disk_reserve_bytes}: "
-                             "expected None or >= 0")
 
 
 class Hit(NamedTuple):
@@ -109,6 +71,7 @@ class ChunkStore:
         self._records: dict[int, ChunkRecord] = {}
         self._in_flight = InFlightKeys()  # index keys of accepted saves not yet written
         self._lru = ChainLRU()
+        self._used_elsewhere: deque = deque(maxlen=1024)  # (key prefix, page keys): see ``touch``
         evicted = self._recover(opened.records)
         self.opened = OpenReport(len(self._records), time.perf_counter() - t0, opened.problem,
                                  opened.set_aside, evicted)
@@ -143,7 +106,7 @@ class ChunkStore:
     # ---- lookup / read ----------------------------------------------------------------------
     def lookup(self, ns: Namespace, keys: Sequence[str]) -> Hit:
         """How many leading pages of ``keys`` are present with one plan (one read txn)."""
-        resolved = self._resolve_live(ns, keys)
+        resolved = self._resolve_live(ns.key_prefix, keys)
         kinds = resolved[0][0].kinds if resolved else ()
         n = next((i for i, (rec, _) in enumerate(resolved) if rec.kinds != kinds), len(resolved))
         self._touch(resolved[:n])
@@ -151,10 +114,10 @@ class ChunkStore:
         self._stats.add(hit_pages=n, miss_pages=len(keys) - n, in_flight_miss_pages=in_flight)
         return Hit(n, kinds)
 
-    def _resolve_live(self, ns: Namespace, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
+    def _resolve_live(self, prefix: bytes, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
         """The leading pages of ``keys`` the index resolves, up to the first whose chunk was taken
         as a victim (gone, though its index entry stays until the eviction's delete commits)."""
-        resolved = self.index.resolve(ns.key_prefix, keys)
+        resolved = self.index.resolve(prefix, keys)
         with self._space:
             live = next((i for i, (rec, _) in enumerate(resolved) if rec.chunk_id not in self._records),
                         len(resolved))
@@ -205,6 +168,26 @@ class ChunkStore:
                 self._lru.link(a, b)
             self._lru.touch(chain)
 
+    def touch(self, ns: Namespace, keys: Sequence[str]) -> None:
+        """The engine used these pages from its own copy (a device-cache hit): they count as used now.
+
+        Costs the caller an append; the writer threads resolve the keys before they next evict
+        (and ``flush`` before it records the LRU order). Without it a context served from device
+        memory for many turns ages in the store and is evicted while still hot -- lost the moment
+        the device lets it go. Past 1024 queued touches the oldest are forgotten."""
+        if keys:
+            self._used_elsewhere.append((ns.key_prefix, list(keys)))
+
+    def _apply_touches(self) -> None:
+        while True:
+            try:
+                prefix, keys = self._used_elsewhere.popleft()
+            except IndexError:  # empty (another writer may have taken the last one)
+                return
+            resolved = self._resolve_live(prefix, keys)
+            self._touch(resolved)
+            self._stats.add(touched_pages=len(resolved))
+
     # ---- save -------------------------------------------------------------------------------
     def save(self, ns: Namespace, keys: Sequence[str], *, positions: torch.Tensor,
              token_ids: torch.Tensor, layers: Sequence, layer_kinds: Sequence[LayerKind],
@@ -218,7 +201,7 @@ class ChunkStore:
         kinds = tuple(LayerKind(k) for k in layer_kinds)
         n = len(keys) * ns.page_size
         check_save(ns, n, positions, token_ids, layers, kinds, rows)
-        resolved = self._resolve_live(ns, keys)
+        resolved = self._resolve_live(ns.key_prefix, keys)
         pending = self._in_flight.reserve([ns.key_prefix + k.encode() for k in keys], len(resolved))
         if pending is None:
             return True
@@ -241,6 +224,7 @@ class ChunkStore:
         """Wait until every accepted save is written, synced and committed (or dropped); record
         the LRU order for the next open."""
         self._writers.wait_idle()
+        self._apply_touches()
         with self._space:
             order = self._lru.order()
         try:
@@ -334,6 +318,7 @@ class ChunkStore:
         finds them from then on), deleted from the index outside it (an LMDB commit is an fdatasync:
         the scheduler thread's lookups and reads take the same lock), and their space freed after
         the delete committed."""
+        self._apply_touches()
         out: list[int | None] = []
         end = self.pool.size + self.pool.room()  # the disk's free space, checked per batch
         for i, n in enumerate(sizes):

@@ -70,6 +70,10 @@ class TieredStore:
         far = self.far.save(ns, keys, **kwargs)
         return near or far
 
+    def touch(self, ns: Namespace, keys: Sequence[str]) -> None:
+        """This server's pool keeps what its device uses (Mooncake evicts by its own rules)."""
+        self.near.touch(ns, keys)
+
     def drop(self, ns: Namespace, keys: Sequence[str]) -> None:
         self.near.drop(ns, keys)
         self.far.drop(ns, keys)

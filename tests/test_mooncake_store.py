@@ -55,7 +55,7 @@ def assert_read_equals(store, ns, keys, data, first_page=0):
 def test_both_stores_meet_the_backend_contract(master, tmp_path):
     with open_store(master) as mc:
         assert isinstance(mc, ChunkBackend)
-    for name in ("lookup", "read", "save", "flush", "stats", "close"):
+    for name in ("lookup", "read", "save", "touch", "flush", "stats", "close"):
         contract = list(inspect.signature(getattr(ChunkBackend, name)).parameters)
         for impl in (ChunkStore, MooncakeChunkStore):
             assert list(inspect.signature(getattr(impl, name)).parameters) == contract, (impl, name)

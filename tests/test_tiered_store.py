@@ -20,7 +20,7 @@ def tiered(master, tmp_path) -> TieredStore:  # noqa: F811
 
 
 def test_meets_the_backend_contract():
-    for name in ("lookup", "read", "save", "flush", "stats", "close"):
+    for name in ("lookup", "read", "save", "touch", "flush", "stats", "close"):
         contract = list(inspect.signature(getattr(ChunkBackend, name)).parameters)
         assert list(inspect.signature(getattr(TieredStore, name)).parameters) == contract, name
 
@@ -37,6 +37,9 @@ def test_saves_go_to_both_and_reads_come_from_the_local_copy(master, tmp_path): 
         assert store.read_split() == (1, 0)  # the local pool had every page
         stats = store.stats()
         assert stats.hit_pages == 40 and stats.chunks_written == 6  # 3 chunks in each tier
+        store.touch(NS, keys)  # device hits steer the local pool's eviction; Mooncake evicts by its rules
+        store.flush()
+        assert store.near.stats().touched_pages == 40
 
 
 def test_pages_another_server_saved_come_from_mooncake(master, tmp_path):  # noqa: F811

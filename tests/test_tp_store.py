@@ -103,6 +103,10 @@ def test_one_hidden_copy_per_group_and_per_rank_shards(tmp_path):
         one_copy = sum(chunk_layout(rank0.hidden_ns, tokens, (H, H)).total_bytes
                        for tokens in (64, 16))  # 20 pages of 4 tokens: a 64-token chunk and a 16-token one
         assert rank0.hidden.stats().bytes_written == one_copy
+        # a device hit reaches both stores rank 0 writes (rank 1 touches only its shard)
+        rank0.touch(NS, keys)
+        rank0.flush()
+        assert rank0.hidden.stats().touched_pages == rank0.shard.stats().touched_pages == PAGES
     finally:
         rank0.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tp-hidden", "tp2-rank0", "tp2-rank1"]

@@ -22,6 +22,11 @@ whether the HCache linker is the configured external linker and does nothing oth
 4. ``UnifiedCacheLinkerWrapper.load_back`` (around): when the plan recomputes leading layers, hand
    the linker the request's device-prefix KV slots and the tail's token ids before it loads (SGLang's
    linker API passes neither); the recomputed layers attend over that prefix.
+5. ``UnifiedCacheLinkerWrapper.match`` (around): tell the store which stored pages a request found
+   in device memory (``ChunkBackend.touch``). SGLang asks the linker only about the pages past the
+   device hit, so without it a context the device keeps serving ages in the store and is evicted
+   first -- lost the moment the device lets it go (HiCache's host tier never evicts what the
+   device holds).
 """
 
 from __future__ import annotations
@@ -164,6 +169,24 @@ def _around_load_back(original: Any, wrapper: Any, req: Any, *a: Any, **k: Any) 
         linker.forget_expected(req.rid)
 
 
+def _around_match(original: Any, wrapper: Any, *a: Any, **k: Any) -> Any:
+    """``match(key, req, result)``: the device hit's page keys (the path to ``last_device_node``,
+    hashed when its nodes were inserted) go to the linker before SGLang looks up the tail."""
+    note = getattr(getattr(wrapper, "cache_linker", None), "device_hit", None)
+    result = a[2] if len(a) > 2 else k.get("result")
+    if note is not None and result is not None:
+        cache = wrapper.cache
+        pages = result.device_prefix_len // cache.page_size
+        if pages:
+            try:
+                node = result.last_device_node
+                keys = cache.get_prefix_hash_values(node) + list(cache.tree_core.get_hash_values(node))
+                note(keys[:pages])
+            except Exception as exc:  # noqa: BLE001 - recency is a hint, never a failed request
+                logger.warning("hcache: could not pass a device hit to the store: %r", exc)
+    return original(wrapper, *a, **k)
+
+
 def _is_hcache(streamer: Any) -> bool:
     cached = getattr(streamer, "_hcache_active", None)
     if cached is None:
@@ -205,5 +228,10 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.mem_cache.unified_cache.unified_cache_linker.UnifiedCacheLinkerWrapper.load_back",
         _around_load_back,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.unified_cache.unified_cache_linker.UnifiedCacheLinkerWrapper.match",
+        _around_match,
         HookType.AROUND,
     )

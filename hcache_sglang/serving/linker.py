@@ -63,6 +63,11 @@ class HCacheLinker(UnifiedCacheLinker):
             return []
         return list(range(1, hit + 1))
 
+    def device_hit(self, keys: list[str]) -> None:
+        """A request's prefix was found in device memory (``hooks._around_match``): its stored copy
+        counts as used, so the store does not evict a context the device is serving."""
+        self.runtime.store.touch(self.runtime.namespace, keys)
+
     def load(self, rid: str, transfers: list[PoolTransfer]) -> bool:
         kv = _kv_transfer(transfers)
         if kv is None or kv.device_indices is None or not kv.keys:

@@ -114,6 +114,13 @@ class GroupStore:
                                  layers=[layers[i] for i in at], layer_kinds=[self.kinds[i] for i in at], rows=rows)
         return ok
 
+    def touch(self, ns: Namespace, keys: Sequence[str]) -> None:
+        """Recency for the stores this rank writes (every rank sees the same device hits; rank 0's
+        touch keeps the group's hidden chunks)."""
+        for sub_ns, store in ((self.hidden_ns, self.hidden), (self.kv_ns, self.shard)):
+            if sub_ns is not None and isinstance(store, ChunkStore):
+                store.touch(sub_ns, keys)
+
     # ---- lifecycle -----------------------------------------------------------------------------
     def _own(self) -> list[ChunkStore]:
         return [s for s in (self.hidden, self.shard) if isinstance(s, ChunkStore)]
