@@ -21,6 +21,9 @@ class StoreStats:
     chunks_evicted: int = 0
     saves_accepted: int = 0
     saves_dropped: int = 0  # staging full past max_save_block_s, or shape/disk errors downstream
+    # saves given the page before their first (``parent_key``) whose chunk was found: linked to
+    # their prefix, which eviction then keeps while they are kept
+    saves_linked: int = 0
     chunks_dropped: int = 0  # chunks of accepted saves lost to disk errors or no evictable space
     hit_pages: int = 0
     miss_pages: int = 0

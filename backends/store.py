@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .index import ChunkRecord
-from .layout import LayerKind, Namespace, digest
+from .layout import LayerKind, Namespace, align_up, digest
 from .lru import ChainLRU
 from .pool import ExtentAllocator, FilePool
 from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces, reader_pool
@@ -34,7 +34,7 @@ from .store_config import StoreConfig
 from .writers import Writers, contiguous_runs
 
 logger = logging.getLogger(__name__)
-
+GAP_CANDIDATES = 16  # how far past the least recently used a victim that opens a gap may be
 
 class Hit(NamedTuple):
     """Leading pages present, all stored with the same per-layer kinds."""
@@ -169,22 +169,19 @@ class ChunkStore:
             self._lru.touch(chain)
 
     def touch(self, ns: Namespace, keys: Sequence[str]) -> None:
-        """The engine used these pages from its own copy (a device-cache hit): they count as used now.
-
-        Costs the caller an append; the writer threads resolve the keys before they next evict
-        (and ``flush`` before it records the LRU order). Without it a context served from device
-        memory for many turns ages in the store and is evicted while still hot -- lost the moment
-        the device lets it go. Past 1024 queued touches the oldest are forgotten."""
+        """The engine used these pages from its own copy (a device hit): they count as used now.
+        An append for the caller; the writers resolve the keys before they next evict (``flush``
+        too). Without it a context the device keeps serving ages here and is evicted while hot,
+        lost when the device lets it go. Past 1024 queued touches the oldest are forgotten."""
         if keys:
             self._used_elsewhere.append((ns.key_prefix, list(keys)))
 
     def _apply_touches(self) -> None:
-        while True:
+        while self._used_elsewhere:
             try:
-                prefix, keys = self._used_elsewhere.popleft()
-            except IndexError:  # empty (another writer may have taken the last one)
+                resolved = self._resolve_live(*self._used_elsewhere.popleft())
+            except IndexError:  # another writer took the last one
                 return
-            resolved = self._resolve_live(prefix, keys)
             self._touch(resolved)
             self._stats.add(touched_pages=len(resolved))
 
@@ -265,7 +262,7 @@ class ChunkStore:
             for off, bufs in contiguous_runs(view, placed):
                 self.pool.write_at(bufs, off)
             self.pool.sync()
-            records = self._make_records(placed)
+            records, linked = self._make_records(placed)
             self.index.commit(records, [bytes(view[c.header_span]) for _, c, _, _ in placed])
         except Exception as e:  # noqa: BLE001 - ENOSPC (pool or index), EIO: these chunks are lost
             self._drop_placed(placed, e)
@@ -274,7 +271,8 @@ class ChunkStore:
             for rec in records:
                 self._records[rec.chunk_id] = rec
                 self._lru.add(rec.chunk_id, rec.parent_id)
-        self._stats.add(chunks_written=len(records), bytes_written=sum(r.nbytes for r in records))
+        self._stats.add(chunks_written=len(records), bytes_written=sum(r.nbytes for r in records),
+                        saves_linked=linked)
         self._stats.observe("write", time.perf_counter() - t0)
 
     def _drop_placed(self, placed, error: Exception) -> None:
@@ -290,10 +288,12 @@ class ChunkStore:
                          "(hcache_store_chunks_dropped counts every drop)", self.pool.directory,
                          error, len(placed))
 
-    def _make_records(self, placed) -> list[ChunkRecord]:
+    def _make_records(self, placed) -> tuple[list[ChunkRecord], int]:
+        """The placed chunks' records, each with its parent chunk where known; and how many saves
+        found the chunk of their ``parent_key``."""
         ids = self.index.new_ids(len(placed))
         last_of: dict[tuple[bytes, str], int] = {}  # last page key -> chunk id, within the batch
-        prev_job, prev_id, records = None, 0, []
+        prev_job, prev_id, records, linked = None, 0, [], 0
         for cid, (job, c, (hdig, ldigs), off) in zip(ids, placed):
             prefix = job.ns.key_prefix
             if job is prev_job:
@@ -305,11 +305,12 @@ class ChunkStore:
             else:
                 found = self.index.resolve(prefix, [job.parent_key])
                 parent = found[0][0].chunk_id if found else 0
+            linked += job is not prev_job and parent != 0
             records.append(ChunkRecord(cid, prefix, off, c.layout.total_bytes, c.layout.num_tokens,
                                        parent, c.kinds, hdig, ldigs, c.keys))
             last_of[(prefix, c.keys[-1])] = cid
             prev_job, prev_id = job, cid
-        return records
+        return records, linked
 
     def _allocate(self, sizes: list[int]) -> list[int | None]:
         """Extents for each size inside what the pool file may grow to, evicting LRU chain tails.
@@ -327,9 +328,10 @@ class ChunkStore:
                     off = self.alloc.alloc(n, end)
                     if off is not None:
                         break
-                    # At least one victim per round: with enough free bytes in total but no gap
-                    # large enough (fragmentation), evicting must still make progress.
-                    victims = self._take_victims(sum(sizes[i:]) - self.alloc.free_below(end), 1)
+                    short = sum(sizes[i:]) - self.alloc.free_below(end)
+                    # Enough free bytes but no gap large enough (fragmentation): one victim that
+                    # opens a gap, else (at least one victim per round) the least recently used.
+                    victims = self._take_victims(short, 1) if short > 0 else self._take_gap_victim(n, end)
                 if not victims:
                     break
                 self._evict(victims)
@@ -348,6 +350,19 @@ class ChunkStore:
             self._lru.remove(cid)
             nbytes -= victims[-1].nbytes
         return victims
+
+    def _take_gap_victim(self, nbytes: int, end: int) -> list[ChunkRecord]:
+        """The oldest of ``GAP_CANDIDATES`` least-recently-used chain tails whose extent, freed,
+        opens a gap of ``nbytes`` (else the oldest), taken as ``_take_victims`` takes one. Evicting
+        oldest-first until a gap happens to open could take several contexts for one chunk."""
+        candidates, n = self._lru.oldest(GAP_CANDIDATES), align_up(nbytes)
+        fits = (c for c in candidates if self.alloc.hole_if_freed(self._records[c].offset,
+                                                                  self._records[c].nbytes, end) >= n)
+        cid = next(fits, candidates[0] if candidates else None)
+        if cid is None:
+            return []
+        self._lru.remove(cid)
+        return [self._records.pop(cid)]
 
     def _evict(self, victims: list[ChunkRecord]) -> None:
         """Delete victims already out of the LRU and the records (the caller released the space

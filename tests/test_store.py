@@ -122,27 +122,6 @@ def test_eviction_takes_lru_chain_tails_and_never_orphans(tmp_path):
         assert store.lookup(NS, b).num_pages == 18 * 16 and store.lookup(NS, c).num_pages == 12 * 16
 
 
-def test_pages_used_from_the_device_copy_are_evicted_last(tmp_path):
-    # a was saved first and then served from device memory only (no store lookup): without the
-    # touch its chunks would be the least recently used and go first, lost when the device lets
-    # them go (test_eviction_takes_lru_chain_tails_and_never_orphans: the oldest loses its tail)
-    with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:
-        slots = store.stats().capacity_bytes // CHUNK
-        a, b = chain(18 * 16, "a"), chain(18 * 16, "b")
-        store.save(NS, a, **payload(NS, 18 * 16))
-        store.save(NS, b, **payload(NS, 18 * 16))
-        store.flush()
-        store.touch(NS, a)
-        store.touch(NS, chain(4, "never-stored"))  # a touch of pages the store lacks is nothing
-        c = chain(12 * 16, "c")
-        store.save(NS, c, **payload(NS, 12 * 16))
-        store.flush()
-        s = store.stats()
-        assert s.chunks_evicted == 48 - slots == 6 and s.touched_pages == 18 * 16
-        assert store.lookup(NS, a).num_pages == 18 * 16  # kept whole: b lost its tail instead
-        assert store.lookup(NS, b).num_pages == (18 - 6) * 16
-
-
 def test_lru_order_survives_a_restart(tmp_path):
     a, b = chain(18 * 16, "a"), chain(18 * 16, "b")
     with ChunkStore(cfg(tmp_path, capacity_bytes=1 << 20)) as store:

@@ -27,6 +27,8 @@ whether the HCache linker is the configured external linker and does nothing oth
    device hit, so without it a context the device keeps serving ages in the store and is evicted
    first -- lost the moment the device lets it go (HiCache's host tier never evicts what the
    device holds).
+6. ``UnifiedCacheLinkerWrapper._offload_node`` (around): tell the linker the page before the node's
+   own (its parent node's last), so the store links the node's chunks to their prefix.
 """
 
 from __future__ import annotations
@@ -187,6 +189,18 @@ def _around_match(original: Any, wrapper: Any, *a: Any, **k: Any) -> Any:
     return original(wrapper, *a, **k)
 
 
+def _around_offload_node(original: Any, wrapper: Any, node_id: Any, *a: Any, **k: Any) -> Any:
+    expect = getattr(getattr(wrapper, "cache_linker", None), "expect_offload_parent", None)
+    if expect is not None:
+        try:
+            ancestors = wrapper.cache.get_prefix_hash_values(node_id)  # root to parent
+            expect(ancestors[-1] if ancestors else None)
+        except Exception as exc:  # noqa: BLE001 - a link is a hint: the save goes on without it
+            expect(None)
+            logger.warning("hcache: could not find the parent page of a spilled node: %r", exc)
+    return original(wrapper, node_id, *a, **k)
+
+
 def _is_hcache(streamer: Any) -> bool:
     cached = getattr(streamer, "_hcache_active", None)
     if cached is None:
@@ -233,5 +247,10 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.mem_cache.unified_cache.unified_cache_linker.UnifiedCacheLinkerWrapper.match",
         _around_match,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.unified_cache.unified_cache_linker.UnifiedCacheLinkerWrapper._offload_node",
+        _around_offload_node,
         HookType.AROUND,
     )

@@ -49,6 +49,7 @@ class HCacheLinker(UnifiedCacheLinker):
         self.layer_done_counter = LayerWiseLoadCounter(kvcache.layer_num)
         # Rank and size as SGLang's own linkers take them (the model runner carries none).
         self.tp = layout_from_params(params, int(get_parallel().tp_size))
+        self._offload_parent: Optional[str] = None  # hooks._around_offload_node -> the next offload
         self.runtime = wiring.build(server_args, kvcache, params.page_size, self.layer_done_counter, config,
                                     self.tp, forward_stream)
 
@@ -104,11 +105,18 @@ class HCacheLinker(UnifiedCacheLinker):
 
     # ---- spill (offload) ---------------------------------------------------------------------
 
+    def expect_offload_parent(self, parent_key: Optional[str]) -> None:
+        """The next ``offload``'s node follows the page ``parent_key`` (``hooks._around_offload_node``;
+        SGLang passes a node's own pages only). The store links the chunks, so it never evicts a
+        prefix while an extension of it is kept (an extension without its prefix restores nothing)."""
+        self._offload_parent = parent_key
+
     def offload(self, transfers: list[PoolTransfer], session_id: Optional[str] = None) -> bool:
+        parent_key, self._offload_parent = self._offload_parent, None
         kv = _kv_transfer(transfers)
         if kv is None or kv.device_indices is None or not kv.keys:
             return False
-        self.runtime.spill.offload(kv.keys, kv.device_indices, self.record_offload_ready())
+        self.runtime.spill.offload(kv.keys, kv.device_indices, self.record_offload_ready(), parent_key)
         return True
 
     def num_completed_offloads(self) -> int:

@@ -30,6 +30,7 @@ class SpillTask(NamedTuple):
     keys: list[str]  # the pages' hashes, ancestors first
     slots: torch.Tensor  # their KV slots
     events: list  # the forward has written the pages once these completed
+    parent_key: Optional[str]  # the page before keys[0] in the tree (its parent node's last), if any
 
 
 class SpillPipeline:
@@ -61,11 +62,11 @@ class SpillPipeline:
             raise ValueError(f"hcache: layers {uncaptured} are not captured; they cannot be saved as hidden states")
         self.stored = stored  # one reference swap: a spill reads it once
 
-    def offload(self, keys: list[str], slots: torch.Tensor, events: list) -> None:
+    def offload(self, keys: list[str], slots: torch.Tensor, events: list, parent_key: Optional[str] = None) -> None:
         if Stage.SPILL in self.debug_off:
             self._done.put(True)
             return
-        self._worker.put(SpillTask(list(keys), slots, events))
+        self._worker.put(SpillTask(list(keys), slots, events, parent_key))
 
     def num_completed(self) -> int:
         return self._done.qsize()
@@ -90,12 +91,12 @@ class SpillPipeline:
         try:
             for event in task.events:
                 event.synchronize()
-            ok = self._save(task.keys, task.slots)
+            ok = self._save(task.keys, task.slots, task.parent_key)
         except Exception as exc:  # noqa: BLE001 - a failed save is a future miss, not an error
             logger.warning("hcache: spill of %d pages failed: %r", len(task.keys), exc)
         self._done.put(ok)
 
-    def _save(self, keys: list[str], slots: torch.Tensor) -> bool:
+    def _save(self, keys: list[str], slots: torch.Tensor, parent_key: Optional[str]) -> bool:
         if not self.capture.valid(slots):
             # Some slot holds no captured hidden state for a HIDDEN layer (restored from a chunk saved
             # under another plan): saving it would store garbage. The pages stay on the device.
@@ -118,4 +119,5 @@ class SpillPipeline:
             layers=layers,
             layer_kinds=tuple(kind for _, kind in stored),
             rows=slots,
+            parent_key=parent_key,
         )

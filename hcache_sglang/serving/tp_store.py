@@ -102,7 +102,8 @@ class GroupStore:
 
     # ---- save ---------------------------------------------------------------------------------
     def save(self, ns: Namespace, keys: Sequence[str], *, positions: torch.Tensor, token_ids: torch.Tensor,
-             layers: Sequence, layer_kinds: Sequence[LayerKind], rows: Optional[torch.Tensor] = None) -> bool:
+             layers: Sequence, layer_kinds: Sequence[LayerKind], rows: Optional[torch.Tensor] = None,
+             parent_key: Optional[str] = None) -> bool:
         """Stage this rank's part of the pages: False when a store dropped it (staging full)."""
         if tuple(LayerKind(k) for k in layer_kinds) != self.kinds:
             raise ValueError(f"layer_kinds {tuple(layer_kinds)}: this server stores {self.kinds}")
@@ -111,7 +112,8 @@ class GroupStore:
                                   (self.kv_ns, self._kv_at, self.shard)):
             if sub_ns is not None and store is not None:
                 ok &= store.save(sub_ns, keys, positions=positions, token_ids=token_ids,
-                                 layers=[layers[i] for i in at], layer_kinds=[self.kinds[i] for i in at], rows=rows)
+                                 layers=[layers[i] for i in at], layer_kinds=[self.kinds[i] for i in at], rows=rows,
+                                 parent_key=parent_key)
         return ok
 
     def touch(self, ns: Namespace, keys: Sequence[str]) -> None:
