@@ -1,10 +1,11 @@
 """How much of a chunk pool's capacity still restores anything: round-robin conversations, no server.
 
 Conversations take turns (the LRU-hostile order); each turn looks its history up (as SGLang's match
-does with nothing on the device) and then saves its node's new pages the way the spill does (one
-``ChunkStore.save`` of that node's pages, no parent key: SGLang passes a node's own pages), into a
-pool of exactly ``--pool-pages`` pages' bytes (bench-llama-gqa's K/V geometry, float32). At the end
-it reports:
+does with nothing on the device), then saves its node the way the spill does: the history's pages the
+lookup did not find (recomputed, so saved again) and the turn's new pages, in one ``ChunkStore.save``
+with the page before them as ``parent_key`` (the serving hook finds it in SGLang's tree;
+``--no-parent-keys`` saves as SGLang's spill alone would). The pool holds exactly ``--pool-pages``
+pages' bytes (bench-llama-gqa's K/V geometry, float32). At the end it reports:
 
   used      the pool's bytes in use / its capacity (what extent fragmentation leaves free)
   held      pages a lookup still finds from the start of each conversation (what can be restored)
@@ -12,9 +13,7 @@ it reports:
             prefix lookup until that page is saved again)
 
 A pool that kept every byte useful would hold ``--pool-pages``. HiCache's host tier, page-granular
-and evicting tree leaves, does (the equal-bytes benchmark's multi-turn cells at 1x). The replay is
-the store's worst case: a server recomputes and re-saves a prefix evicted from the device and the
-store alike, which revives the pages after it, so "dead" counts more than a server loses.
+and evicting tree leaves, does (the equal-bytes benchmark's multi-turn cells at 1x).
 
     python bench/bench_pool_fill.py --json out.json          # seconds
 """
@@ -50,7 +49,7 @@ def page_bytes() -> int:
     return NS.page_size * sum(NS.row_bytes(k) for k in KINDS)
 
 
-def run(pattern: str, pool_pages: int, conversations: int, turns: int, seed: int) -> dict:
+def run(pattern: str, pool_pages: int, conversations: int, turns: int, seed: int, parent_keys: bool = True) -> dict:
     rng, pages_of = random.Random(seed), PATTERNS[pattern]
     chains: list[list[str]] = [[] for _ in range(conversations)]
     with tempfile.TemporaryDirectory(prefix="pool-fill-") as d, \
@@ -58,23 +57,25 @@ def run(pattern: str, pool_pages: int, conversations: int, turns: int, seed: int
                                    staging_bytes=32 << 20)) as store:
         for _ in range(turns):
             for c, chain in enumerate(chains):
-                if chain:  # the turn comes back: SGLang looks its history up first (touches, links)
-                    store.lookup(NS, chain)
+                # the turn comes back: SGLang looks its history up first (touches, links)
+                hit = store.lookup(NS, chain).num_pages if chain else 0
                 h = bytes.fromhex(chain[-1]) if chain else f"{seed}/{c}".encode()
                 new = []
                 for i in range(pages_of(rng)):
                     h = hashlib.sha256(h + bytes([i])).digest()
                     new.append(h.hex())
-                rows = len(new) * NS.page_size
-                store.save(NS, new, positions=torch.arange(rows) + len(chain) * NS.page_size,
+                node = chain[hit:] + new  # what was not found is recomputed and saved with the turn
+                rows = len(node) * NS.page_size
+                store.save(NS, node, positions=torch.arange(rows) + hit * NS.page_size,
                            token_ids=torch.zeros(rows, dtype=torch.int32),
-                           layers=[torch.zeros(rows, *NS.row_shape(k)) for k in KINDS], layer_kinds=KINDS)
+                           layers=[torch.zeros(rows, *NS.row_shape(k)) for k in KINDS], layer_kinds=KINDS,
+                           parent_key=chain[hit - 1] if hit and parent_keys else None)
                 store.flush()
                 chain += new
         s = store.stats()
         held = sum(store.lookup(NS, chain).num_pages for chain in chains)
         stored = s.used_bytes // page_bytes()
-    return dict(pattern=pattern, seed=seed, used=s.used_bytes / s.capacity_bytes, held_pages=held,
+    return dict(pattern=pattern, seed=seed, parent_keys=parent_keys, used=s.used_bytes / s.capacity_bytes, held_pages=held,
                 dead_pages=stored - held, pool_pages=pool_pages, chunks_written=s.chunks_written,
                 chunks_evicted=s.chunks_evicted)
 
@@ -86,13 +87,16 @@ def main(argv=None) -> int:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--patterns", default=",".join(PATTERNS), help=f"from {', '.join(PATTERNS)}")
+    ap.add_argument("--no-parent-keys", dest="parent_keys", action="store_false",
+                    help="save each turn without the page before it (unlinked chunks)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     patterns = pick_names(args.patterns, PATTERNS, PATTERNS, "patterns")
-    rows = [run(p, args.pool_pages, args.conversations, args.turns, seed)
+    rows = [run(p, args.pool_pages, args.conversations, args.turns, seed, args.parent_keys)
             for p in patterns for seed in range(args.seeds)]
     print(f"pool of {args.pool_pages} pages ({args.pool_pages * page_bytes() / 2**20:.1f} MiB), "
-          f"{args.conversations} conversations x {args.turns} turns, round-robin")
+          f"{args.conversations} conversations x {args.turns} turns, round-robin, "
+          f"{'saves linked by parent key' if args.parent_keys else 'no parent keys'}")
     for r in rows:
         print(f"  {r['pattern']:<15} seed {r['seed']}: used {r['used']:.2f}, held {r['held_pages']} pages, "
               f"dead {r['dead_pages']}, chunks written {r['chunks_written']}, evicted {r['chunks_evicted']}")

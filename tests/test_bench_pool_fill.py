@@ -27,3 +27,16 @@ def test_an_overfull_pool_counts_what_it_holds_and_what_no_lookup_reaches(tmp_pa
         assert r["chunks_evicted"] > 0 and 0 < r["used"] <= 1.0
         # every page in use is either reachable from its conversation's start or dead
         assert r["held_pages"] + r["dead_pages"] == round(r["used"] * 16)
+
+
+def test_saves_linked_by_their_parent_key_leave_no_dead_pages():
+    # the serving hook hands the store each node's parent page: a prefix outlives its extensions,
+    # so whole-chunk turns keep every page of the pool restorable; unlinked, some sit behind a hole
+    linked = bench_pool_fill.run("4-page turns", pool_pages=72, conversations=6, turns=4, seed=0)
+    unlinked = bench_pool_fill.run("4-page turns", pool_pages=72, conversations=6, turns=4, seed=0,
+                                   parent_keys=False)
+    assert linked["chunks_evicted"] > 0 and linked["held_pages"] == 72 and linked["dead_pages"] == 0
+    assert unlinked["dead_pages"] > 0 and unlinked["held_pages"] < 72
+    for seed in range(3):  # mixed sizes: fragmentation costs bytes, but nothing is dead
+        assert bench_pool_fill.run("3-5-page turns", pool_pages=72, conversations=6, turns=4,
+                                   seed=seed)["dead_pages"] == 0
