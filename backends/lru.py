@@ -106,18 +106,6 @@ class ChainLRU:
                 return cid
         return None
 
-    def oldest(self, k: int) -> list[int]:
-        """Up to ``k`` of the least-recently-used unpinned leaves, oldest first, left in place."""
-        out: list[int] = []
-        while self._heap and len(out) < k:
-            stamp, cid = heapq.heappop(self._heap)
-            node = self._nodes.get(cid)
-            if node is not None and node.stamp == stamp and not node.children and not node.pins:
-                out.append(cid)
-        for cid in out:  # still candidates: back on the heap
-            heapq.heappush(self._heap, (self._nodes[cid].stamp, cid))
-        return out
-
     def remove(self, cid: int) -> None:
         node = self._nodes.pop(cid, None)
         if node is None:

@@ -129,17 +129,6 @@ class ExtentAllocator:
         self._starts.insert(i, start)
         self._lengths[start] = length
 
-    def hole_if_freed(self, offset: int, nbytes: int, end: int | None = None) -> int:
-        """The hole that freeing this used extent would open, with the holes beside it, below
-        ``end`` (default: capacity)."""
-        limit = self.capacity if end is None else min(end, self.capacity)
-        start, stop = offset, offset + align_up(nbytes)
-        i = bisect.bisect_left(self._starts, offset)
-        if i > 0 and self._starts[i - 1] + self._lengths[self._starts[i - 1]] == offset:
-            start = self._starts[i - 1]
-        stop += self._lengths.get(stop, 0)
-        return max(0, min(stop, limit) - start)
-
     def free_extents(self) -> list[tuple[int, int]]:
         return [(s, self._lengths[s]) for s in self._starts]
 

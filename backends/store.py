@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .index import ChunkRecord
-from .layout import LayerKind, Namespace, align_up, digest
+from .layout import LayerKind, Namespace, digest
 from .lru import ChainLRU
 from .pool import ExtentAllocator, FilePool
 from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces, reader_pool
@@ -34,7 +34,6 @@ from .store_config import StoreConfig
 from .writers import Writers, contiguous_runs
 
 logger = logging.getLogger(__name__)
-GAP_CANDIDATES = 16  # how far past the least recently used a victim that opens a gap may be
 
 class Hit(NamedTuple):
     """Leading pages present, all stored with the same per-layer kinds."""
@@ -328,10 +327,9 @@ class ChunkStore:
                     off = self.alloc.alloc(n, end)
                     if off is not None:
                         break
-                    short = sum(sizes[i:]) - self.alloc.free_below(end)
-                    # Enough free bytes but no gap large enough (fragmentation): one victim that
-                    # opens a gap, else (at least one victim per round) the least recently used.
-                    victims = self._take_victims(short, 1) if short > 0 else self._take_gap_victim(n, end)
+                    # At least one victim per round: with enough free bytes in total but no gap
+                    # large enough (fragmentation), evicting must still make progress.
+                    victims = self._take_victims(sum(sizes[i:]) - self.alloc.free_below(end), 1)
                 if not victims:
                     break
                 self._evict(victims)
@@ -350,19 +348,6 @@ class ChunkStore:
             self._lru.remove(cid)
             nbytes -= victims[-1].nbytes
         return victims
-
-    def _take_gap_victim(self, nbytes: int, end: int) -> list[ChunkRecord]:
-        """The oldest of ``GAP_CANDIDATES`` least-recently-used chain tails whose extent, freed,
-        opens a gap of ``nbytes`` (else the oldest), taken as ``_take_victims`` takes one. Evicting
-        oldest-first until a gap happens to open could take several contexts for one chunk."""
-        candidates, n = self._lru.oldest(GAP_CANDIDATES), align_up(nbytes)
-        fits = (c for c in candidates if self.alloc.hole_if_freed(self._records[c].offset,
-                                                                  self._records[c].nbytes, end) >= n)
-        cid = next(fits, candidates[0] if candidates else None)
-        if cid is None:
-            return []
-        self._lru.remove(cid)
-        return [self._records.pop(cid)]
 
     def _evict(self, victims: list[ChunkRecord]) -> None:
         """Delete victims already out of the LRU and the records (the caller released the space

@@ -1,5 +1,5 @@
-"""What the chunk store keeps when it must evict: recency the engine reports (device hits), chains
-linked by the page before a save, and a victim that opens a gap in a fragmented pool."""
+"""What the chunk store keeps when it must evict: recency the engine reports (device hits) and chains
+linked by the page before a save."""
 
 from hcache_sglang.backends import ChunkStore
 
@@ -48,24 +48,3 @@ def test_a_prefix_is_kept_while_an_extension_saved_with_its_parent_key_is(tmp_pa
             assert store.stats().chunks_evicted == 1
             # linked: the filler's tail goes; unlinked: the prefix's, and the extension is dead
             assert store.lookup(NS, p).num_pages == (40 if linked else 16)
-
-
-def test_a_fragmented_pool_evicts_one_chunk_that_opens_a_gap(tmp_path):
-    # 88 half-size chunks fill the pool, oldest first at the lowest offsets; two dropped ones leave
-    # a full chunk's bytes free in two holes. A full chunk then needs one eviction: the oldest tail
-    # beside a hole (chain 4, next to hole 5), not the oldest ones until a gap happens to open
-    # (chains 0 and 1: two contexts for one chunk)
-    with ChunkStore(cfg(tmp_path, capacity_bytes=44 * CHUNK, staging_bytes=4 << 20)) as store:
-        halves = [chain(8, f"h{i}") for i in range(88)]
-        for i, keys in enumerate(halves):
-            assert store.save(NS, keys, **payload(NS, 8, seed=i))
-            store.flush()
-        assert store.stats().used_bytes == store.stats().capacity_bytes
-        store.drop(NS, halves[5])
-        store.drop(NS, halves[20])
-        store.save(NS, chain(16, "full"), **payload(NS, 16))
-        store.flush()
-        assert store.stats().chunks_evicted == 1
-        assert store.lookup(NS, chain(16, "full")).num_pages == 16
-        assert store.lookup(NS, halves[4]).num_pages == 0  # the victim
-        assert all(store.lookup(NS, halves[i]).num_pages == 8 for i in (0, 1, 2, 3, 6))
