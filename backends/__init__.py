@@ -2,8 +2,8 @@
 
 Modules in data-flow order: ``layout`` (namespace, chunk byte layout) -> ``staging`` (save stage one)
 -> ``store`` (writers, eviction, facade; ``store_config`` its settings) -> ``pool`` (file grown in
-extents + allocator) -> ``index`` (LMDB) -> ``recovery`` (open: damaged state set aside) -> ``lru`` (chain-aware eviction order) ->
-``reader`` (per-layer futures) -> ``stats``; ``host_buffers`` (reused landing buffers of restore
+extents + allocator) -> ``index`` (LMDB) -> ``recovery`` (open: damaged state set aside) -> ``lru``
+(chain-aware eviction order) -> ``reader`` (per-layer futures) -> ``stats``; ``host_buffers`` (reused landing buffers of restore
 reads) and ``throttle`` (read bandwidth caps) beside them. ``base`` is the contract both stores meet;
 ``mooncake`` (+ ``mooncake_objects``, ``mooncake_read``, ``mooncake_connect``) the shared store on
 Mooncake Store, ``tiered`` a local pool in front of it, ``mooncake_procs`` the local Mooncake

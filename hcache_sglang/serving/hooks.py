@@ -171,6 +171,16 @@ def _around_load_back(original: Any, wrapper: Any, req: Any, *a: Any, **k: Any) 
         linker.forget_expected(req.rid)
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(what: str, msg: str, *args: Any) -> None:
+    """The match and offload hooks run per request: a failure that repeats is logged once."""
+    if what not in _warned:
+        _warned.add(what)
+        logger.warning(msg + " (logged once)", *args)
+
+
 def _around_match(original: Any, wrapper: Any, *a: Any, **k: Any) -> Any:
     """``match(key, req, result)``: the device hit's page keys (the path to ``last_device_node``,
     hashed when its nodes were inserted) go to the linker before SGLang looks up the tail."""
@@ -185,7 +195,7 @@ def _around_match(original: Any, wrapper: Any, *a: Any, **k: Any) -> Any:
                 keys = cache.get_prefix_hash_values(node) + list(cache.tree_core.get_hash_values(node))
                 note(keys[:pages])
             except Exception as exc:  # noqa: BLE001 - recency is a hint, never a failed request
-                logger.warning("hcache: could not pass a device hit to the store: %r", exc)
+                _warn_once("device_hit", "hcache: could not pass a device hit to the store: %r", exc)
     return original(wrapper, *a, **k)
 
 
@@ -197,7 +207,7 @@ def _around_offload_node(original: Any, wrapper: Any, node_id: Any, *a: Any, **k
             expect(ancestors[-1] if ancestors else None)
         except Exception as exc:  # noqa: BLE001 - a link is a hint: the save goes on without it
             expect(None)
-            logger.warning("hcache: could not find the parent page of a spilled node: %r", exc)
+            _warn_once("offload_parent", "hcache: could not find the parent page of a spilled node: %r", exc)
     return original(wrapper, node_id, *a, **k)
 
 
