@@ -15,12 +15,16 @@ Four databases in one environment (``<directory>/index``):
 Call order: ``stamp`` and ``records`` (at open, to check the index and rebuild the allocator) ->
 ``resolve`` (one read txn per lookup or read) -> ``headers`` (one more per read) -> ``commit`` (after
 the bytes are written and synced)
--> ``delete`` (before their space is freed). Every method takes the index lock; the map doubles on
-``MapFullError``. Opening writes nothing, so a tool may inspect a live store's index.
+-> ``delete`` (before their space is freed). Reads never wait for a write: an LMDB read txn sees the
+last commit while a writer's txn goes on, and a commit is an fsync (milliseconds to tens of them on
+a VM's disk) that the scheduler's lookups would otherwise queue behind. Writes take turns; the map
+doubles on ``MapFullError``, with no txn open (:class:`SharedLock`). Opening writes nothing, so a
+tool may inspect a live store's index.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -105,6 +109,47 @@ def _kinds(raw: bytes) -> tuple[LayerKind, ...]:
     return tuple(LayerKind(b) for b in raw)
 
 
+class SharedLock:
+    """Shared holders (every txn: LMDB readers and its one writer go on side by side) or one
+    exclusive holder (resizing the map and closing the environment, which need no open txn in this
+    process). A waiting exclusive holder goes before new shared ones."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            self._waiting += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 class ChunkIndex:
     """Durable page -> chunk map; every write is one committed (fsynced) LMDB transaction."""
 
@@ -112,6 +157,9 @@ class ChunkIndex:
         self.path = path
         self.env = lmdb.open(path, map_size=map_size, max_dbs=MAX_DBS, subdir=True, lock=True)
         self.map_grows = 0
+        self._txns = SharedLock()
+        self._write_turn = threading.Lock()  # one write txn at a time
+        self._ids = threading.Lock()
         try:
             self._pages, self._chunks, self._headers, self._meta = (
                 self._open_db(name) for name in (b"pages", b"chunks", b"headers", b"meta"))
@@ -121,7 +169,6 @@ class ChunkIndex:
         except BaseException:
             self.env.close()
             raise
-        self._lock = threading.Lock()
         self.read_errors = 0  # lookups that failed on a damaged index (each answered a miss)
 
     def _open_db(self, name: bytes):
@@ -130,11 +177,15 @@ class ChunkIndex:
             try:
                 return self.env.open_db(name)
             except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-                self.map_grows += 1
+                self._grow()
+
+    def _grow(self) -> None:
+        with self._txns.exclusive():
+            self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            self.map_grows += 1
 
     def stamp(self) -> IndexStamp:
-        with self._lock, self.env.begin() as txn:
+        with self._txns.shared(), self.env.begin() as txn:
             return IndexStamp(txn.get(b"format", db=self._meta), txn.get(b"pool", db=self._meta),
                               txn.stat(self._chunks)["entries"])
 
@@ -147,7 +198,7 @@ class ChunkIndex:
 
     def records(self) -> list[ChunkRecord]:
         """All committed chunks of all namespaces (at open); raises on a record that does not parse."""
-        with self._lock, self.env.begin(db=self._chunks) as txn:
+        with self._txns.shared(), self.env.begin(db=self._chunks) as txn:
             rows = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
         out = []
         for key, value in rows:
@@ -163,14 +214,14 @@ class ChunkIndex:
 
     def lru_order(self) -> list[int]:
         """The saved least-to-most recently used chunk ids; [] when none was saved."""
-        with self._lock, self.env.begin(db=self._meta) as txn:
+        with self._txns.shared(), self.env.begin(db=self._meta) as txn:
             data = txn.get(b"lru")
         if not data or len(data) % 8:
             return []
         return list(struct.unpack(f"<{len(data) // 8}Q", data))
 
     def new_ids(self, n: int) -> list[int]:
-        with self._lock:
+        with self._ids:
             first, self._next_id = self._next_id, self._next_id + n
         return list(range(first, first + n))
 
@@ -183,7 +234,7 @@ class ChunkIndex:
         out: list[tuple[ChunkRecord, int]] = []
         cache: dict[int, ChunkRecord] = {}
         try:
-            with self._lock, self.env.begin() as txn:
+            with self._txns.shared(), self.env.begin() as txn:
                 for key in keys:
                     v = txn.get(prefix + key.encode(), db=self._pages)
                     if v is None:
@@ -211,7 +262,7 @@ class ChunkIndex:
         is every one when the index fails to read (the reader then reports the chunks damaged)."""
         out: dict[int, bytes] = {}
         try:
-            with self._lock, self.env.begin(db=self._headers) as txn:
+            with self._txns.shared(), self.env.begin(db=self._headers) as txn:
                 for cid in ids:
                     raw = txn.get(_ID.pack(cid))
                     if raw is not None:
@@ -249,16 +300,15 @@ class ChunkIndex:
         self._write(rm)
 
     def _write(self, fn) -> None:
-        with self._lock:
+        with self._write_turn:
             while True:
                 try:
-                    with self.env.begin(write=True) as txn:
+                    with self._txns.shared(), self.env.begin(write=True) as txn:
                         fn(txn)
                     return
                 except lmdb.MapFullError:
-                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
-                    self.map_grows += 1
+                    self._grow()
 
     def close(self) -> None:
-        with self._lock:
+        with self._txns.exclusive():
             self.env.close()

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Sequence
 
 import lmdb
 import torch
 
-from .index import FORMAT, MAX_DBS, ChunkIndex, ChunkRecord
+from .index import FORMAT, MAX_DBS, ChunkIndex, ChunkRecord, SharedLock
 from .layout import LayerKind, Namespace
 from .pool import PoolReader
 from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces, reader_pool
@@ -41,7 +40,7 @@ class _ReadOnlyIndex(ChunkIndex):
         self._chunks = self.env.open_db(b"chunks", create=False)
         self._headers = self._open_headers()
         self._meta = self.env.open_db(b"meta", create=False)
-        self._lock = threading.Lock()
+        self._txns = SharedLock()
         self.read_errors = 0
 
     def _open_headers(self):
@@ -53,7 +52,7 @@ class _ReadOnlyIndex(ChunkIndex):
 
     def pool_id(self) -> bytes | None:
         """The pool id the index's offsets point into, when it is of this format (else None)."""
-        with self._lock, self.env.begin() as txn:
+        with self._txns.shared(), self.env.begin() as txn:
             if txn.get(b"format", db=self._meta) != FORMAT:
                 return None
             pool_id = txn.get(b"pool", db=self._meta)
@@ -63,10 +62,10 @@ class _ReadOnlyIndex(ChunkIndex):
 
     def resolve(self, prefix: bytes, keys: Sequence[str]) -> list[tuple[ChunkRecord, int]]:
         try:  # adopt a map the writer grew before reading (a stale map fails every read txn)
-            with self._lock, self.env.begin():
+            with self._txns.shared(), self.env.begin():
                 pass
         except lmdb.MapResizedError:
-            with self._lock:
+            with self._txns.exclusive():
                 self.env.set_mapsize(0)
         return super().resolve(prefix, keys)
 

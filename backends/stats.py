@@ -25,6 +25,8 @@ class StoreStats:
     # their prefix, which eviction then keeps while they are kept
     saves_linked: int = 0
     chunks_dropped: int = 0  # chunks of accepted saves lost to disk errors or no evictable space
+    # chunks written in parts because no hole fit them whole (a fragmented pool; ``placement``)
+    chunks_split: int = 0
     hit_pages: int = 0
     miss_pages: int = 0
     # missed pages that an accepted save was still writing (staged, not yet committed): a lookup

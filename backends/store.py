@@ -1,15 +1,15 @@
 """ChunkStore: the facade over staging, writers, pool, index, LRU and readers.
 
 Call order for a context: ``lookup`` (leading pages present) -> ``read`` (per-layer futures) ...
-``save`` (copy to staging, return) -> writer threads (``writers``), per batch of queued saves: digest
--> allocate (evicting LRU chain tails) -> one pwritev per contiguous run of extents (growing the pool
-file) -> one fdatasync -> one index commit (records and chunk headers) -> release staging. ``flush``
-waits for all accepted saves. ``touch`` (the engine served pages from its device copy) only queues
-their keys; the writers make those chunks the most recently used before they next evict.
+``save`` (copy to staging, return) -> writer threads (``writers``), per batch of queued saves:
+allocate (evicting LRU chain tails; a chunk no hole fits goes in parts, ``placement``) -> digest ->
+one pwritev per contiguous run of extents (growing the pool file) -> one fdatasync -> one index
+commit (records and chunk headers) -> release staging. ``flush`` waits for all accepted saves.
+``touch`` (the engine served pages from its device copy) only queues their keys; the writers make
+those chunks the most recently used before they next evict.
 Open (``recovery``): damaged state is set aside, the cache starts cold; a smaller capacity evicts.
 Durability: an index entry is committed only after its bytes are synced; space is freed only after
-the index delete that unreferences it commits; at open, free space = everything no entry references.
-"""
+the index delete that unreferences it commits; at open, free space = everything no entry references."""
 
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ from .lru import ChainLRU
 from .pool import ExtentAllocator, FilePool
 from .reader import ReadHandle, ReadJob, check_out_buffers, plan_pieces, reader_pool
 from .recovery import open_index
-from .staging import InFlightKeys, StagedSave, StagingArea, check_save, stage_save
+from .placement import cut_part, take_extents
+from .staging import InFlightKeys, StagedChunk, StagedSave, StagingArea, check_save, stage_save
 from .stats import StatsRecorder, StoreStats
 from .store_config import StoreConfig
-from .writers import Writers, contiguous_runs
+from .writers import Placed, Writers, contiguous_runs
 
 logger = logging.getLogger(__name__)
 
@@ -238,31 +239,28 @@ class ChunkStore:
     def _write_batch(self, batch: list[StagedSave]) -> None:
         t0 = time.perf_counter()
         chunks = [(job, c) for job in batch for c in job.chunks]
-        view = self.staging.view
-        digests = []
-        for _, c in chunks:
-            e = c.extent_offset
-            digests.append((digest(view[c.header_span]),
-                            tuple(digest(view[e + s.offset:e + s.offset + s.length])
-                                  for s in c.layout.layers)))
-        offsets = self._allocate([c.layout.total_bytes for _, c in chunks])
-        placed, broken = [], set()
-        for (j, c), dig, off in zip(chunks, digests, offsets):
-            if off is None or id(j) in broken:  # a chain with a hole is useless past the hole
-                broken.add(id(j))
-                if off is not None:
-                    with self._space:
-                        self.alloc.free(off, c.layout.total_bytes)
+        placed, broken, lost = [], set(), 0
+        for (job, c), spots in zip(chunks, self._allocate(chunks)):
+            if spots is None or id(job) in broken:  # a chain with a hole is useless past the hole
+                broken.add(id(job))
+                lost += 1
+                with self._space:
+                    for part, _, off in spots or ():
+                        self.alloc.free(off, part.layout.total_bytes)
                 continue
-            placed.append((j, c, dig, off))
-        if len(placed) < len(chunks):
-            self._stats.add(chunks_dropped=len(chunks) - len(placed))
+            for part, src, off in spots:
+                e = part.extent_offset
+                digests = (digest(src[part.header_span]),
+                           tuple(digest(src[e + s.offset:e + s.offset + s.length]) for s in part.layout.layers))
+                placed.append(Placed(job, part, src, off, digests))
+        if lost:
+            self._stats.add(chunks_dropped=lost)
         try:
-            for off, bufs in contiguous_runs(view, placed):
+            for off, bufs in contiguous_runs(placed):
                 self.pool.write_at(bufs, off)
             self.pool.sync()
             records, linked = self._make_records(placed)
-            self.index.commit(records, [bytes(view[c.header_span]) for _, c, _, _ in placed])
+            self.index.commit(records, [bytes(p.view[p.chunk.header_span]) for p in placed])
         except Exception as e:  # noqa: BLE001 - ENOSPC (pool or index), EIO: these chunks are lost
             self._drop_placed(placed, e)
             return
@@ -277,8 +275,8 @@ class ChunkStore:
     def _drop_placed(self, placed, error: Exception) -> None:
         """A batch whose write or commit failed: its extents are free again, its chunks counted."""
         with self._space:
-            for _, c, _, off in placed:
-                self.alloc.free(off, c.layout.total_bytes)
+            for p in placed:
+                self.alloc.free(p.offset, p.chunk.layout.total_bytes)
         self._stats.add(chunks_dropped=len(placed))
         now = time.monotonic()
         if now - self._last_drop_log >= 60:  # a full disk fails every batch: log once a minute
@@ -293,7 +291,7 @@ class ChunkStore:
         ids = self.index.new_ids(len(placed))
         last_of: dict[tuple[bytes, str], int] = {}  # last page key -> chunk id, within the batch
         prev_job, prev_id, records, linked = None, 0, [], 0
-        for cid, (job, c, (hdig, ldigs), off) in zip(ids, placed):
+        for cid, (job, c, _, off, (hdig, ldigs)) in zip(ids, placed):
             prefix = job.ns.key_prefix
             if job is prev_job:
                 parent = prev_id
@@ -311,29 +309,33 @@ class ChunkStore:
             prev_job, prev_id = job, cid
         return records, linked
 
-    def _allocate(self, sizes: list[int]) -> list[int | None]:
-        """Extents for each size inside what the pool file may grow to, evicting LRU chain tails.
+    def _allocate(self, chunks: list[tuple[StagedSave, StagedChunk]]) -> list[list | None]:
+        """Per chunk, ``[(chunk or part, its image, pool offset)]`` inside what the pool file may grow
+        to (parts: ``placement``, when no hole fits the chunk whole), or None; evicts LRU chain tails.
 
         Victims are taken under the space lock (out of the LRU and the records, so no lookup or read
-        finds them from then on), deleted from the index outside it (an LMDB commit is an fdatasync:
-        the scheduler thread's lookups and reads take the same lock), and their space freed after
-        the delete committed."""
+        finds them from then on), deleted from the index outside it (an LMDB commit is an fdatasync,
+        and the scheduler thread's lookups and reads take the space lock), and their space freed
+        after the delete committed."""
         self._apply_touches()
-        out: list[int | None] = []
+        out: list[list | None] = []
+        sizes = [c.layout.total_bytes for _, c in chunks]
         end = self.pool.size + self.pool.room()  # the disk's free space, checked per batch
-        for i, n in enumerate(sizes):
+        for i, (job, c) in enumerate(chunks):
             while True:
                 with self._space:
-                    off = self.alloc.alloc(n, end)
-                    if off is not None:
+                    spots = take_extents(self.alloc, c, job.ns, end)
+                    if spots is not None:
                         break
-                    # At least one victim per round: with enough free bytes in total but no gap
-                    # large enough (fragmentation), evicting must still make progress.
                     victims = self._take_victims(sum(sizes[i:]) - self.alloc.free_below(end), 1)
                 if not victims:
                     break
                 self._evict(victims)
-            out.append(off)
+            if spots is None or len(spots) == 1:
+                out.append(spots and [(c, self.staging.view, spots[0].offset)])
+                continue
+            self._stats.add(chunks_split=1)
+            out.append([(*cut_part(self.staging.view, c, job.ns, s), s.offset) for s in spots])
         return out
 
     def _take_victims(self, nbytes: int, at_least: int = 0) -> list[ChunkRecord]:

@@ -12,8 +12,9 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
-from .staging import StagedSave
+from .staging import StagedChunk, StagedSave
 
 logger = logging.getLogger(__name__)
 
@@ -76,19 +77,28 @@ class Writers:
                     self._idle.notify_all()
 
 
-def contiguous_runs(view: memoryview, placed) -> list[tuple[int, list[memoryview]]]:
-    """Group placed chunks into runs of adjacent pool extents: ``[(pool_offset, staging_views)]``.
+class Placed(NamedTuple):
+    """A chunk (or a part of one, ``placement``) of a save, its image and where it goes."""
 
-    ``placed``: ``(save, StagedChunk, digests, pool_offset)`` per chunk. The allocator hands a batch
-    adjacent extents when the pool has room, so a batch usually becomes one pwritev (a gather from
-    staging) instead of one write per chunk.
+    job: StagedSave
+    chunk: StagedChunk
+    view: memoryview  # holds the chunk's image: staging, or a part's own buffer
+    offset: int  # pool offset of its extent
+    digests: tuple  # (header digest, per-layer digests)
+
+
+def contiguous_runs(placed: list[Placed]) -> list[tuple[int, list[memoryview]]]:
+    """Group placed chunks into runs of adjacent pool extents: ``[(pool_offset, image_views)]``.
+
+    The allocator hands a batch adjacent extents when the pool has room, so a batch usually becomes
+    one pwritev (a gather from staging) instead of one write per chunk.
     """
     runs: list[tuple[int, list[memoryview]]] = []
     end = -1
-    for _, c, _, off in sorted(placed, key=lambda x: x[3]):
-        b, n = c.extent_offset, c.layout.total_bytes
-        if off != end:
-            runs.append((off, []))
-        runs[-1][1].append(view[b:b + n])
-        end = off + n
+    for p in sorted(placed, key=lambda p: p.offset):
+        b, n = p.chunk.extent_offset, p.chunk.layout.total_bytes
+        if p.offset != end:
+            runs.append((p.offset, []))
+        runs[-1][1].append(p.view[b:b + n])
+        end = p.offset + n
     return runs

@@ -1,9 +1,11 @@
 """What the chunk store keeps when it must evict: recency the engine reports (device hits) and chains
 linked by the page before a save."""
 
+import torch
+
 from hcache_sglang.backends import ChunkStore
 
-from test_store import CHUNK, NS, cfg, chain, payload
+from test_store import CHUNK, NS, cfg, chain, payload, read_back
 
 
 def test_pages_used_from_the_device_copy_are_evicted_last(tmp_path):
@@ -48,3 +50,39 @@ def test_a_prefix_is_kept_while_an_extension_saved_with_its_parent_key_is(tmp_pa
             assert store.stats().chunks_evicted == 1
             # linked: the filler's tail goes; unlinked: the prefix's, and the extension is dead
             assert store.lookup(NS, p).num_pages == (40 if linked else 16)
+
+
+def test_a_chunk_no_hole_fits_is_written_in_parts_instead_of_evicting_more(tmp_path):
+    # A pool full of half-chunks (8 pages of 4 tokens: 4 KiB a layer), every other one recently used: evicting the two oldest frees a
+    # chunk's bytes in two holes apart. Written whole, the chunk would need adjacent holes, and
+    # eviction would go on through every old half and one recent one (45 of 88); in two parts of
+    # 8 pages it costs exactly the bytes it takes.
+    with ChunkStore(cfg(tmp_path, capacity_bytes=44 * CHUNK)) as store:
+        halves = [chain(8, f"h{i}") for i in range(88)]
+        for i, keys in enumerate(halves):
+            store.save(NS, keys, **payload(NS, 8, seed=i))
+            store.flush()
+        assert store.stats().chunks_evicted == 0 and store.stats().used_bytes == 44 * CHUNK
+        for keys in halves[1::2]:
+            assert store.lookup(NS, keys).num_pages == 8  # the odd halves are used again
+        new, data = chain(16, "new"), payload(NS, 16, seed=99)
+        store.save(NS, new, **data)
+        store.flush()
+        s = store.stats()
+        assert (s.chunks_evicted, s.chunks_split, s.chunks_dropped) == (2, 1, 0)
+        assert [store.lookup(NS, k).num_pages for k in halves] == [0, 8, 0] + [8] * 85
+        for handle, out, pos, tok in (read_back(store, NS, new), read_back(store, NS, new[5:11])):
+            lo = 0 if len(out[0]) == 16 * 4 else 5 * 4  # the second spans the two parts
+            assert handle.wait()
+            assert torch.equal(pos, data["positions"][lo:lo + len(pos)])
+            assert torch.equal(tok, data["token_ids"][lo:lo + len(tok)])
+            assert all(torch.equal(got, want[lo:lo + len(got)]) for got, want in zip(out, data["layers"]))
+    with ChunkStore(cfg(tmp_path, capacity_bytes=44 * CHUNK)) as store:  # the parts survive a restart
+        assert store.lookup(NS, new).num_pages == 16 and store.opened.chunks == 86 + 2
+        handle, out, _, _ = read_back(store, NS, new)
+        assert handle.wait() and torch.equal(out[1], data["layers"][1])
+        # half a chunk must go: the least recently used, h1 (the lookups above went in order)
+        store.save(NS, chain(8, "more"), **payload(NS, 8, seed=5))
+        store.flush()
+        assert store.lookup(NS, halves[1]).num_pages == 0 and store.lookup(NS, halves[3]).num_pages == 8
+        assert store.lookup(NS, new).num_pages == 16 and store.stats().chunks_split == 0

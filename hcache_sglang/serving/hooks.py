@@ -33,6 +33,7 @@ whether the HCache linker is the configured external linker and does nothing oth
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 from typing import Any, Optional
@@ -182,21 +183,44 @@ def _warn_once(what: str, msg: str, *args: Any) -> None:
 
 
 def _around_match(original: Any, wrapper: Any, *a: Any, **k: Any) -> Any:
-    """``match(key, req, result)``: the device hit's page keys (the path to ``last_device_node``,
-    hashed when its nodes were inserted) go to the linker before SGLang looks up the tail."""
+    """``match(key, req, result)``: the device hit goes to the linker before SGLang looks up the tail."""
+    note_device_hit(wrapper, a[1] if len(a) > 1 else k.get("req"), a[2] if len(a) > 2 else k.get("result"))
+    return original(wrapper, *a, **k)
+
+
+def note_device_hit(wrapper: Any, req: Any, result: Any) -> None:
+    """Pass the page keys of ``result``'s device hit (the path to ``last_device_node``, hashed when
+    its nodes were inserted) to ``wrapper``'s linker. A waiting request is matched again at every
+    scheduling attempt: the same hit of the same request is passed once (the keys cost a walk to
+    the root). Never raises: recency is a hint, never a failed request."""
     note = getattr(getattr(wrapper, "cache_linker", None), "device_hit", None)
-    result = a[2] if len(a) > 2 else k.get("result")
-    if note is not None and result is not None:
+    if note is None or result is None:
+        return
+    try:
         cache = wrapper.cache
         pages = result.device_prefix_len // cache.page_size
-        if pages:
-            try:
-                node = result.last_device_node
-                keys = cache.get_prefix_hash_values(node) + list(cache.tree_core.get_hash_values(node))
-                note(keys[:pages])
-            except Exception as exc:  # noqa: BLE001 - recency is a hint, never a failed request
-                _warn_once("device_hit", "hcache: could not pass a device hit to the store: %r", exc)
-    return original(wrapper, *a, **k)
+        node = result.last_device_node
+        if pages and _first_sight(wrapper, (getattr(req, "rid", None), node, pages)):
+            keys = cache.get_prefix_hash_values(node) + list(cache.tree_core.get_hash_values(node))
+            note(keys[:pages])
+    except Exception as exc:  # noqa: BLE001
+        _warn_once("device_hit", "hcache: could not pass a device hit to the store: %r", exc)
+
+
+def _first_sight(wrapper: Any, mark: tuple) -> bool:
+    """True the first time ``mark`` is seen among the wrapper's last 1024 device hits (always
+    without a request id)."""
+    if mark[0] is None:
+        return True
+    seen = wrapper.__dict__.get("_hcache_device_hits")
+    if seen is None:
+        seen = wrapper.__dict__["_hcache_device_hits"] = collections.OrderedDict()
+    if mark in seen:
+        return False
+    seen[mark] = None
+    if len(seen) > 1024:
+        seen.popitem(last=False)
+    return True
 
 
 def _around_offload_node(original: Any, wrapper: Any, node_id: Any, *a: Any, **k: Any) -> Any:
