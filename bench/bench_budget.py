@@ -264,7 +264,8 @@ def _pages_note(pages: dict | None) -> str:
         return ""
     return (f"store pages hit {pages['hit_pages']}, missed {pages['miss_pages']} "
             f"({pages['in_flight_miss_pages']} in flight); chunks written {pages['chunks_written']}, "
-            f"evicted {pages['chunks_evicted']}, dropped {pages['chunks_dropped']}; saves dropped "
+            f"evicted {pages['chunks_evicted']}, dropped {pages['chunks_dropped']}, written in parts "
+            f"{pages.get('chunks_split', 0)}; saves dropped "
             f"{pages['saves_dropped']}; pages touched from the device {pages.get('touched_pages', 0)} ")
 
 

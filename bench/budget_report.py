@@ -55,7 +55,7 @@ def _store_pages(delta: dict | None) -> dict | None:
         return None
     return {k: int(delta.get(f"hcache_store_{k}", 0))
             for k in ("hit_pages", "miss_pages", "in_flight_miss_pages", "saves_dropped", "chunks_dropped",
-                      "chunks_evicted", "chunks_written", "touched_pages")}
+                      "chunks_evicted", "chunks_written", "chunks_split", "touched_pages")}
 
 
 def _restore_ms(delta: dict | None) -> float | None:
