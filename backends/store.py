@@ -327,11 +327,13 @@ class ChunkStore:
                     spots = take_extents(self.alloc, c, job.ns, end)
                     if spots is not None:
                         break
+                    # At least one victim per round: with the bytes free but no hole that takes
+                    # even a page of the chunk, evicting must still make progress.
                     victims = self._take_victims(sum(sizes[i:]) - self.alloc.free_below(end), 1)
                 if not victims:
                     break
                 self._evict(victims)
-            if spots is None or len(spots) == 1:
+            if spots is None or spots[0].pages == len(c.keys):  # dropped, or whole
                 out.append(spots and [(c, self.staging.view, spots[0].offset)])
                 continue
             self._stats.add(chunks_split=1)

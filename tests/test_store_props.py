@@ -1,9 +1,12 @@
 """Property tests: the extent allocator and the LMDB index against plain-Python models."""
 
+import random
+
 import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
-from hcache_sglang.backends import ALIGN, ChunkIndex, ChunkRecord, ExtentAllocator, LayerKind
+from hcache_sglang.backends import (ALIGN, ChunkIndex, ChunkRecord, ExtentAllocator, LayerKind, Namespace,
+                                    StagedChunk, chunk_layout, take_extents)
 
 ops = st.lists(st.tuples(st.sampled_from(["alloc", "free"]), st.integers(1, 9 * ALIGN),
                          st.integers(0, 1000)), max_size=80)
@@ -126,3 +129,35 @@ def test_allocator_after_a_capacity_shrink_and_under_an_end_limit(sizes, cap_pag
         assert a.free_below(end) <= a.free_bytes
         below = sum(max(0, min(o + m, cap) - o) for o, m in live.items() if o < cap)
         assert sum(n for _, n in a.free_extents()) == cap - below
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=40), st.integers(0, 2 ** 32), st.integers(1, 16))
+def test_take_extents_covers_every_page_or_takes_nothing(sizes, seed, pages):
+    # a pool fragmented by allocations of mixed sizes and random frees; a chunk of `pages` pages
+    # (4 KiB each a layer, 2 layers) lands whole, in parts that cover its pages in order without
+    # overlap, or nowhere with the allocator unchanged
+    ns = Namespace("m", num_layers=2, hidden_size=128, num_kv_heads=1, head_dim=8, dtype="float32",
+                   page_size=8)
+    kinds = (LayerKind.HIDDEN,) * 2
+    rng, a, live = random.Random(seed), ExtentAllocator(48 * ALIGN), []
+    for n in sizes:
+        off = a.alloc(n * ALIGN)
+        if off is not None:
+            live.append((off, n * ALIGN))
+    for off, n in rng.sample(live, len(live) // 2):
+        a.free(off, n)
+    before = (a.free_extents(), a.free_bytes)
+    chunk = StagedChunk(tuple(f"k{i}" for i in range(pages)), chunk_layout(ns, pages * 8, kinds), kinds, 0)
+    spots = take_extents(a, chunk, ns, 48 * ALIGN)
+    if spots is None:
+        assert (a.free_extents(), a.free_bytes) == before
+        assert sum(n // (2 * ALIGN) for _, n in before[0]) < pages  # the holes hold fewer pages
+        return
+    assert [s.first for s in spots] == [sum(s.pages for s in spots[:i]) for i in range(len(spots))]
+    assert sum(s.pages for s in spots) == pages and all(s.pages > 0 for s in spots)
+    extents = sorted((s.offset, s.pages * 2 * ALIGN) for s in spots)
+    assert all(o1 + n1 <= o2 for (o1, n1), (o2, _) in zip(extents, extents[1:]))
+    assert a.free_bytes == before[1] - pages * 2 * ALIGN
+    if len(spots) > 1:  # split only when no hole took the chunk whole
+        assert max(n for _, n in before[0]) < pages * 2 * ALIGN
