@@ -38,7 +38,7 @@ def take_extents(alloc: ExtentAllocator, chunk: StagedChunk, ns: Namespace, end:
     spots: list[Spot] = []
     first = 0
     while first < pages:
-        hole = min(_largest_hole(alloc, end), alloc.free_bytes)
+        hole = alloc.largest_below(end)
         take = pages - first
         while take and _part_bytes(ns, chunk, take) > hole:
             take -= 1
@@ -71,7 +71,3 @@ def cut_part(view: memoryview, chunk: StagedChunk, ns: Namespace, spot: Spot) ->
 
 def _part_bytes(ns: Namespace, chunk: StagedChunk, pages: int) -> int:
     return chunk_layout(ns, pages * ns.page_size, chunk.kinds).total_bytes
-
-
-def _largest_hole(alloc: ExtentAllocator, end: int) -> int:
-    return max((min(length, end - start) for start, length in alloc.free_extents() if start < end), default=0)

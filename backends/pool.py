@@ -100,8 +100,14 @@ class ExtentAllocator:
 
     def free_below(self, end: int) -> int:
         """Bytes that allocations ending at or before ``end`` may still take (budget permitting)."""
-        holes = sum(min(length, end - s) for s, length in self.free_extents() if s < end)
-        return min(holes, self.free_bytes)
+        return min(sum(self._holes_below(end)), self.free_bytes)
+
+    def largest_below(self, end: int) -> int:
+        """The largest one allocation ending at or before ``end`` may take (budget permitting)."""
+        return min(max(self._holes_below(end), default=0), self.free_bytes)
+
+    def _holes_below(self, end: int):
+        return (min(length, end - s) for s, length in self.free_extents() if s < end)
 
     def free(self, offset: int, nbytes: int) -> None:
         """Return an extent obtained from ``alloc``; double frees raise ValueError."""
